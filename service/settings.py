@@ -1,0 +1,139 @@
+"""Every operator-facing knob, read once from the environment (and an optional `.env`).
+
+The rest of Parley receives a `Settings` object and never reads `os.environ` itself, so tests
+build one with explicit values and a bad value is reported once, at start, naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour|day)\s*$")
+_WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """`REPLY_RATE_LIMIT`: at most `count` replies per conversation in `window_s` seconds."""
+
+    count: int
+    window_s: int
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        match = _RATE.match(text.lower())
+        if not match or int(match.group(1)) < 1:
+            raise ValueError("expected N/second, N/minute, N/hour or N/day, e.g. 60/hour")
+        return cls(int(match.group(1)), _WINDOW_SECONDS[match.group(2)])
+
+
+class SettingsError(Exception):
+    """A configuration value is unusable; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./parley.db"
+    public_base_url: str | None = None
+    auto_migrate: bool = True
+    parley_dev: bool = False
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: str | None = None
+    twilio_api_base_url: str = "https://api.twilio.com"
+
+    sendgrid_api_key: str | None = None
+    sendgrid_api_base_url: str = "https://api.sendgrid.com"
+    sendgrid_inbound_user: str | None = None
+    sendgrid_inbound_password: str | None = None
+
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    assistant_system_prompt: str | None = None
+    assistant_history_messages: int = Field(20, ge=0)
+    assistant_history_tokens: int = Field(4000, ge=0)
+    assistant_timeout_s: float = Field(30.0, gt=0)
+
+    embedded_worker: bool = True
+    worker_concurrency: int = Field(32, ge=1)
+    reply_max_attempts: int = Field(6, ge=1)
+    reply_rate_limit: str = "60/hour"
+    max_email_bytes: int = Field(31_457_280, ge=1024)
+    admin_token: str | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite+aiosqlite:// and postgresql+asyncpg:// are supported")
+        if url.get_driver_name() not in ("aiosqlite", "asyncpg"):
+            raise ValueError("use an async driver: sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("reply_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        RateLimit.parse(value)
+        return value
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _check_public_base_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an absolute http(s) URL such as https://parley.example.com")
+        return value.rstrip("/")
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        return RateLimit.parse(self.reply_rate_limit)
+
+    @property
+    def twilio_auth_tokens(self) -> list[str]:
+        """During rotation `TWILIO_AUTH_TOKEN` holds two comma-separated tokens."""
+        return [t.strip() for t in (self.twilio_auth_token or "").split(",") if t.strip()]
+
+    @property
+    def is_sqlite(self) -> bool:
+        return make_url(self.database_url).get_backend_name() == "sqlite"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; turn pydantic's report into one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
+        raise SettingsError(
+            f"invalid {variable}={first.get('input')!r}: {first['msg']}"
+        ) from None

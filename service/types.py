@@ -1,0 +1,144 @@
+"""The words every layer shares: plain frozen values, no I/O, no Parley imports."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Channel(enum.StrEnum):
+    SMS = "sms"
+    EMAIL = "email"
+
+
+class Sender(enum.StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class Author(enum.StrEnum):
+    """Who wrote an assistant message."""
+
+    MODEL = "model"
+    OPERATOR = "operator"
+    FIXED = "fixed"  # a fixed text such as HELP's answer, never from the model
+
+
+class Intent(enum.StrEnum):
+    """What an inbound message asks of Parley, decided before anything is stored."""
+
+    MESSAGE = "message"  # an ordinary message for the assistant
+    OPT_OUT = "opt_out"  # STOP and friends: no reply, ever, until opt-in
+    OPT_IN = "opt_in"  # START, YES, UNSTOP: replies resume, no answer to the keyword itself
+    HELP = "help"  # HELP, INFO: the fixed help text
+    NO_REPLY = "no_reply"  # stored but never answered (auto-replies, bounces, loops)
+
+
+class Delivery(enum.StrEnum):
+    """Life of one outbound message; the order matters (see `DELIVERY_RANK`)."""
+
+    PENDING = "pending"  # stored, not handed to the provider yet
+    SENDING = "sending"  # handed over; outcome unknown until recorded (ambiguous on crash)
+    NOT_SENT = "not_sent"  # no provider credentials: recorded and shown, never sent
+    QUEUED = "queued"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    FAILED = "failed"
+
+
+# Status callbacks may arrive out of order: a status only moves to a higher rank.
+DELIVERY_RANK: dict[Delivery, int] = {
+    Delivery.PENDING: 0,
+    Delivery.SENDING: 1,
+    Delivery.NOT_SENT: 2,
+    Delivery.QUEUED: 2,
+    Delivery.SENT: 3,
+    Delivery.DELIVERED: 4,
+    Delivery.UNDELIVERED: 4,
+    Delivery.FAILED: 4,
+}
+
+
+class InboundState(enum.StrEnum):
+    """What became of an inbound message."""
+
+    RECEIVED = "received"  # waiting for its reply
+    ANSWERED = "answered"
+    NOT_ANSWERED = "not_answered"  # by design: opt-out keywords, paused, auto-replies
+    RATE_LIMITED = "rate_limited"
+    FAILED = "failed"
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One message as a channel parsed it, before it is stored."""
+
+    channel: Channel
+    provider_message_id: str
+    remote_address: str
+    local_address: str
+    body: str
+    intent: Intent = Intent.MESSAGE
+    subject: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One earlier message as the assistant sees it."""
+
+    sender: Sender
+    body: str
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One message to hand to a channel."""
+
+    channel: Channel
+    to: str
+    from_: str
+    body: str
+    subject: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendResult:
+    provider_message_id: str | None
+    status: Delivery
+
+
+class SendError(Exception):
+    """A provider refused or failed a send; `retryable` says whether trying again may help."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        ambiguous: bool = False,
+        retry_after_s: float | None = None,
+        code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.ambiguous = ambiguous  # the request may have been accepted: look before resending
+        self.retry_after_s = retry_after_s
+        self.code = code
+
+
+class RecipientOptedOut(SendError):
+    """The provider says the recipient unsubscribed (Twilio 21610)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message, retryable=False, code=code)
