@@ -57,7 +57,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
     def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+        moment: dt.datetime = value
+        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
 def new_conversation_url() -> str:
@@ -101,7 +102,9 @@ class Conversation(Base):
         order_by="AssistantCall.id",
     )
     jobs: Mapped[list[ReplyJob]] = relationship(
-        back_populates="conversation", cascade="all, delete-orphan", passive_deletes=True
+        back_populates="conversation",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
     )
 
 

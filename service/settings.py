@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     worker_concurrency: int = Field(32, ge=1)
     reply_max_attempts: int = Field(6, ge=1)
+    reply_retry_base_s: float = Field(2.0, gt=0)  # first retry's delay; doubles each try
     reply_rate_limit: str = "60/hour"
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None
@@ -134,6 +135,4 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
-        raise SettingsError(
-            f"invalid {variable}={first.get('input')!r}: {first['msg']}"
-        ) from None
+        raise SettingsError(f"invalid {variable}={first.get('input')!r}: {first['msg']}") from None

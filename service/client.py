@@ -1,0 +1,215 @@
+"""Commands that talk to a running Parley the way a provider would: `parley sms`, `parley replay`.
+
+They send correctly shaped (and, where a secret is configured, correctly signed) webhooks over
+HTTP, then watch the database named by `DATABASE_URL` for the reply, so they show the whole loop
+on a laptop: `parley serve --dev` in one terminal, `parley sms "hello"` in another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+from sqlalchemy import select
+from tqdm import tqdm
+
+from service.channels import sms
+from service.db import create_engine, session_factory
+from service.models import Message
+from service.settings import Settings, SettingsError, load_settings
+from service.types import Delivery, InboundState, Sender
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+REPLY_WAIT_S = 60.0
+
+
+def add_commands(commands: Any) -> None:
+    text = commands.add_parser("sms", help="text a running server as Twilio would")
+    text.add_argument("text", nargs="?", help="the message; none starts an interactive chat")
+    text.add_argument("--from", dest="from_", default="+15550001111")
+    text.add_argument("--to", default="+15559990000")
+    text.add_argument("--url", default=DEFAULT_URL)
+    text.set_defaults(func=cmd_sms)
+
+    replay = commands.add_parser("replay", help="replay recorded webhook files against a server")
+    replay.add_argument("files", nargs="+", type=Path)
+    replay.add_argument("--url", default=DEFAULT_URL)
+    replay.set_defaults(func=cmd_replay)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"parley: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------- parley sms
+
+
+def cmd_sms(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.text is not None:
+        return asyncio.run(_text_once(settings, args, args.text))
+    print(f"Texting {args.to} from {args.from_} via {args.url}. Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line:
+            asyncio.run(_text_once(settings, args, line))
+
+
+async def _text_once(settings: Settings, args: argparse.Namespace, text: str) -> int:
+    sid = "SM" + secrets.token_hex(16)
+    form = sms.inbound_form(
+        text, args.from_, args.to, sid, settings.twilio_account_sid or "AC" + "0" * 32
+    )
+    path = "/webhooks/twilio/sms"
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "User-Agent": "TwilioProxy/1.1",
+    }
+    if settings.twilio_auth_tokens:
+        signed_url = (settings.public_base_url or args.url.rstrip("/")) + path
+        headers["X-Twilio-Signature"] = sms.sign(settings.twilio_auth_tokens[0], signed_url, form)
+    async with httpx.AsyncClient(timeout=30) as http:
+        try:
+            response = await http.post(
+                args.url.rstrip("/") + path, content=urlencode(form), headers=headers
+            )
+        except httpx.HTTPError as exc:
+            print(f"could not reach {args.url}: {exc}", file=sys.stderr)
+            return 1
+    if response.status_code != 200:
+        print(
+            f"server answered {response.status_code}: {response.text.strip()}",
+            file=sys.stderr,
+        )
+        return 1
+    reply = await wait_for_reply(settings, "sms", sid)
+    print(f"parley> {reply}" if reply else "(no reply yet; see the server's log)")
+    return 0
+
+
+async def wait_for_reply(
+    settings: Settings,
+    channel: str,
+    provider_message_id: str,
+    timeout_s: float = REPLY_WAIT_S,
+) -> str | None:
+    """Watch the database for the reply to one inbound message; None if none comes."""
+    engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            async with sessions() as session:
+                reply = await _reply_text(session, channel, provider_message_id)
+            if reply is not None:
+                return reply
+            await asyncio.sleep(0.2)
+        return None
+    finally:
+        await engine.dispose()
+
+
+async def _reply_text(session: Any, channel: str, provider_message_id: str) -> str | None:
+    inbound = await session.scalar(
+        select(Message).where(
+            Message.channel == channel,
+            Message.provider_message_id == provider_message_id,
+        )
+    )
+    if inbound is None or inbound.status == InboundState.RECEIVED.value:
+        return None
+    if inbound.status != InboundState.ANSWERED.value:
+        return (
+            f"(no reply: message {inbound.status}{': ' + inbound.error if inbound.error else ''})"
+        )
+    parts = list(
+        await session.scalars(
+            select(Message)
+            .where(
+                Message.conversation_id == inbound.conversation_id,
+                Message.sender == Sender.ASSISTANT.value,
+                Message.reply_to_id >= inbound.id,
+            )
+            .order_by(Message.id)
+        )
+    )
+    if not parts:
+        return None
+    first = parts[0].reply_to_id
+    text = "\n".join(p.body for p in parts if p.reply_to_id == first)
+    status = parts[0].status
+    return text + (
+        "  [not sent: no provider credentials]" if status == Delivery.NOT_SENT.value else ""
+    )
+
+
+# ---------------------------------------------------------------- parley replay
+
+
+def load_recording(path: Path) -> tuple[str, str, dict[str, str], bytes]:
+    """A recorded webhook (SPEC §7): method, path, headers, body."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if "body_b64" in data:
+        body = base64.b64decode(data["body_b64"])
+    else:
+        body = str(data.get("body", "")).encode("utf-8")
+    return (
+        str(data.get("method", "POST")),
+        str(data["path"]),
+        dict(data.get("headers", {})),
+        body,
+    )
+
+
+def _replayable(headers: dict[str, str]) -> dict[str, str]:
+    """Hop-by-hop and length headers are the new connection's business."""
+    drop = {"host", "content-length", "connection", "transfer-encoding"}
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    return asyncio.run(replay(args.url, args.files))
+
+
+async def replay(url: str, files: Sequence[Path]) -> int:
+    counts = {"sent": 0, "answered 2xx": 0, "refused": 0, "failed": 0}
+    async with httpx.AsyncClient(timeout=30, follow_redirects=False) as http:
+        for path in tqdm(files, unit="request", desc="replaying"):
+            counts["sent"] += 1
+            try:
+                method, target, headers, body = load_recording(path)
+                response = await http.request(
+                    method,
+                    url.rstrip("/") + target,
+                    headers=_replayable(headers),
+                    content=body,
+                )
+            except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+                counts["failed"] += 1
+                tqdm.write(f"{path}: {exc}")
+                continue
+            if response.is_success:
+                counts["answered 2xx"] += 1
+            else:
+                counts["refused"] += 1
+                tqdm.write(f"{path}: {response.status_code} {response.text.strip()[:200]}")
+    print(", ".join(f"{name}: {count}" for name, count in counts.items()))
+    return 0 if counts["failed"] == 0 else 1

@@ -1,0 +1,133 @@
+"""Parley's own conversation rules, free of providers, HTTP and SQL.
+
+What a message asks for (opt-out keywords), what the model is shown (history bounded by count
+and by tokens), and how a reply is cut to a channel's limits. Pure functions over `service.types`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from service.types import Channel, Intent, Sender, Turn
+
+OPT_OUT_WORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+)
+OPT_IN_WORDS = frozenset({"START", "YES", "UNSTOP"})
+HELP_WORDS = frozenset({"HELP", "INFO"})
+
+HELP_TEXT = (
+    "Parley: an AI assistant answers your texts. Reply STOP to stop all messages, "
+    "START to resume. Msg&data rates may apply."
+)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Parley, a helpful assistant that people reach by text message or email. "
+    "Answer the person's latest message using the conversation so far. Be accurate and kind; "
+    "say so when you do not know."
+)
+
+CHANNEL_STYLE = {
+    Channel.SMS: "This conversation is over SMS: answer briefly, in plain text, no Markdown.",
+    Channel.EMAIL: "This conversation is over email: answer as a short, plain-text email body, "
+    "without a subject line or signature.",
+}
+
+SMS_MAX_CHARS = 1600
+_EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def keyword_of(body: str) -> str:
+    """The whole message as a keyword: any case, surrounding whitespace and punctuation ignored."""
+    return _EDGE_PUNCTUATION.sub("", body.strip()).upper()
+
+
+def classify_sms(body: str, opt_out_type: str | None = None) -> Intent:
+    """Twilio's `OptOutType` wins (Advanced Opt-Out may use custom words); else our keywords."""
+    declared = (opt_out_type or "").strip().upper()
+    if declared == "STOP":
+        return Intent.OPT_OUT
+    if declared == "START":
+        return Intent.OPT_IN
+    if declared == "HELP":
+        return Intent.HELP
+    word = keyword_of(body)
+    if word in OPT_OUT_WORDS:
+        return Intent.OPT_OUT
+    if word in OPT_IN_WORDS:
+        return Intent.OPT_IN
+    if word in HELP_WORDS:
+        return Intent.HELP
+    return Intent.MESSAGE
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token for English (OpenAI's rule of thumb), plus per-turn overhead.
+
+    An estimate is enough for a budget that only decides which old turns to drop; an exact
+    tokenizer would need model files fetched at run time."""
+    return 4 + (len(text) + 3) // 4
+
+
+def bounded_history(
+    history: Sequence[Turn], new: Sequence[Turn], max_messages: int, max_tokens: int
+) -> list[Turn]:
+    """The newest earlier turns that fit both limits, oldest first; `new` always goes."""
+    budget = max_tokens - sum(estimate_tokens(t.body) for t in new)
+    kept: list[Turn] = []
+    for turn in reversed(history[-max_messages:] if max_messages else []):
+        cost = estimate_tokens(turn.body)
+        if cost > budget:
+            break
+        budget -= cost
+        kept.append(turn)
+    kept.reverse()
+    return kept
+
+
+def build_prompt(
+    system_prompt: str | None,
+    channel: Channel,
+    history: Sequence[Turn],
+    new: Sequence[Turn],
+    *,
+    max_messages: int,
+    max_tokens: int,
+) -> list[dict[str, str]]:
+    """Chat messages for the model: system prompt + channel style, history, then the new turns."""
+    system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{CHANNEL_STYLE[channel]}"
+    turns = [*bounded_history(history, new, max_messages, max_tokens), *new]
+    return [{"role": "system", "content": system}] + [
+        {"role": "user" if t.sender is Sender.USER else "assistant", "content": t.body}
+        for t in turns
+    ]
+
+
+def split_for_sms(text: str, limit: int = SMS_MAX_CHARS) -> list[str]:
+    """Cut a reply into parts of at most `limit` characters at word boundaries, in order.
+
+    A single word longer than the limit (a URL, say) is cut hard: better than refusing it."""
+    text = text.strip()
+    parts: list[str] = []
+    while len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        if cut <= 0:
+            cut = limit
+        parts.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    if text:
+        parts.append(text)
+    return parts
+
+
+def shape_reply(channel: Channel, text: str) -> list[str]:
+    """The parts a reply goes out as on this channel."""
+    if channel is Channel.SMS:
+        return split_for_sms(text)
+    return [text.strip()]
+
+
+def summary_of(body: str) -> str:
+    """A conversation's summary: the first 50 characters of its first message."""
+    return " ".join(body.split())[:50]

@@ -1,0 +1,189 @@
+"""The reply-job queue's database manager: claim, renew, finish, retry, fail.
+
+A job row is the only truth about pending work. The unit of work is a conversation: a claim
+takes every due job of a conversation that has none running, so a burst of messages is answered
+once, together, and no two workers ever hold one conversation. A claimed job carries a lease
+that its worker renews; a job whose lease ran out (its process died) is queued again.
+
+Claims are serialised: on PostgreSQL by a transaction-scoped advisory lock, so concurrent
+claimers in many processes each see the others' committed claims (the claim statement itself
+skips rows locked by anyone else); on SQLite by the database's single writer lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import utcnow
+from service.models import ReplyJob
+from service.types import JobStatus
+
+CLAIM_LOCK_KEY = 0x70726C79636C6D  # "prlyclm"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The jobs of one conversation, held by this worker until finished or the lease ends."""
+
+    conversation_id: int
+    job_ids: tuple[int, ...]
+    message_ids: tuple[int, ...]
+    attempts: int  # the highest attempt count among them, this claim included
+
+
+class JobQueue:
+    def __init__(self, engine: AsyncEngine, owner: str, lease_s: float = 30.0) -> None:
+        self._engine = engine
+        self.owner = owner
+        self.lease_s = lease_s
+
+    def _lease_end(self) -> dt.datetime:
+        return utcnow() + dt.timedelta(seconds=self.lease_s)
+
+    async def claim(self, max_conversations: int) -> list[Claim]:
+        if max_conversations < 1:
+            return []
+        async with self._engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
+                )
+            now = utcnow()
+            await self._requeue_expired(connection, now)
+            conversations = await self._claimable(connection, now, max_conversations)
+            if not conversations:
+                return []
+            result = await connection.execute(
+                update(ReplyJob)
+                .where(
+                    ReplyJob.status == JobStatus.QUEUED.value,
+                    ReplyJob.conversation_id.in_(conversations),
+                )
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    lease_owner=self.owner,
+                    lease_expires_at=self._lease_end(),
+                    attempts=ReplyJob.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(
+                    ReplyJob.id,
+                    ReplyJob.conversation_id,
+                    ReplyJob.message_id,
+                    ReplyJob.attempts,
+                )
+            )
+            rows = sorted(result, key=lambda r: r.id)
+        return _group(rows)
+
+    async def _requeue_expired(self, connection: AsyncConnection, now: dt.datetime) -> None:
+        await connection.execute(
+            update(ReplyJob)
+            .where(
+                ReplyJob.status == JobStatus.RUNNING.value,
+                ReplyJob.lease_expires_at < now,
+            )
+            .values(status=JobStatus.QUEUED.value, lease_owner=None, updated_at=now)
+        )
+
+    async def _claimable(
+        self, connection: AsyncConnection, now: dt.datetime, limit: int
+    ) -> list[int]:
+        """Conversations with queued jobs, none running, and every queued job due: a job
+        waiting out a retry holds back the newer ones behind it, so replies keep their order."""
+        running = select(ReplyJob.conversation_id).where(ReplyJob.status == JobStatus.RUNNING.value)
+        query = (
+            select(ReplyJob.conversation_id)
+            .where(
+                ReplyJob.status == JobStatus.QUEUED.value,
+                ReplyJob.conversation_id.not_in(running),
+            )
+            .group_by(ReplyJob.conversation_id)
+            .having(func.max(ReplyJob.run_after) <= now)
+            .order_by(func.min(ReplyJob.id))
+            .limit(limit)
+        )
+        return list((await connection.execute(query)).scalars())
+
+    async def renew(self) -> int:
+        """Extend the lease of every job this worker holds; returns how many."""
+        async with self._engine.begin() as connection:
+            result = await connection.execute(
+                update(ReplyJob)
+                .where(
+                    ReplyJob.lease_owner == self.owner,
+                    ReplyJob.status == JobStatus.RUNNING.value,
+                )
+                .values(lease_expires_at=self._lease_end())
+            )
+        return int(result.rowcount)
+
+    async def finish(self, job_ids: Sequence[int]) -> None:
+        await self._settle(job_ids, status=JobStatus.DONE, lease_owner=None)
+
+    async def fail(self, job_ids: Sequence[int], error: str) -> None:
+        await self._settle(job_ids, status=JobStatus.FAILED, last_error=error, lease_owner=None)
+
+    async def retry(self, job_ids: Sequence[int], error: str, delay_s: float) -> None:
+        await self._settle(
+            job_ids,
+            status=JobStatus.QUEUED,
+            last_error=error,
+            run_after=utcnow() + dt.timedelta(seconds=delay_s),
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    async def release(self, job_ids: Sequence[int]) -> None:
+        """Give jobs back untouched (shutdown): the attempt they were claimed for is not counted."""
+        await self._settle(
+            job_ids,
+            status=JobStatus.QUEUED,
+            attempts=ReplyJob.attempts - 1,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    async def _settle(self, job_ids: Sequence[int], status: JobStatus, **values: object) -> None:
+        if not job_ids:
+            return
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                update(ReplyJob)
+                .where(
+                    and_(
+                        ReplyJob.id.in_(job_ids),
+                        ReplyJob.lease_owner == self.owner,
+                        ReplyJob.status == JobStatus.RUNNING.value,
+                    )
+                )
+                .values(status=status.value, updated_at=utcnow(), **values)
+            )
+
+    async def depth(self) -> int:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(
+                select(func.count()).where(ReplyJob.status == JobStatus.QUEUED.value)
+            )
+            return int(result.scalar_one())
+
+
+def _group(rows: Sequence[object]) -> list[Claim]:
+    by_conversation: dict[int, list[object]] = defaultdict(list)
+    for row in rows:
+        by_conversation[row.conversation_id].append(row)  # type: ignore[attr-defined]
+    return [
+        Claim(
+            conversation_id=conversation_id,
+            job_ids=tuple(r.id for r in jobs),  # type: ignore[attr-defined]
+            message_ids=tuple(r.message_id for r in jobs),  # type: ignore[attr-defined]
+            attempts=max(r.attempts for r in jobs),  # type: ignore[attr-defined]
+        )
+        for conversation_id, jobs in by_conversation.items()
+    ]

@@ -1,0 +1,477 @@
+"""One conversation's reply job, step by step, each step recorded before the next.
+
+1. Send whatever this conversation still owes (a reply stored before a crash, an operator's
+   message, a fixed text), in order.
+2. Answer the claimed messages still waiting: HELP with the fixed text, the rest with one model
+   call over the bounded history. The answer is stored, cut to the channel's limits, *before*
+   anything is sent, so a failed send never asks the model again.
+3. Send it. Each part goes `pending -> sending` by compare-and-set before the provider is
+   called, so two processes never send one part, and a part found in `sending` after a crash
+   is looked up at the provider before it is sent again.
+
+Outcomes the worker acts on are exceptions: `RetryLater` and `GiveUp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.assistant import Completion, Model, ModelError
+from service.channels.base import ChannelClient, LookupUnsupported
+from service.conversation import HELP_TEXT, build_prompt, shape_reply
+from service.db import session_factory, utcnow
+from service.jobs import Claim
+from service.models import AssistantCall, Conversation, Message
+from service.settings import Settings
+from service.types import (
+    Author,
+    Channel,
+    Delivery,
+    InboundState,
+    Intent,
+    Outbound,
+    RecipientOptedOut,
+    Sender,
+    SendError,
+    Turn,
+)
+
+log = logging.getLogger(__name__)
+
+UNSENT = (Delivery.PENDING.value, Delivery.SENDING.value)
+
+
+class RetryLater(Exception):
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GiveUp(Exception):
+    """A definite refusal: trying again cannot help."""
+
+
+class ReplyFlow:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        model: Model,
+        channels: Mapping[Channel, ChannelClient],
+    ) -> None:
+        self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        self._settings = settings
+        self._model = model
+        self._channels = channels
+        self._warned_until: dict[int, float] = {}
+
+    # ------------------------------------------------------------ the steps
+
+    async def run(self, claim: Claim) -> str:
+        """Do the claim's work; returns a one-word outcome for the log line."""
+        conversation = await self._conversation(claim.conversation_id)
+        if conversation is None:
+            return "deleted"
+        if conversation.opted_out:
+            await self._drop_opted_out(claim)
+            return "opted_out"
+        if not await self._send_unsent(conversation):
+            return "opted_out"
+        waiting = await self._waiting(claim)
+        if not waiting:
+            return "sent"
+        if conversation.paused:
+            await self._mark(waiting, InboundState.NOT_ANSWERED)
+            return "paused"
+        outcome = await self._answer(conversation, waiting)
+        if not await self._send_unsent(conversation):
+            return "opted_out"
+        return outcome
+
+    async def _answer(self, conversation: Conversation, waiting: list[Message]) -> str:
+        helps = [m for m in waiting if m.intent == Intent.HELP.value]
+        questions = [m for m in waiting if m.intent != Intent.HELP.value]
+        steps = sorted(
+            [(group[0].id, group) for group in (helps, questions) if group],
+            key=lambda s: s[0],
+        )
+        outcome = "answered"
+        for _, group in steps:
+            if group is helps:
+                await self._store_reply(conversation, helps, HELP_TEXT, Author.FIXED)
+            elif await self._over_rate_limit(conversation):
+                await self._mark(questions, InboundState.RATE_LIMITED)
+                outcome = "rate_limited"
+            else:
+                completion, call_id = await self._ask_model(conversation, questions)
+                await self._store_reply(
+                    conversation, questions, completion.text, Author.MODEL, call_id
+                )
+        return outcome
+
+    async def give_up(self, claim: Claim, error: str) -> None:
+        """After the last try: the waiting messages and anything unsent are marked failed."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Message)
+                .where(
+                    Message.id.in_(claim.message_ids),
+                    Message.status == InboundState.RECEIVED.value,
+                )
+                .values(status=InboundState.FAILED.value, error=error, updated_at=utcnow())
+            )
+            await _fail_unsent(session, claim.conversation_id, error)
+
+    # ------------------------------------------------------------ reading
+
+    async def _conversation(self, conversation_id: int) -> Conversation | None:
+        async with self._sessions() as session:
+            return await session.get(Conversation, conversation_id)
+
+    async def _waiting(self, claim: Claim) -> list[Message]:
+        async with self._sessions() as session:
+            result = await session.scalars(
+                select(Message)
+                .where(
+                    Message.id.in_(claim.message_ids),
+                    Message.sender == Sender.USER.value,
+                    Message.status == InboundState.RECEIVED.value,
+                )
+                .order_by(Message.id)
+            )
+            return list(result)
+
+    async def _history(self, conversation_id: int, before_id: int) -> list[Turn]:
+        """Earlier turns, newest `ASSISTANT_HISTORY_MESSAGES` of them: the user's messages (not
+        keywords) and the replies written by the model or an operator; parts joined."""
+        limit = self._settings.assistant_history_messages
+        if limit == 0:
+            return []
+        async with self._sessions() as session:
+            rows = (
+                await session.execute(
+                    select(Message.sender, Message.body, Message.reply_to_id)
+                    .where(
+                        Message.conversation_id == conversation_id,
+                        Message.id < before_id,
+                        or_(
+                            and_(
+                                Message.sender == Sender.USER.value,
+                                Message.intent == Intent.MESSAGE.value,
+                            ),
+                            and_(
+                                Message.sender == Sender.ASSISTANT.value,
+                                Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                                Message.status != Delivery.FAILED.value,
+                            ),
+                        ),
+                    )
+                    .order_by(Message.id.desc())
+                    .limit(limit * 4)  # a reply may be several parts
+                )
+            ).all()
+        return _join_parts(list(reversed(rows)))[-limit:]
+
+    async def _over_rate_limit(self, conversation: Conversation) -> bool:
+        limit = self._settings.rate_limit
+        since = utcnow() - dt.timedelta(seconds=limit.window_s)
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count())
+                .select_from(AssistantCall)
+                .where(
+                    AssistantCall.conversation_id == conversation.id,
+                    AssistantCall.status == "ok",
+                    AssistantCall.created_at >= since,
+                )
+            )
+        if (count or 0) < limit.count:
+            return False
+        now = utcnow().timestamp()
+        if self._warned_until.get(conversation.id, 0) < now:
+            self._warned_until[conversation.id] = now + limit.window_s
+            log.warning(
+                "conversation %s reached REPLY_RATE_LIMIT (%s): not answering",
+                conversation.id,
+                self._settings.reply_rate_limit,
+            )
+        return True
+
+    # ------------------------------------------------------------ the model
+
+    async def _ask_model(
+        self, conversation: Conversation, questions: Sequence[Message]
+    ) -> tuple[Completion, int]:
+        history = await self._history(conversation.id, questions[0].id)
+        prompt = build_prompt(
+            self._settings.assistant_system_prompt,
+            Channel(conversation.channel),
+            history,
+            [Turn(Sender.USER, m.body) for m in questions],
+            max_messages=self._settings.assistant_history_messages,
+            max_tokens=self._settings.assistant_history_tokens,
+        )
+        try:
+            async with asyncio.timeout(self._settings.assistant_timeout_s + 5):
+                completion = await self._model.complete(prompt)
+        except (ModelError, TimeoutError) as exc:
+            error = (
+                exc
+                if isinstance(exc, ModelError)
+                else ModelError("model call timed out", retryable=True)
+            )
+            await self._record_call(conversation.id, None, error=error)
+            if error.retryable:
+                raise RetryLater(str(error), error.retry_after_s) from exc
+            raise GiveUp(str(error)) from exc
+        call_id = await self._record_call(conversation.id, completion)
+        return completion, call_id
+
+    async def _record_call(
+        self,
+        conversation_id: int,
+        completion: Completion | None,
+        error: ModelError | None = None,
+    ) -> int:
+        call = AssistantCall(
+            conversation_id=conversation_id,
+            model=completion.model if completion else self._model.name,
+            generation_params=completion.params if completion else self._model.params,
+            processing_time=completion.latency_ms
+            if completion
+            else (error.latency_ms if error else 0),
+            status="ok" if completion else "error",
+            prompt_tokens=completion.prompt_tokens if completion else None,
+            completion_tokens=completion.completion_tokens if completion else None,
+            total_tokens=completion.total_tokens if completion else None,
+            error=str(error) if error else None,
+        )
+        async with self._sessions.begin() as session:
+            session.add(call)
+        return call.id
+
+    # ------------------------------------------------------------ writing
+
+    async def _store_reply(
+        self,
+        conversation: Conversation,
+        answered: Sequence[Message],
+        text: str,
+        author: Author,
+        call_id: int | None = None,
+    ) -> None:
+        """The reply's parts and the answered messages' new state, in one transaction."""
+        channel = self._channels[Channel(conversation.channel)]
+        last = answered[-1]
+        subject, headers = channel.reply_envelope(last.subject, _str_headers(last.headers))
+        parts = [
+            Message(
+                conversation_id=conversation.id,
+                channel=conversation.channel,
+                sender=Sender.ASSISTANT.value,
+                author=author.value,
+                intent=Intent.MESSAGE.value,
+                body=part,
+                subject=subject,
+                headers=headers or None,
+                status=Delivery.PENDING.value,
+                reply_to_id=last.id,
+            )
+            for part in shape_reply(Channel(conversation.channel), text)
+        ]
+        async with self._sessions.begin() as session:
+            session.add_all(parts)
+            await session.flush()
+            await session.execute(
+                update(Message)
+                .where(Message.id.in_([m.id for m in answered]))
+                .values(status=InboundState.ANSWERED.value, updated_at=utcnow())
+            )
+            if call_id is not None and parts:
+                await session.execute(
+                    update(AssistantCall)
+                    .where(AssistantCall.id == call_id)
+                    .values(message_id=parts[0].id)
+                )
+
+    async def _mark(self, messages: Sequence[Message], state: InboundState) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id.in_([m.id for m in messages]))
+                .values(status=state.value, updated_at=utcnow())
+            )
+
+    async def _drop_opted_out(self, claim: Claim) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Message)
+                .where(
+                    Message.id.in_(claim.message_ids),
+                    Message.status == InboundState.RECEIVED.value,
+                )
+                .values(status=InboundState.NOT_ANSWERED.value, updated_at=utcnow())
+            )
+            await _fail_unsent(session, claim.conversation_id, "recipient opted out")
+
+    # ------------------------------------------------------------ sending
+
+    async def _send_unsent(self, conversation: Conversation) -> bool:
+        """Send every unsent part of the conversation in order. False if the recipient turned
+        out to have opted out (the conversation is then marked so)."""
+        async with self._sessions() as session:
+            parts = list(
+                await session.scalars(
+                    select(Message)
+                    .where(
+                        Message.conversation_id == conversation.id,
+                        Message.sender == Sender.ASSISTANT.value,
+                        Message.status.in_(UNSENT),
+                    )
+                    .order_by(Message.id)
+                )
+            )
+        for part in parts:
+            try:
+                await self._send_part(conversation, part)
+            except RecipientOptedOut as exc:
+                await self._opted_out_by_provider(conversation, part, str(exc))
+                return False
+        return True
+
+    async def _send_part(self, conversation: Conversation, part: Message) -> None:
+        channel = self._channels[Channel(conversation.channel)]
+        outbound = Outbound(
+            channel=Channel(conversation.channel),
+            to=conversation.remote_address,
+            from_=conversation.local_address,
+            body=part.body,
+            subject=part.subject,
+            headers=_str_headers(part.headers),
+        )
+        if not channel.can_send:
+            await self._set_status(part.id, Delivery.NOT_SENT)
+            log.info(
+                "reply %s in conversation %s not sent: no %s credentials configured",
+                part.id,
+                conversation.id,
+                conversation.channel,
+            )
+            return
+        if part.status == Delivery.SENDING.value and part.attempted_at is not None:
+            if await self._already_sent(channel, outbound, part):
+                return
+        elif not await self._start_sending(part.id):
+            return  # another process holds this part
+        try:
+            result = await channel.send(outbound)
+        except RecipientOptedOut:
+            raise
+        except SendError as exc:
+            await self._after_send_error(part, exc)
+            raise AssertionError("unreachable") from exc
+        await self._set_status(
+            part.id, result.status, provider_message_id=result.provider_message_id
+        )
+
+    async def _already_sent(
+        self, channel: ChannelClient, outbound: Outbound, part: Message
+    ) -> bool:
+        """A part left in `sending` may have gone out: ask the provider before sending again."""
+        assert part.attempted_at is not None
+        try:
+            sid = await channel.find_sent(outbound, part.attempted_at)
+        except LookupUnsupported:
+            return False
+        except Exception as exc:
+            raise RetryLater(f"could not check whether reply {part.id} went out: {exc}") from exc
+        if sid is None:
+            return False
+        log.info("reply %s had gone out before (%s): not sending it again", part.id, sid)
+        await self._set_status(part.id, Delivery.QUEUED, provider_message_id=sid)
+        return True
+
+    async def _after_send_error(self, part: Message, exc: SendError) -> None:
+        if exc.retryable:
+            if not exc.ambiguous:  # surely not sent: the next try sends without looking
+                await self._set_status(part.id, Delivery.PENDING)
+            raise RetryLater(str(exc), exc.retry_after_s) from exc
+        async with self._sessions.begin() as session:
+            await _fail_unsent(session, part.conversation_id, str(exc))
+        raise GiveUp(str(exc)) from exc
+
+    async def _start_sending(self, message_id: int) -> bool:
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.id == message_id, Message.status == Delivery.PENDING.value)
+                .values(
+                    status=Delivery.SENDING.value,
+                    attempted_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+            )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _set_status(
+        self, message_id: int, status: Delivery, provider_message_id: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
+        if provider_message_id:
+            values["provider_message_id"] = provider_message_id
+        async with self._sessions.begin() as session:
+            await session.execute(update(Message).where(Message.id == message_id).values(**values))
+
+    async def _opted_out_by_provider(
+        self, conversation: Conversation, part: Message, error: str
+    ) -> None:
+        log.warning("conversation %s: provider says the recipient opted out", conversation.id)
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation.id)
+                .values(opted_out=True, updated_at=utcnow())
+            )
+            await _fail_unsent(session, conversation.id, error)
+
+
+async def _fail_unsent(session: AsyncSession, conversation_id: int, error: str) -> None:
+    await session.execute(
+        update(Message)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.sender == Sender.ASSISTANT.value,
+            Message.status.in_(UNSENT),
+        )
+        .values(status=Delivery.FAILED.value, error=error, updated_at=utcnow())
+    )
+
+
+def _join_parts(rows: Sequence[Any]) -> list[Turn]:
+    """Consecutive parts of one split reply become one turn again."""
+    turns: list[Turn] = []
+    previous_reply_to: object = object()
+    for row in rows:
+        sender = Sender(row.sender)
+        if (
+            sender is Sender.ASSISTANT
+            and turns
+            and turns[-1].sender is sender
+            and row.reply_to_id == previous_reply_to
+        ):
+            turns[-1] = Turn(sender, f"{turns[-1].body} {row.body}")
+        else:
+            turns.append(Turn(sender, row.body))
+        previous_reply_to = row.reply_to_id
+    return turns
+
+
+def _str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
+    return {k: v for k, v in (headers or {}).items() if isinstance(v, str)}

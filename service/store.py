@@ -1,0 +1,322 @@
+"""Reads and writes of conversations and messages, outside the job queue.
+
+The hot path is `InboundWriter`: webhooks hand it parsed messages and wait for the commit.
+Whatever arrives while a transaction is open goes into the next one (group commit), so a burst
+of concurrent webhooks costs a few transactions, not one each, while a lone webhook still
+commits at once. Every request gets its 2xx only after its rows are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Insert, and_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.conversation import summary_of
+from service.db import utcnow
+from service.models import Conversation, Message, ReplyJob, new_conversation_url
+from service.types import DELIVERY_RANK, Delivery, Inbound, InboundState, Intent, Sender
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 256
+ConversationKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What became of one inbound message."""
+
+    conversation_id: int
+    message_id: int | None  # None when it was a redelivery of a stored message
+    enqueued: bool  # a reply job was created
+
+    @property
+    def duplicate(self) -> bool:
+        return self.message_id is None
+
+
+def _insert(connection: AsyncConnection, table: Any) -> Insert:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)  # type: ignore[no-any-return]
+
+
+def _key(inbound: Inbound) -> ConversationKey:
+    return (inbound.channel.value, inbound.remote_address, inbound.local_address)
+
+
+async def upsert_conversations(
+    connection: AsyncConnection, inbounds: Sequence[Inbound]
+) -> dict[ConversationKey, Any]:
+    """Find or create each conversation in one statement; touch `updated_at` on the found ones."""
+    now = utcnow()
+    first_of: dict[ConversationKey, Inbound] = {}
+    for inbound in inbounds:
+        first_of.setdefault(_key(inbound), inbound)
+    rows = [
+        {
+            "channel": key[0],
+            "remote_address": key[1],
+            "local_address": key[2],
+            "summary": summary_of(inbound.body),
+            "conversation_url": new_conversation_url(),
+            "opted_out": False,
+            "paused": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for key, inbound in first_of.items()
+    ]
+    table = Conversation.__table__
+    stmt = _insert(connection, table).values(rows)
+    stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
+        index_elements=["channel", "remote_address", "local_address"],
+        set_={"updated_at": stmt.excluded.updated_at},  # type: ignore[attr-defined]
+    ).returning(
+        table.c.id,
+        table.c.channel,
+        table.c.remote_address,
+        table.c.local_address,
+        table.c.opted_out,
+        table.c.paused,
+    )
+    result = await connection.execute(stmt)
+    return {(r.channel, r.remote_address, r.local_address): r for r in result}
+
+
+def _unique_by_provider_id(inbounds: Iterable[Inbound]) -> list[Inbound]:
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for inbound in inbounds:
+        key = (inbound.channel.value, inbound.provider_message_id)
+        if key not in seen:
+            seen.add(key)
+            unique.append(inbound)
+    return unique
+
+
+async def insert_new_messages(
+    connection: AsyncConnection,
+    inbounds: Sequence[Inbound],
+    conversation_ids: Sequence[int],
+) -> dict[tuple[str, str], int]:
+    """Insert the user's messages; the unique (channel, provider id) constraint is the dedupe,
+    so a redelivery, even one racing in another process, is skipped, never doubled."""
+    now = utcnow()
+    rows = [
+        {
+            "conversation_id": conversation_id,
+            "created_at": now,
+            "updated_at": now,
+            "channel": inbound.channel.value,
+            "sender": Sender.USER.value,
+            "intent": inbound.intent.value,
+            "body": inbound.body,
+            "provider_message_id": inbound.provider_message_id,
+            "subject": inbound.subject,
+            "headers": {
+                **inbound.headers,
+                **({"meta": inbound.meta} if inbound.meta else {}),
+            }
+            or None,
+            "status": InboundState.RECEIVED.value,
+        }
+        for inbound, conversation_id in zip(inbounds, conversation_ids, strict=True)
+    ]
+    table = Message.__table__
+    stmt = (
+        _insert(connection, table)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])  # type: ignore[attr-defined]
+        .returning(table.c.id, table.c.channel, table.c.provider_message_id)
+    )
+    result = await connection.execute(stmt)
+    return {(r.channel, r.provider_message_id): r.id for r in result}
+
+
+def _answerable(inbound: Inbound) -> bool:
+    return inbound.intent in (Intent.MESSAGE, Intent.HELP)
+
+
+async def record_inbound(
+    connection: AsyncConnection, inbounds: Sequence[Inbound]
+) -> list[Recorded]:
+    """Store a batch of inbound messages and enqueue their replies, inside the caller's
+    transaction: conversation upsert, message insert, job insert, plus the rare state changes
+    (opt-out keywords, messages that arrive while opted out or paused)."""
+    conversations = await upsert_conversations(connection, inbounds)
+    unique = _unique_by_provider_id(inbounds)
+    new_ids = await insert_new_messages(
+        connection, unique, [conversations[_key(i)].id for i in unique]
+    )
+    opted_out = {key: bool(row.opted_out) for key, row in conversations.items()}
+    not_answered: list[int] = []
+    jobs: list[dict[str, Any]] = []
+    now = utcnow()
+    for inbound in unique:  # in arrival order: STOP then "hi" leaves "hi" unanswered
+        message_id = new_ids.get((inbound.channel.value, inbound.provider_message_id))
+        if message_id is None:
+            continue
+        key = _key(inbound)
+        if inbound.intent in (Intent.OPT_OUT, Intent.OPT_IN):
+            opted_out[key] = inbound.intent is Intent.OPT_OUT
+        if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
+            not_answered.append(message_id)
+            continue
+        jobs.append(
+            {
+                "conversation_id": conversations[key].id,
+                "message_id": message_id,
+                "status": "queued",
+                "attempts": 0,
+                "run_after": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+    await _apply_opt_changes(connection, conversations, opted_out)
+    if not_answered:
+        await connection.execute(
+            update(Message)
+            .where(Message.id.in_(not_answered))
+            .values(status=InboundState.NOT_ANSWERED.value)
+        )
+    if jobs:
+        await connection.execute(_insert(connection, ReplyJob.__table__).values(jobs))
+    enqueued = {job["message_id"] for job in jobs}
+    results = []
+    for inbound in inbounds:
+        message_id = new_ids.pop((inbound.channel.value, inbound.provider_message_id), None)
+        results.append(
+            Recorded(conversations[_key(inbound)].id, message_id, message_id in enqueued)
+        )
+    return results
+
+
+async def _apply_opt_changes(
+    connection: AsyncConnection,
+    conversations: dict[ConversationKey, Any],
+    opted_out: dict[ConversationKey, bool],
+) -> None:
+    for key, row in conversations.items():
+        if bool(row.opted_out) != opted_out[key]:
+            await connection.execute(
+                update(Conversation)
+                .where(Conversation.id == row.id)
+                .values(opted_out=opted_out[key], updated_at=utcnow())
+            )
+            log.info(
+                "conversation %s %s",
+                row.id,
+                "opted out" if opted_out[key] else "opted back in",
+            )
+
+
+async def update_delivery(
+    engine: AsyncEngine,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> bool:
+    """Apply a provider's delivery report, forward only: a late `sent` never undoes
+    `delivered`. Returns whether a message moved."""
+    earlier = [d.value for d, rank in DELIVERY_RANK.items() if rank < DELIVERY_RANK[status]]
+    values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
+    if error:
+        values["error"] = error
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            update(Message)
+            .where(
+                and_(
+                    Message.channel == channel,
+                    Message.provider_message_id == provider_message_id,
+                    Message.sender == Sender.ASSISTANT.value,
+                    Message.status.in_(earlier),
+                )
+            )
+            .values(**values)
+        )
+    return bool(result.rowcount)
+
+
+@dataclass
+class _Pending:
+    inbound: Inbound
+    future: asyncio.Future[Recorded]
+
+
+class InboundWriter:
+    """Group commit for webhooks: one writer task, one transaction per batch of arrivals."""
+
+    def __init__(self, engine: AsyncEngine, on_commit: Callable[[], None] = lambda: None) -> None:
+        self._engine = engine
+        self._on_commit = on_commit
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="parley-inbound-writer")
+
+    async def stop(self) -> None:
+        """Finish what was handed in, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def record(self, inbound: Inbound) -> Recorded:
+        if self._task is None:
+            raise RuntimeError("InboundWriter.start() was not called")
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(inbound, future))
+        return await asyncio.shield(future)  # a client hanging up must not undo the write
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._commit([p.inbound for p in batch])
+        except Exception as exc:
+            if len(batch) > 1:  # one bad row must not fail its neighbours: retry one by one
+                for pending in batch:
+                    await self._write([pending])
+                return
+            log.exception("storing inbound message failed")
+            _settle(batch[0].future, exc)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending.future, result)
+        if any(r.enqueued for r in results):
+            self._on_commit()
+
+    async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:
+        async with self._engine.begin() as connection:
+            return await record_inbound(connection, inbounds)
+
+
+def _settle(future: asyncio.Future[Recorded], outcome: Recorded | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,104 @@
+"""`create_app(settings)`: the Starlette app. Its lifespan owns the engine, the inbound writer,
+the provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from service.assistant import Model, create_model
+from service.channels.base import ChannelClient
+from service.channels.sms import TwilioSms
+from service.db import create_engine
+from service.migrate import upgrade
+from service.settings import Settings
+from service.store import InboundWriter
+from service.types import Channel
+from service.web import health, webhooks
+from service.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What request handlers reach through `request.app.state.services`."""
+
+    settings: Settings
+    engine: AsyncEngine
+    writer: InboundWriter
+    channels: dict[Channel, ChannelClient]
+    model: Model
+    worker: Worker | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def status_callback_url(settings: Settings) -> str | None:
+    if not settings.public_base_url:
+        return None
+    return f"{settings.public_base_url}/webhooks/twilio/status"
+
+
+def create_channels(settings: Settings) -> dict[Channel, ChannelClient]:
+    return {
+        Channel.SMS: TwilioSms(
+            settings.twilio_account_sid,
+            settings.twilio_auth_token and settings.twilio_auth_tokens[0],
+            settings.twilio_api_base_url,
+            status_callback_url(settings),
+        ),
+    }
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = create_engine(settings.database_url)
+    if settings.auto_migrate:
+        await upgrade(engine)
+    channels = create_channels(settings)
+    model = create_model(settings)
+    worker = Worker(engine, settings, model, channels) if settings.embedded_worker else None
+    writer = InboundWriter(engine, on_commit=worker.wake if worker else lambda: None)
+    writer.start()
+    services = Services(settings, engine, writer, channels, model, worker)
+    if worker:
+        services.tasks.append(asyncio.create_task(worker.run(), name="parley-worker"))
+    app.state.services = services
+    try:
+        yield
+    finally:
+        await _shutdown(services)
+
+
+async def _shutdown(services: Services) -> None:
+    await services.writer.stop()
+    if services.worker:
+        await services.worker.stop()
+    for task in services.tasks:
+        task.cancel()
+    await asyncio.gather(*services.tasks, return_exceptions=True)
+    for channel in services.channels.values():
+        await channel.close()
+    await services.model.close()
+    await services.engine.dispose()
+
+
+def create_app(settings: Settings) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/webhooks/twilio/sms", webhooks.twilio_sms, methods=["POST"]),
+            Route("/webhooks/twilio/status", webhooks.twilio_status, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app

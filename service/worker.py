@@ -1,0 +1,184 @@
+"""The reply worker: claims conversations with due jobs and runs their `ReplyFlow`s, many at
+once (model calls are I/O-bound), never two for one conversation.
+
+Woken at once by an in-process webhook commit; otherwise it polls. Leases are renewed by a
+heartbeat while jobs run. On stop it claims nothing more, lets running jobs finish for a grace
+period, and gives the rest back to the queue for the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.assistant import Model
+from service.channels.base import ChannelClient
+from service.jobs import Claim, JobQueue
+from service.replies import GiveUp, ReplyFlow, RetryLater
+from service.settings import Settings
+from service.types import Channel
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+LEASE_S = 30.0
+MAX_BACKOFF_S = 600.0
+
+
+def backoff_s(attempt: int, base_s: float, retry_after_s: float | None = None) -> float:
+    """Exponential backoff with jitter; a provider's Retry-After is a floor."""
+    exponential: float = base_s * float(2 ** max(attempt - 1, 0))
+    delay = min(exponential, MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
+    return max(delay, retry_after_s or 0.0)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        model: Model,
+        channels: Mapping[Channel, ChannelClient],
+        *,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        lease_s: float = LEASE_S,
+    ) -> None:
+        self.queue = JobQueue(engine, worker_id(), lease_s)
+        self.flow = ReplyFlow(engine, settings, model, channels)
+        self._settings = settings
+        self._poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name="parley-lease-heartbeat")
+        log.info(
+            "reply worker %s started (concurrency %d)",
+            self.queue.owner,
+            self._settings.worker_concurrency,
+        )
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                claimed = await self._claim_some()
+                if claimed and len(self._running) < self._settings.worker_concurrency:
+                    continue  # there may be more due work
+                await self._sleep()
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop claiming; let running jobs finish for `grace_s`; give the rest back."""
+        self._stopping.set()
+        self._wake.set()
+        running = list(self._running.values())
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _claim_some(self) -> int:
+        free = self._settings.worker_concurrency - len(self._running)
+        if free <= 0:
+            return 0
+        try:
+            claims = await self.queue.claim(free)
+        except Exception:
+            log.exception("claiming reply jobs failed")
+            return 0
+        for claim in claims:
+            task = asyncio.create_task(self._handle(claim), name=f"reply-{claim.conversation_id}")
+            self._running[claim.conversation_id] = task
+            task.add_done_callback(functools.partial(self._done, claim.conversation_id))
+        return len(claims)
+
+    def _done(self, conversation_id: int, _task: asyncio.Task[None]) -> None:
+        self._running.pop(conversation_id, None)
+        self._wake.set()  # capacity is free, and that conversation may have new messages
+
+    async def _sleep(self) -> None:
+        waiters = [
+            asyncio.create_task(self._wake.wait()),
+            asyncio.create_task(self._stopping.wait()),
+        ]
+        await asyncio.wait(
+            waiters, timeout=self._poll_interval_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.queue.lease_s / 3)
+            if self._running:
+                try:
+                    await self.queue.renew()
+                except Exception:
+                    log.exception("renewing job leases failed")
+
+    async def _handle(self, claim: Claim) -> None:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            outcome = await self.flow.run(claim)
+            await self.queue.finish(claim.job_ids)
+        except asyncio.CancelledError:
+            outcome = "released"
+            await asyncio.shield(self.queue.release(claim.job_ids))
+            raise
+        except RetryLater as exc:
+            outcome = await self._retry_or_fail(claim, str(exc), exc.retry_after_s)
+        except GiveUp as exc:
+            outcome = "failed"
+            await self._fail(claim, str(exc))
+        except Exception as exc:
+            log.exception("reply job for conversation %s crashed", claim.conversation_id)
+            outcome = await self._retry_or_fail(claim, f"{type(exc).__name__}: {exc}", None)
+        finally:
+            log.info(
+                "reply job conversation=%s messages=%s attempt=%d outcome=%s duration_ms=%d",
+                claim.conversation_id,
+                ",".join(map(str, claim.message_ids)),
+                claim.attempts,
+                outcome,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    async def _retry_or_fail(self, claim: Claim, error: str, retry_after_s: float | None) -> str:
+        if claim.attempts >= self._settings.reply_max_attempts:
+            await self._fail(claim, error)
+            return "failed"
+        delay = backoff_s(claim.attempts, self._settings.reply_retry_base_s, retry_after_s)
+        log.warning(
+            "conversation %s: attempt %d failed (%s); retrying in %.1fs",
+            claim.conversation_id,
+            claim.attempts,
+            error,
+            delay,
+        )
+        await self.queue.retry(claim.job_ids, error, delay)
+        return "retry"
+
+    async def _fail(self, claim: Claim, error: str) -> None:
+        log.error("conversation %s: giving up: %s", claim.conversation_id, error)
+        await self.flow.give_up(claim, error)
+        await self.queue.fail(claim.job_ids, error)
