@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     worker_concurrency: int = Field(32, ge=1)
     reply_max_attempts: int = Field(6, ge=1)
+    # Beyond the spec's table: tuning knobs with safe defaults (see README, "Configuration").
     reply_retry_base_s: float = Field(2.0, gt=0)  # first retry's delay; doubles each try
+    reply_lease_s: float = Field(30.0, ge=1)  # a dead worker's jobs are taken over after this
+    provider_timeout_s: float = Field(15.0, gt=0)  # one send to Twilio or SendGrid
+    worker_poll_s: float = Field(1.0, gt=0)  # how often an idle worker looks for due jobs
     reply_rate_limit: str = "60/hour"
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None

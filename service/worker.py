@@ -29,8 +29,6 @@ from service.types import Channel
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_S = 1.0
-LEASE_S = 30.0
 MAX_BACKOFF_S = 600.0
 
 
@@ -52,14 +50,11 @@ class Worker:
         settings: Settings,
         model: Model,
         channels: Mapping[Channel, ChannelClient],
-        *,
-        poll_interval_s: float = POLL_INTERVAL_S,
-        lease_s: float = LEASE_S,
     ) -> None:
-        self.queue = JobQueue(engine, worker_id(), lease_s)
+        self.queue = JobQueue(engine, worker_id(), settings.reply_lease_s)
         self.flow = ReplyFlow(engine, settings, model, channels)
         self._settings = settings
-        self._poll_interval_s = poll_interval_s
+        self._poll_interval_s = settings.worker_poll_s
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}

@@ -37,7 +37,6 @@ from service.types import (
 log = logging.getLogger(__name__)
 
 MAX_WEBHOOK_BYTES = 64 * 1024
-SEND_TIMEOUT_S = 15.0
 REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")
 UNSUBSCRIBED_RECIPIENT = 21610
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
@@ -167,8 +166,10 @@ class TwilioSms:
         auth_token: str | None,
         api_base_url: str,
         status_callback_url: str | None,
+        timeout_s: float = 15.0,
     ) -> None:
         self._status_callback = status_callback_url
+        self._timeout_s = timeout_s
         self._client: Client | None = None
         if account_sid and auth_token:
             http = _RetryAfterHttpClient()
@@ -189,7 +190,7 @@ class TwilioSms:
         if self._status_callback:
             params["status_callback"] = self._status_callback
         try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
+            async with asyncio.timeout(self._timeout_s):
                 message = await self._client.messages.create_async(**params)
         except TwilioRestException as exc:
             raise _send_error(exc) from exc
@@ -211,7 +212,7 @@ class TwilioSms:
         `DateSent` is unset while a message is queued, so filter on creation time here."""
         assert self._client is not None
         cutoff = since - dt.timedelta(minutes=2)  # clock skew between us and Twilio
-        async with asyncio.timeout(SEND_TIMEOUT_S):
+        async with asyncio.timeout(self._timeout_s):
             recent = await self._client.messages.list_async(
                 to=outbound.to, from_=outbound.from_, limit=50
             )

@@ -53,6 +53,7 @@ def create_channels(settings: Settings) -> dict[Channel, ChannelClient]:
             settings.twilio_auth_token and settings.twilio_auth_tokens[0],
             settings.twilio_api_base_url,
             status_callback_url(settings),
+            settings.provider_timeout_s,
         ),
     }
 
