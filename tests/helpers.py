@@ -67,7 +67,9 @@ async def post_twilio(
     body = urlencode(form)
     headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "TwilioProxy/1.1"}
     headers["X-Twilio-Signature"] = (
-        signature if signature is not None else sign(token, signed_url or PUBLIC_BASE_URL + path, form)
+        signature
+        if signature is not None
+        else sign(token, signed_url or PUBLIC_BASE_URL + path, form)
     )
     return await client.post(path, content=body, headers=headers)
 
