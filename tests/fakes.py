@@ -741,7 +741,7 @@ class FakeProviders:
     async def wait_for_async(
         self,
         predicate: Callable[[], T],
-        timeout: float = 10.0,  # noqa: ASYNC109 -- mirrors wait_for's signature on purpose
+        timeout: float = 10.0,
         interval: float = 0.01,
     ) -> T:
         """Like wait_for, but yields to the caller's event loop between polls."""

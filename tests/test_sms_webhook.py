@@ -201,7 +201,7 @@ async def test_dev_mode_without_a_token_accepts_unsigned_requests(
         await eventually(lambda: settled(engine))
 
     assert response.status_code == 200
-    inbound, reply = await messages(engine)
+    _inbound, reply = await messages(engine)
     assert reply.status == "not_sent"  # no Twilio credentials: recorded, shown, not sent
 
 
