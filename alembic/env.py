@@ -30,8 +30,7 @@ def run_on(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,
-        render_as_batch=connection.dialect.name
-        == "sqlite",  # SQLite alters via table copies
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters via table copies
         compare_type=True,
         render_item=render_item,
     )
