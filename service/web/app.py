@@ -83,9 +83,12 @@ async def _shutdown(services: Services) -> None:
     await services.writer.stop()
     if services.worker:
         await services.worker.stop()
-    for task in services.tasks:
-        task.cancel()
-    await asyncio.gather(*services.tasks, return_exceptions=True)
+    # The worker's loop ends by itself once stopped; cancel only what overstays.
+    if services.tasks:
+        _, late = await asyncio.wait(services.tasks, timeout=5)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*services.tasks, return_exceptions=True)
     for channel in services.channels.values():
         await channel.close()
     await services.model.close()
