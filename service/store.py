@@ -74,7 +74,7 @@ async def upsert_conversations(
         for key, inbound in first_of.items()
     ]
     table = Conversation.__table__
-    stmt = _insert(connection, table).values(rows)
+    stmt = _insert(connection, table)
     stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
         index_elements=["channel", "remote_address", "local_address"],
         set_={"updated_at": stmt.excluded.updated_at},  # type: ignore[attr-defined]
@@ -86,7 +86,7 @@ async def upsert_conversations(
         table.c.opted_out,
         table.c.paused,
     )
-    result = await connection.execute(stmt)
+    result = await connection.execute(stmt, rows)
     return {(r.channel, r.remote_address, r.local_address): r for r in result}
 
 
@@ -132,11 +132,10 @@ async def insert_new_messages(
     table = Message.__table__
     stmt = (
         _insert(connection, table)
-        .values(rows)
         .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])  # type: ignore[attr-defined]
         .returning(table.c.id, table.c.channel, table.c.provider_message_id)
     )
-    result = await connection.execute(stmt)
+    result = await connection.execute(stmt, rows)
     return {(r.channel, r.provider_message_id): r.id for r in result}
 
 
@@ -188,7 +187,7 @@ async def record_inbound(
             .values(status=InboundState.NOT_ANSWERED.value)
         )
     if jobs:
-        await connection.execute(_insert(connection, ReplyJob.__table__).values(jobs))
+        await connection.execute(_insert(connection, ReplyJob.__table__), jobs)
     enqueued = {job["message_id"] for job in jobs}
     results = []
     for inbound in inbounds:

@@ -10,7 +10,6 @@ import logging
 import time
 from urllib.parse import parse_qsl
 
-from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -43,7 +42,7 @@ def signed_url(request: Request, settings: Settings) -> str:
     return f"{settings.public_base_url}{request.url.path}{query}"
 
 
-async def _twilio_form(request: Request, started: float) -> FormData | Response:
+async def _twilio_form(request: Request, started: float) -> dict[str, str] | Response:
     """The signed form of a Twilio request, or the refusal to send instead."""
     settings: Settings = request.app.state.services.settings
     path = request.url.path
@@ -60,10 +59,7 @@ async def _twilio_form(request: Request, started: float) -> FormData | Response:
         return _refuse(400, f"expected {FORM_TYPE}", started, path)
     try:
         raw = await read_body(request, sms.MAX_WEBHOOK_BYTES)
-        pairs: list[tuple[str, str | UploadFile]] = list(
-            parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
-        )
-        form = FormData(pairs)
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
     except BodyTooLarge:
         return _refuse(413, "request body over 64 KiB", started, path)
     except UnicodeDecodeError:
@@ -71,12 +67,12 @@ async def _twilio_form(request: Request, started: float) -> FormData | Response:
     if tokens and not sms.signature_is_valid(
         tokens,
         signed_url(request, settings),
-        form,
+        pairs,
         request.headers.get("x-twilio-signature"),
         request.headers.get("x-twilio-webhooks-signature-settings"),
     ):
         return _refuse(403, "bad or missing X-Twilio-Signature", started, path)
-    return form
+    return dict(pairs)
 
 
 async def twilio_sms(request: Request) -> Response:
