@@ -103,7 +103,7 @@ def run_wrk(port: int, requests: Path, seconds: int, connections: int) -> tuple[
             "--",
             str(requests),
             "1",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -166,8 +166,9 @@ def main() -> None:
             messages, distinct, jobs = asyncio.run(stored_counts(url))
             accepted = results[name][1] - results[name][2] + warm_done - warm_bad
             print(
-                f"parley stored {messages} messages ({distinct} distinct) and {jobs} jobs; wrk saw"
-                f" {accepted} answered 200 (requests in flight when wrk stops are stored, not counted)"
+                f"parley stored {messages} messages ({distinct} distinct) and {jobs} jobs;"
+                f" wrk saw {accepted} answered 200 (requests in flight when wrk stops"
+                " are stored, not counted)"
             )
     baseline = max(results["one_insert"][0], results["one_insert_plain"][0])
     print(
