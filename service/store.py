@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service.conversation import summary_of
 from service.db import utcnow
 from service.models import Conversation, Message, ReplyJob, new_conversation_url
+from service.notify import notify_jobs
 from service.types import DELIVERY_RANK, Delivery, Inbound, InboundState, Intent, Sender
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ async def record_inbound(
         )
     if jobs:
         await connection.execute(_insert(connection, ReplyJob.__table__), jobs)
+        await notify_jobs(connection)
     enqueued = {job["message_id"] for job in jobs}
     results = []
     for inbound in inbounds:

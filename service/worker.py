@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.assistant import Model
 from service.channels.base import ChannelClient
 from service.jobs import Claim, JobQueue
+from service.notify import listen_for_jobs
 from service.replies import GiveUp, ReplyFlow, RetryLater
 from service.settings import Settings
 from service.types import Channel
@@ -64,6 +65,9 @@ class Worker:
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(), name="parley-lease-heartbeat")
+        listener = asyncio.create_task(
+            listen_for_jobs(self._settings.database_url, self.wake), name="parley-listen"
+        )
         log.info(
             "reply worker %s started (concurrency %d)",
             self.queue.owner,
@@ -78,7 +82,8 @@ class Worker:
                 await self._sleep()
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            listener.cancel()
+            await asyncio.gather(heartbeat, listener, return_exceptions=True)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming; let running jobs finish for `grace_s`; give the rest back."""
