@@ -58,6 +58,15 @@ class GiveUp(Exception):
     """A definite refusal: trying again cannot help."""
 
 
+class Withheld(Exception):
+    """The conversation no longer allows this reply (opted out, or paused for the model's)."""
+
+    def __init__(self, reason: str, *, model_only: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.model_only = model_only
+
+
 class ReplyFlow:
     def __init__(
         self,
@@ -82,8 +91,8 @@ class ReplyFlow:
         if conversation.opted_out:
             await self._drop_opted_out(claim)
             return "opted_out"
-        if not await self._send_unsent(conversation):
-            return "opted_out"
+        if stopped := await self._send_unsent(conversation):
+            return stopped
         waiting = await self._waiting(claim)
         if not waiting:
             return "sent"
@@ -91,9 +100,7 @@ class ReplyFlow:
             await self._mark(waiting, InboundState.NOT_ANSWERED)
             return "paused"
         outcome = await self._answer(conversation, waiting)
-        if not await self._send_unsent(conversation):
-            return "opted_out"
-        return outcome
+        return await self._send_unsent(conversation) or outcome
 
     async def _answer(self, conversation: Conversation, waiting: list[Message]) -> str:
         helps = [m for m in waiting if m.intent == Intent.HELP.value]
@@ -148,9 +155,11 @@ class ReplyFlow:
             )
             return list(result)
 
-    async def _history(self, conversation_id: int, before_id: int) -> list[Turn]:
+    async def _history(self, conversation_id: int, new_ids: Sequence[int]) -> list[Turn]:
         """Earlier turns, newest `ASSISTANT_HISTORY_MESSAGES` of them: the user's messages (not
-        keywords) and the replies written by the model or an operator; parts joined."""
+        keywords) and the replies written by the model or an operator; parts joined. A reply
+        stored after a new message arrived (a burst) is still history, so it counts by id but
+        the new messages themselves do not."""
         limit = self._settings.assistant_history_messages
         if limit == 0:
             return []
@@ -160,11 +169,12 @@ class ReplyFlow:
                     select(Message.sender, Message.body, Message.reply_to_id)
                     .where(
                         Message.conversation_id == conversation_id,
-                        Message.id < before_id,
+                        Message.id.not_in(new_ids),
                         or_(
                             and_(
                                 Message.sender == Sender.USER.value,
                                 Message.intent == Intent.MESSAGE.value,
+                                Message.id < max(new_ids),
                             ),
                             and_(
                                 Message.sender == Sender.ASSISTANT.value,
@@ -209,7 +219,7 @@ class ReplyFlow:
     async def _ask_model(
         self, conversation: Conversation, questions: Sequence[Message]
     ) -> tuple[Completion, int]:
-        history = await self._history(conversation.id, questions[0].id)
+        history = await self._history(conversation.id, [m.id for m in questions])
         prompt = build_prompt(
             self._settings.assistant_system_prompt,
             Channel(conversation.channel),
@@ -323,9 +333,9 @@ class ReplyFlow:
 
     # ------------------------------------------------------------ sending
 
-    async def _send_unsent(self, conversation: Conversation) -> bool:
-        """Send every unsent part of the conversation in order. False if the recipient turned
-        out to have opted out (the conversation is then marked so)."""
+    async def _send_unsent(self, conversation: Conversation) -> str | None:
+        """Send every unsent part of the conversation in order. Returns why it stopped early
+        ("opted_out", "withheld"), or None once all went out."""
         async with self._sessions() as session:
             parts = list(
                 await session.scalars(
@@ -343,8 +353,11 @@ class ReplyFlow:
                 await self._send_part(conversation, part)
             except RecipientOptedOut as exc:
                 await self._opted_out_by_provider(conversation, part, str(exc))
-                return False
-        return True
+                return "opted_out"
+            except Withheld as withheld:
+                await self._withhold(conversation.id, withheld.reason, withheld.model_only)
+                return "withheld"
+        return None
 
     async def _send_part(self, conversation: Conversation, part: Message) -> None:
         channel = self._channels[Channel(conversation.channel)]
@@ -368,7 +381,8 @@ class ReplyFlow:
         if part.status == Delivery.SENDING.value and part.attempted_at is not None:
             if await self._already_sent(channel, outbound, part):
                 return
-        elif not await self._start_sending(part.id):
+        elif not await self._start_sending(part):
+            await self._why_not_sendable(part)
             return  # another process holds this part
         try:
             result = await channel.send(outbound)
@@ -387,16 +401,31 @@ class ReplyFlow:
         """A part left in `sending` may have gone out: ask the provider before sending again."""
         assert part.attempted_at is not None
         try:
-            sid = await channel.find_sent(outbound, part.attempted_at)
+            candidates = await channel.find_sent(outbound, part.attempted_at)
         except LookupUnsupported:
             return False
         except Exception as exc:
             raise RetryLater(f"could not check whether reply {part.id} went out: {exc}") from exc
+        sid = await self._first_unrecorded(part.channel, candidates)
         if sid is None:
             return False
         log.info("reply %s had gone out before (%s): not sending it again", part.id, sid)
         await self._set_status(part.id, Delivery.QUEUED, provider_message_id=sid)
         return True
+
+    async def _first_unrecorded(self, channel: str, candidates: Sequence[str]) -> str | None:
+        """The oldest candidate no stored message claims: an identical earlier reply is not ours."""
+        if not candidates:
+            return None
+        async with self._sessions() as session:
+            known = set(
+                await session.scalars(
+                    select(Message.provider_message_id).where(
+                        Message.channel == channel, Message.provider_message_id.in_(candidates)
+                    )
+                )
+            )
+        return next((sid for sid in candidates if sid not in known), None)
 
     async def _after_send_error(self, part: Message, exc: SendError) -> None:
         if exc.retryable:
@@ -407,11 +436,22 @@ class ReplyFlow:
             await _fail_unsent(session, part.conversation_id, str(exc))
         raise GiveUp(str(exc)) from exc
 
-    async def _start_sending(self, message_id: int) -> bool:
+    async def _start_sending(self, part: Message) -> bool:
+        """`pending -> sending`, only while the person has not opted out and, for the model's
+        replies, the conversation is not paused: both may change during a model call."""
+        sendable = select(Conversation.id).where(
+            Conversation.id == part.conversation_id, Conversation.opted_out.is_(False)
+        )
+        if part.author == Author.MODEL.value:
+            sendable = sendable.where(Conversation.paused.is_(False))
         async with self._sessions.begin() as session:
             result = await session.execute(
                 update(Message)
-                .where(Message.id == message_id, Message.status == Delivery.PENDING.value)
+                .where(
+                    Message.id == part.id,
+                    Message.status == Delivery.PENDING.value,
+                    Message.conversation_id.in_(sendable),
+                )
                 .values(
                     status=Delivery.SENDING.value,
                     attempted_at=utcnow(),
@@ -419,6 +459,19 @@ class ReplyFlow:
                 )
             )
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _why_not_sendable(self, part: Message) -> None:
+        """After a lost compare-and-set: raise `Withheld` if the conversation forbids sending."""
+        conversation = await self._conversation(part.conversation_id)
+        if conversation is None or conversation.opted_out:
+            raise Withheld("recipient opted out", model_only=False)
+        if conversation.paused and part.author == Author.MODEL.value:
+            raise Withheld("withheld: the conversation was paused", model_only=True)
+
+    async def _withhold(self, conversation_id: int, reason: str, model_only: bool) -> None:
+        log.info("conversation %s: unsent replies withheld (%s)", conversation_id, reason)
+        async with self._sessions.begin() as session:
+            await _fail_unsent(session, conversation_id, reason, model_only=model_only)
 
     async def _set_status(
         self, message_id: int, status: Delivery, provider_message_id: str | None = None
@@ -442,15 +495,18 @@ class ReplyFlow:
             await _fail_unsent(session, conversation.id, error)
 
 
-async def _fail_unsent(session: AsyncSession, conversation_id: int, error: str) -> None:
+async def _fail_unsent(
+    session: AsyncSession, conversation_id: int, error: str, *, model_only: bool = False
+) -> None:
+    query = update(Message).where(
+        Message.conversation_id == conversation_id,
+        Message.sender == Sender.ASSISTANT.value,
+        Message.status.in_(UNSENT),
+    )
+    if model_only:
+        query = query.where(Message.author == Author.MODEL.value)
     await session.execute(
-        update(Message)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.sender == Sender.ASSISTANT.value,
-            Message.status.in_(UNSENT),
-        )
-        .values(status=Delivery.FAILED.value, error=error, updated_at=utcnow())
+        query.values(status=Delivery.FAILED.value, error=error, updated_at=utcnow())
     )
 
 

@@ -279,13 +279,6 @@ async def test_timeout_before_twilio_accepted_sends_exactly_once(
     assert len(providers.openai_requests) == 1
 
 
-# BUG: service/channels/sms.py TwilioSms.find_sent matches any message with the same To, From
-# and body created up to 2 minutes *before* the attempt, so an earlier identical reply ("Got
-# it!", HELP's text) is taken for the lost one and the new reply is never sent.
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ambiguous-send lookup mistakes an earlier identical reply for the lost one",
-)
 async def test_identical_reply_after_a_hung_send_is_still_sent(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
@@ -386,12 +379,6 @@ async def test_a_burst_while_a_reply_is_pending_is_answered_together_once_in_ord
     assert reply_one.id < reply_burst.id
 
 
-# BUG: service/replies.py ReplyFlow._history takes the turns with `id < first new message`;
-# the answer to "one" was stored after "two" arrived, so the model answering the burst is not
-# shown the answer it already sent ("echo: one") and may repeat it.
-@pytest.mark.xfail(
-    strict=True, reason="BUG: the burst's prompt lacks the reply already sent before it"
-)
 async def test_the_burst_prompt_includes_the_reply_already_sent(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
@@ -541,10 +528,6 @@ async def test_every_opt_out_keyword_in_any_case_and_punctuation_opts_out(
     assert [user_turns(r)[-1] for r in providers.openai_requests] == ["stop please"]
 
 
-# BUG: service/replies.py ReplyFlow.run reads `conversation.opted_out` once, before the model
-# call; a STOP that arrives while the reply is being written does not stop `_send_unsent`,
-# so the texter gets an SMS after STOP.
-@pytest.mark.xfail(strict=True, reason="BUG: a reply in progress is still sent after STOP")
 async def test_stop_while_a_reply_is_being_written_silences_it(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:

@@ -24,8 +24,9 @@ class ChannelClient(Protocol):
         """Hand one message to the provider; raises `SendError` (or a subclass)."""
         ...
 
-    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> str | None:
-        """The provider's id of this message if it was accepted since `since`, else None.
+    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
+        """Provider ids of messages like this one accepted since about `since`, oldest first
+        (an earlier identical reply may be among them: the caller skips the ids it knows).
 
         Raises `LookupUnsupported` where the provider offers no way to tell."""
         ...

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MAX_WEBHOOK_BYTES = 64 * 1024
 REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")
 UNSUBSCRIBED_RECIPIENT = 21610
+CLOCK_SKEW = dt.timedelta(minutes=2)  # between our clock and Twilio's
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 
 # Twilio's MessageStatus values, mapped onto Parley's forward-only delivery states.
@@ -218,21 +219,22 @@ class TwilioSms:
             ) from exc
         return SendResult(message.sid, _STATUS.get(str(message.status), Delivery.QUEUED))
 
-    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> str | None:
-        """Look in Twilio's message list for the same To, From and body, created since `since`.
+    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
+        """Twilio's message list: same To, From and body, created since `since`, oldest first.
 
         `DateSent` is unset while a message is queued, so filter on creation time here."""
         assert self._client is not None
-        cutoff = since - dt.timedelta(minutes=2)  # clock skew between us and Twilio
+        cutoff = since - CLOCK_SKEW
         async with asyncio.timeout(self._timeout_s):
             recent = await self._client.messages.list_async(
                 to=outbound.to, from_=outbound.from_, limit=50
             )
-        for message in recent:
-            created = message.date_created
-            if message.body == outbound.body and (created is None or created >= cutoff):
-                return str(message.sid)
-        return None
+        return [
+            str(message.sid)
+            for message in reversed(recent)
+            if message.body == outbound.body
+            and (message.date_created is None or message.date_created >= cutoff)
+        ]
 
     def reply_envelope(
         self, subject: str | None, headers: dict[str, str]
