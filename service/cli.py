@@ -59,6 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
+    # handler in place the re-raised SIGTERM is a no-op and a clean stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
 

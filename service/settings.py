@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     reply_lease_s: float = Field(30.0, ge=1)  # a dead worker's jobs are taken over after this
     provider_timeout_s: float = Field(15.0, gt=0)  # one send to Twilio or SendGrid
     worker_poll_s: float = Field(1.0, gt=0)  # how often an idle worker looks for due jobs
+    shutdown_grace_s: float = Field(10.0, ge=0)  # running replies may finish this long on stop
     reply_rate_limit: str = "60/hour"
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None

@@ -80,18 +80,20 @@ class Worker:
                 if claimed and len(self._running) < self._settings.worker_concurrency:
                     continue  # there may be more due work
                 await self._sleep()
+            # Leases stay renewed while `stop()` lets running jobs finish.
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
         finally:
             heartbeat.cancel()
             listener.cancel()
             await asyncio.gather(heartbeat, listener, return_exceptions=True)
 
-    async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop claiming; let running jobs finish for `grace_s`; give the rest back."""
+    async def stop(self) -> None:
+        """Stop claiming; let running jobs finish for `SHUTDOWN_GRACE_S`; give the rest back."""
         self._stopping.set()
         self._wake.set()
         running = list(self._running.values())
         if running:
-            _, late = await asyncio.wait(running, timeout=grace_s)
+            _, late = await asyncio.wait(running, timeout=self._settings.shutdown_grace_s)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)

@@ -31,9 +31,9 @@ from tests.helpers import eventually, jobs, messages, post_twilio, settled, twil
 ROOT = Path(__file__).resolve().parents[1]
 LEASE_S = 1.0  # REPLY_LEASE_S: how long a killed process's job stays claimed
 START_TIMEOUT_S = 30.0
-# `Worker.stop()`'s grace for running jobs (not configurable yet); SIGTERM must end the process
+# SHUTDOWN_GRACE_S: how long running replies may finish on SIGTERM; the process must end
 # within it plus a margin for uvicorn's own shutdown.
-SHUTDOWN_GRACE_S = 10.0
+SHUTDOWN_GRACE_S = 2.0
 
 
 def _free_port() -> int:
@@ -130,6 +130,7 @@ async def start(
         "REPLY_RETRY_BASE_S": "0.1",
         "REPLY_LEASE_S": str(LEASE_S),
         "WORKER_POLL_S": "0.1",
+        "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
         "LOG_LEVEL": "INFO",
     }
 
@@ -287,10 +288,6 @@ async def test_sigterm_gives_a_reply_longer_than_the_grace_to_the_next_process(
     assert time.monotonic() - started < START_TIMEOUT_S
 
 
-# BUG: service/cli.py cmd_serve runs `uvicorn.Server(config).run()`; uvicorn (0.29+) re-raises
-# the captured SIGTERM once it has shut down cleanly, so the process dies *by* SIGTERM (exit
-# status -15 / 143) instead of exiting 0, and supervisors report a crash for every stop.
-@pytest.mark.xfail(strict=True, reason="BUG: parley serve exits by signal, not 0, on SIGTERM")
 async def test_sigterm_exits_promptly_with_status_0(
     start: Callable[..., Any], database_url: str
 ) -> None:
@@ -304,19 +301,12 @@ async def test_sigterm_exits_promptly_with_status_0(
     assert code == 0
 
 
-# BUG: service/worker.py Worker.run cancels the lease heartbeat as soon as `stop()` sets
-# `_stopping`, while `stop()` lets running jobs go on for up to 10 s: with REPLY_LEASE_S
-# shorter than that, another worker takes over a job that is still running (a rolling deploy),
-# and the texter gets the reply twice.
-@pytest.mark.xfail(
-    strict=True, reason="BUG: leases are not renewed while running jobs finish at shutdown"
-)
 async def test_a_job_finishing_during_shutdown_is_not_taken_over_by_another_worker(
     start: Callable[..., Any], engine: AsyncEngine, providers: FakeProviders, database_url: str
 ) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("several serving processes on one database: PostgreSQL only")
-    providers.openai_delay = 2.5  # longer than the lease, shorter than the shutdown grace
+    providers.openai_delay = 1.6  # longer than the lease, shorter than the shutdown grace
     a, b = await asyncio.gather(start(), start())
     await a.text("Hello there")
     await providers.wait_for_async(lambda: providers.openai_requests, timeout=10)
