@@ -164,6 +164,20 @@ class AssistantCall(Base):
     conversation: Mapped[Conversation] = relationship(back_populates="assistant_calls")
 
 
+class DeliveryReport(Base):
+    """A provider's status callback for a message id not stored yet: callbacks can beat the
+    send's own answer. Applied, then deleted, when the send is recorded."""
+
+    __tablename__ = "delivery_report"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    provider_message_id: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class ReplyJob(Base):
     """Pending work for one message: the only truth about what the worker still owes."""
 

@@ -30,6 +30,7 @@ from service.db import session_factory, utcnow
 from service.jobs import Claim
 from service.models import AssistantCall, Conversation, Message
 from service.settings import Settings
+from service.store import record_sent
 from service.types import (
     Author,
     Channel,
@@ -391,9 +392,10 @@ class ReplyFlow:
         except SendError as exc:
             await self._after_send_error(part, exc)
             raise AssertionError("unreachable") from exc
-        await self._set_status(
-            part.id, result.status, provider_message_id=result.provider_message_id
-        )
+        if result.provider_message_id:
+            await self._record_sent(part, result.provider_message_id, result.status)
+        else:
+            await self._set_status(part.id, result.status)
 
     async def _already_sent(
         self, channel: ChannelClient, outbound: Outbound, part: Message
@@ -410,7 +412,7 @@ class ReplyFlow:
         if sid is None:
             return False
         log.info("reply %s had gone out before (%s): not sending it again", part.id, sid)
-        await self._set_status(part.id, Delivery.QUEUED, provider_message_id=sid)
+        await self._record_sent(part, sid, Delivery.QUEUED)
         return True
 
     async def _first_unrecorded(self, channel: str, candidates: Sequence[str]) -> str | None:
@@ -473,14 +475,17 @@ class ReplyFlow:
         async with self._sessions.begin() as session:
             await _fail_unsent(session, conversation_id, reason, model_only=model_only)
 
-    async def _set_status(
-        self, message_id: int, status: Delivery, provider_message_id: str | None = None
-    ) -> None:
-        values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
-        if provider_message_id:
-            values["provider_message_id"] = provider_message_id
+    async def _set_status(self, message_id: int, status: Delivery) -> None:
         async with self._sessions.begin() as session:
-            await session.execute(update(Message).where(Message.id == message_id).values(**values))
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(status=status.value, updated_at=utcnow())
+            )
+
+    async def _record_sent(self, part: Message, provider_message_id: str, status: Delivery) -> None:
+        async with self._sessions.begin() as session:
+            await record_sent(session, part.id, part.channel, provider_message_id, status)
 
     async def _opted_out_by_provider(
         self, conversation: Conversation, part: Message, error: str

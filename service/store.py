@@ -9,24 +9,32 @@ commits at once. Every request gets its 2xx only after its rows are durable.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, and_, update
+from sqlalchemy import Insert, and_, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.conversation import summary_of
 from service.db import utcnow
-from service.models import Conversation, Message, ReplyJob, new_conversation_url
+from service.models import (
+    Conversation,
+    DeliveryReport,
+    Message,
+    ReplyJob,
+    new_conversation_url,
+)
 from service.notify import notify_jobs
 from service.types import DELIVERY_RANK, Delivery, Inbound, InboundState, Intent, Sender
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
+REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is someone else's
 ConversationKey = tuple[str, str, str]
 
 
@@ -245,7 +253,73 @@ async def update_delivery(
             )
             .values(**values)
         )
-    return bool(result.rowcount)
+        if result.rowcount:
+            return True
+        known = await connection.scalar(
+            select(Message.id).where(
+                Message.channel == channel, Message.provider_message_id == provider_message_id
+            )
+        )
+        if known is None:  # the callback beat the send's own answer: keep it for then
+            await _keep_report(connection, channel, provider_message_id, status, error)
+    return False
+
+
+async def _keep_report(
+    connection: AsyncConnection,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> None:
+    now = utcnow()
+    await connection.execute(
+        delete(DeliveryReport).where(DeliveryReport.created_at < now - REPORT_TTL)
+    )
+    await connection.execute(
+        _insert(connection, DeliveryReport.__table__),
+        [
+            {
+                "created_at": now,
+                "channel": channel,
+                "provider_message_id": provider_message_id,
+                "status": status.value,
+                "error": error,
+            }
+        ],
+    )
+
+
+async def record_sent(
+    session: AsyncSession,
+    message_id: int,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+) -> None:
+    """Store a send's provider id and status, merged with any callback that came first."""
+    reports = list(
+        await session.scalars(
+            select(DeliveryReport).where(
+                DeliveryReport.channel == channel,
+                DeliveryReport.provider_message_id == provider_message_id,
+            )
+        )
+    )
+    error = None
+    for report in reports:
+        reported = Delivery(report.status)
+        if DELIVERY_RANK[reported] > DELIVERY_RANK[status]:
+            status, error = reported, report.error or error
+        await session.delete(report)
+    values: dict[str, Any] = {
+        "status": status.value,
+        "provider_message_id": provider_message_id,
+        "updated_at": utcnow(),
+    }
+    if error:
+        values["error"] = error
+    await session.execute(update(Message).where(Message.id == message_id).values(**values))
 
 
 @dataclass

@@ -600,12 +600,6 @@ async def test_status_callback_for_an_unknown_sid_or_badly_signed_changes_nothin
     assert await messages(engine) == before
 
 
-# BUG: service/store.py update_delivery drops a status callback whose MessageSid is not stored
-# yet (the callback raced the send's answer), and the worker then records "queued": the reply
-# shows "queued" forever although Twilio said "delivered".
-@pytest.mark.xfail(
-    strict=True, reason="BUG: a status callback that beats the send's answer is lost"
-)
 async def test_status_callback_that_arrives_before_the_send_is_recorded_is_kept(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
