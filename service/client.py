@@ -23,7 +23,7 @@ import httpx
 from sqlalchemy import select
 from tqdm import tqdm
 
-from service.channels import sms
+from service.channels import email, sms
 from service.db import create_engine, session_factory
 from service.models import Message
 from service.settings import Settings, SettingsError, load_settings
@@ -40,6 +40,14 @@ def add_commands(commands: Any) -> None:
     text.add_argument("--to", default="+15559990000")
     text.add_argument("--url", default=DEFAULT_URL)
     text.set_defaults(func=cmd_sms)
+
+    mail = commands.add_parser("email", help="email a running server as SendGrid would")
+    mail.add_argument("text")
+    mail.add_argument("--from", dest="from_", default="you@example.com")
+    mail.add_argument("--to", default="assistant@example.com")
+    mail.add_argument("--subject", default="Hello")
+    mail.add_argument("--url", default=DEFAULT_URL)
+    mail.set_defaults(func=cmd_email)
 
     replay = commands.add_parser("replay", help="replay recorded webhook files against a server")
     replay.add_argument("files", nargs="+", type=Path)
@@ -86,21 +94,46 @@ async def _text_once(settings: Settings, args: argparse.Namespace, text: str) ->
     if settings.twilio_auth_tokens:
         signed_url = (settings.public_base_url or args.url.rstrip("/")) + path
         headers["X-Twilio-Signature"] = sms.sign(settings.twilio_auth_tokens[0], signed_url, form)
+    request = httpx.Request(
+        "POST", args.url.rstrip("/") + path, content=urlencode(form), headers=headers
+    )
+    return await _deliver_and_wait(settings, request, "sms", sid)
+
+
+def cmd_email(args: argparse.Namespace) -> int:
+    return asyncio.run(_email_once(_settings(), args))
+
+
+async def _email_once(settings: Settings, args: argparse.Namespace) -> int:
+    message_id = f"<cli-{secrets.token_hex(8)}@{args.from_.rpartition('@')[2] or 'localhost'}>"
+    fields = email.inbound_parse_fields(args.text, args.from_, args.to, args.subject, message_id)
+    headers = {"User-Agent": "Sendlib/1.0"}
+    if settings.sendgrid_inbound_user and settings.sendgrid_inbound_password:
+        pair = f"{settings.sendgrid_inbound_user}:{settings.sendgrid_inbound_password}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    request = httpx.Request(
+        "POST",
+        args.url.rstrip("/") + "/webhooks/sendgrid/inbound",
+        files={name: (None, value) for name, value in fields.items()},
+        headers=headers,
+    )
+    return await _deliver_and_wait(settings, request, "email", message_id)
+
+
+async def _deliver_and_wait(
+    settings: Settings, request: httpx.Request, channel: str, provider_message_id: str
+) -> int:
+    """Send the webhook, then print the reply once the server has produced it."""
     async with httpx.AsyncClient(timeout=30) as http:
         try:
-            response = await http.post(
-                args.url.rstrip("/") + path, content=urlencode(form), headers=headers
-            )
+            response = await http.send(request)
         except httpx.HTTPError as exc:
-            print(f"could not reach {args.url}: {exc}", file=sys.stderr)
+            print(f"could not reach {request.url}: {exc}", file=sys.stderr)
             return 1
-    if response.status_code != 200:
-        print(
-            f"server answered {response.status_code}: {response.text.strip()}",
-            file=sys.stderr,
-        )
+    if not response.is_success:
+        print(f"server answered {response.status_code}: {response.text.strip()}", file=sys.stderr)
         return 1
-    reply = await wait_for_reply(settings, "sms", sid)
+    reply = await wait_for_reply(settings, channel, provider_message_id)
     print(f"parley> {reply}" if reply else "(no reply yet; see the server's log)")
     return 0
 
@@ -155,6 +188,8 @@ async def _reply_text(session: Any, channel: str, provider_message_id: str) -> s
         return None
     first = parts[0].reply_to_id
     text = "\n".join(p.body for p in parts if p.reply_to_id == first)
+    if parts[0].subject:
+        text = f"[{parts[0].subject}] {text}"
     status = parts[0].status
     return text + (
         "  [not sent: no provider credentials]" if status == Delivery.NOT_SENT.value else ""

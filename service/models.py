@@ -77,7 +77,7 @@ class Conversation(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     channel: Mapped[str] = mapped_column(String(16))
     remote_address: Mapped[str] = mapped_column(String(320), index=True)
-    local_address: Mapped[str] = mapped_column(String(320))
+    local_address: Mapped[str] = mapped_column(String(320), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(
         UTCDateTime, default=utcnow, onupdate=utcnow, index=True

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service import metrics
 from service.assistant import Completion, Model, ModelError
 from service.channels.base import ChannelClient, LookupUnsupported
 from service.conversation import HELP_TEXT, build_prompt, shape_reply
@@ -100,6 +102,9 @@ class ReplyFlow:
         if conversation.paused:
             await self._mark(waiting, InboundState.NOT_ANSWERED)
             return "paused"
+        if await self._is_own_address(conversation.remote_address):
+            await self._mark(waiting, InboundState.NOT_ANSWERED)
+            return "own_address"  # answering ourselves is a loop
         outcome = await self._answer(conversation, waiting)
         return await self._send_unsent(conversation) or outcome
 
@@ -116,6 +121,7 @@ class ReplyFlow:
                 await self._store_reply(conversation, helps, HELP_TEXT, Author.FIXED)
             elif await self._over_rate_limit(conversation):
                 await self._mark(questions, InboundState.RATE_LIMITED)
+                metrics.count_replies("rate_limited", len(questions))
                 outcome = "rate_limited"
             else:
                 completion, call_id = await self._ask_model(conversation, questions)
@@ -127,7 +133,7 @@ class ReplyFlow:
     async def give_up(self, claim: Claim, error: str) -> None:
         """After the last try: the waiting messages and anything unsent are marked failed."""
         async with self._sessions.begin() as session:
-            await session.execute(
+            unanswered = await session.execute(
                 update(Message)
                 .where(
                     Message.id.in_(claim.message_ids),
@@ -135,6 +141,7 @@ class ReplyFlow:
                 )
                 .values(status=InboundState.FAILED.value, error=error, updated_at=utcnow())
             )
+            metrics.count_replies("failed", unanswered.rowcount)  # type: ignore[attr-defined]
             await _fail_unsent(session, claim.conversation_id, error)
 
     # ------------------------------------------------------------ reading
@@ -189,6 +196,14 @@ class ReplyFlow:
                 )
             ).all()
         return _join_parts(list(reversed(rows)))[-limit:]
+
+    async def _is_own_address(self, address: str) -> bool:
+        """Whether Parley itself receives at this address (any conversation's local side)."""
+        async with self._sessions() as session:
+            found = await session.scalar(
+                select(Conversation.id).where(Conversation.local_address == address).limit(1)
+            )
+        return found is not None
 
     async def _over_rate_limit(self, conversation: Conversation) -> bool:
         limit = self._settings.rate_limit
@@ -264,6 +279,12 @@ class ReplyFlow:
             total_tokens=completion.total_tokens if completion else None,
             error=str(error) if error else None,
         )
+        metrics.observe_model_call(
+            call.processing_time / 1000,
+            completion is not None,
+            call.prompt_tokens,
+            call.completion_tokens,
+        )
         async with self._sessions.begin() as session:
             session.add(call)
         return call.id
@@ -281,7 +302,9 @@ class ReplyFlow:
         """The reply's parts and the answered messages' new state, in one transaction."""
         channel = self._channels[Channel(conversation.channel)]
         last = answered[-1]
-        subject, headers = channel.reply_envelope(last.subject, _str_headers(last.headers))
+        subject, headers = channel.reply_envelope(
+            last.subject, _str_headers(last.headers), conversation.local_address
+        )
         parts = [
             Message(
                 conversation_id=conversation.id,
@@ -372,6 +395,7 @@ class ReplyFlow:
         )
         if not channel.can_send:
             await self._set_status(part.id, Delivery.NOT_SENT)
+            metrics.count_replies("not_sent")
             log.info(
                 "reply %s in conversation %s not sent: no %s credentials configured",
                 part.id,
@@ -385,13 +409,17 @@ class ReplyFlow:
         elif not await self._start_sending(part):
             await self._why_not_sendable(part)
             return  # another process holds this part
+        sending = time.perf_counter()
         try:
             result = await channel.send(outbound)
-        except RecipientOptedOut:
-            raise
         except SendError as exc:
+            metrics.observe_send(part.channel, time.perf_counter() - sending, exc.retryable)
+            if isinstance(exc, RecipientOptedOut):
+                raise
             await self._after_send_error(part, exc)
             raise AssertionError("unreachable") from exc
+        metrics.observe_send(part.channel, time.perf_counter() - sending)
+        metrics.count_replies("sent")
         if result.provider_message_id:
             await self._record_sent(part, result.provider_message_id, result.status)
         else:
@@ -510,9 +538,10 @@ async def _fail_unsent(
     )
     if model_only:
         query = query.where(Message.author == Author.MODEL.value)
-    await session.execute(
+    failed = await session.execute(
         query.values(status=Delivery.FAILED.value, error=error, updated_at=utcnow())
     )
+    metrics.count_replies("failed", failed.rowcount)  # type: ignore[attr-defined]
 
 
 def _join_parts(rows: Sequence[Any]) -> list[Turn]:

@@ -4,6 +4,7 @@ what Parley stored, and waiting for the worker without fixed sleeps."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import time
@@ -37,7 +38,15 @@ async def replay(client: httpx.AsyncClient, name: str) -> httpx.Response:
     """Send a recorded webhook exactly as recorded (headers, body, signature)."""
     data = recording(name)
     headers = {k: v for k, v in data["headers"].items() if k.lower() != "content-length"}
-    return await client.request(data["method"], data["path"], headers=headers, content=data["body"])
+    return await client.request(
+        data["method"], data["path"], headers=headers, content=recorded_body(data)
+    )
+
+
+def recorded_body(data: dict[str, Any]) -> bytes:
+    if "body_b64" in data:
+        return base64.b64decode(data["body_b64"])
+    return str(data["body"]).encode("utf-8")
 
 
 def twilio_form(name: str = "twilio/sms_hello.json", **fields: str | None) -> dict[str, str]:

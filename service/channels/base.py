@@ -32,10 +32,10 @@ class ChannelClient(Protocol):
         ...
 
     def reply_envelope(
-        self, subject: str | None, headers: dict[str, str]
+        self, subject: str | None, headers: dict[str, str], local_address: str
     ) -> tuple[str | None, dict[str, str]]:
-        """Subject and headers of a reply to a message with this subject and these headers
-        (email threading; nothing for SMS)."""
+        """Subject and headers of a reply, sent from `local_address`, to a message with this
+        subject and these headers (email threading; nothing for SMS)."""
         ...
 
     async def close(self) -> None: ...

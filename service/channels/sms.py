@@ -237,7 +237,7 @@ class TwilioSms:
         ]
 
     def reply_envelope(
-        self, subject: str | None, headers: dict[str, str]
+        self, subject: str | None, headers: dict[str, str], local_address: str
     ) -> tuple[str | None, dict[str, str]]:
         return None, {}
 

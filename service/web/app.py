@@ -11,17 +11,18 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from service.assistant import Model, create_model
 from service.channels.base import ChannelClient
+from service.channels.email import SendGridEmail
 from service.channels.sms import TwilioSms
 from service.db import create_engine
 from service.migrate import upgrade
 from service.settings import Settings
 from service.store import InboundWriter
 from service.types import Channel
-from service.web import health, webhooks
+from service.web import api, health, transcript, webhooks
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ def create_channels(settings: Settings) -> dict[Channel, ChannelClient]:
             settings.twilio_api_base_url,
             status_callback_url(settings),
             settings.provider_timeout_s,
+        ),
+        Channel.EMAIL: SendGridEmail(
+            settings.sendgrid_api_key, settings.sendgrid_api_base_url, settings.provider_timeout_s
         ),
     }
 
@@ -99,8 +103,12 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/healthz", health.healthz, methods=["GET"]),
+            Route("/metrics", health.metrics, methods=["GET"]),
+            Route("/c/{conversation_url}", transcript.page, methods=["GET"]),
+            Mount("/api", app=api.create_api()),
             Route("/webhooks/twilio/sms", webhooks.twilio_sms, methods=["POST"]),
             Route("/webhooks/twilio/status", webhooks.twilio_status, methods=["POST"]),
+            Route("/webhooks/sendgrid/inbound", webhooks.sendgrid_inbound, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

@@ -13,9 +13,11 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.channels import sms
+from service import metrics
+from service.channels import email, sms
 from service.settings import Settings
-from service.store import update_delivery
+from service.store import Recorded, update_delivery
+from service.types import Inbound
 from service.web.limits import BodyTooLarge, read_body
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 def _refuse(status: int, reason: str, started: float, path: str) -> Response:
+    metrics.count_webhook(path, metrics.refusal_result(status))
     log.warning(
         "webhook %s refused: %s status=%d duration_ms=%d",
         path,
@@ -32,6 +35,13 @@ def _refuse(status: int, reason: str, started: float, path: str) -> Response:
         (time.perf_counter() - started) * 1000,
     )
     return Response(reason + "\n", status_code=status, media_type="text/plain")
+
+
+def _outcome(recorded: Recorded, inbound: Inbound) -> str:
+    metrics.count_inbound(inbound.channel.value, recorded.duplicate, recorded.enqueued)
+    if recorded.duplicate:
+        return "duplicate"
+    return "enqueued" if recorded.enqueued else f"stored ({inbound.intent})"
 
 
 def signed_url(request: Request, settings: Settings) -> str:
@@ -89,7 +99,7 @@ async def twilio_sms(request: Request) -> Response:
         "webhook sms conversation=%s message=%s outcome=%s duration_ms=%d",
         recorded.conversation_id,
         recorded.message_id or inbound.provider_message_id,
-        "duplicate" if recorded.duplicate else ("enqueued" if recorded.enqueued else "stored"),
+        _outcome(recorded, inbound),
         (time.perf_counter() - started) * 1000,
     )
     return Response(sms.EMPTY_TWIML, media_type="text/xml")
@@ -111,10 +121,56 @@ async def twilio_status(request: Request) -> Response:
         update.status,
         update.error,
     )
+    metrics.count_webhook(request.url.path, "applied" if moved else "ignored")
     log.info(
-        "webhook status sid=%s status=%s applied=%s",
+        "webhook status sid=%s status=%s applied=%s duration_ms=%d",
         update.provider_message_id,
         update.status,
         moved,
+        (time.perf_counter() - started) * 1000,
     )
     return Response(status_code=204)
+
+
+def _email_credentials_refusal(request: Request, started: float) -> Response | None:
+    settings: Settings = request.app.state.services.settings
+    user, password = settings.sendgrid_inbound_user, settings.sendgrid_inbound_password
+    if not user or not password:
+        if settings.parley_dev:
+            return None
+        reason = "SENDGRID_INBOUND_USER and SENDGRID_INBOUND_PASSWORD are not set: refusing traffic"
+    elif email.credentials_match(request.headers.get("authorization"), user, password):
+        return None
+    else:
+        reason = "bad or missing credentials"
+    response = _refuse(401, reason, started, request.url.path)
+    response.headers["WWW-Authenticate"] = 'Basic realm="parley inbound parse"'
+    return response
+
+
+async def sendgrid_inbound(request: Request) -> Response:
+    """Inbound Parse. Never a redirect, and 2xx only once stored: SendGrid retries 5xx."""
+    started = time.perf_counter()
+    refusal = _email_credentials_refusal(request, started)
+    if refusal is not None:
+        return refusal
+    settings: Settings = request.app.state.services.settings
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        return _refuse(400, "expected multipart/form-data", started, request.url.path)
+    try:
+        raw = await read_body(request, settings.max_email_bytes)
+        inbound = email.inbound_from_parts(email.parse_multipart(raw, content_type))
+    except BodyTooLarge:
+        return _refuse(413, "email over MAX_EMAIL_BYTES", started, request.url.path)
+    except email.InvalidInbound as exc:
+        return _refuse(400, str(exc), started, request.url.path)
+    recorded = await request.app.state.services.writer.record(inbound)
+    log.info(
+        "webhook email conversation=%s message=%s outcome=%s duration_ms=%d",
+        recorded.conversation_id,
+        recorded.message_id or "-",
+        _outcome(recorded, inbound),
+        (time.perf_counter() - started) * 1000,
+    )
+    return Response("ok\n", media_type="text/plain")

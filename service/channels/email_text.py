@@ -1,0 +1,29 @@
+"""From an email body to the text the model should see, through maintained libraries:
+inscriptis renders HTML as readable text (layout-aware, entities decoded, no CSS or scripts),
+mail-parser-reply cuts the quoted history, client headers ("On … wrote:", Outlook's
+From/Sent block) and signatures ("-- ", "Sent from my iPhone") in several languages."""
+
+from __future__ import annotations
+
+import re
+
+from inscriptis import get_text
+from inscriptis.model.config import ParserConfig
+from mailparser_reply import EmailReplyParser
+
+REPLY_LANGUAGES = ["en", "fr", "de", "es", "it", "nl", "pt", "sv"]
+_parser = EmailReplyParser(languages=REPLY_LANGUAGES)
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_HTML_CONFIG = ParserConfig(display_links=True)  # a link's target matters to the question
+
+
+def html_to_text(html: str) -> str:
+    return _BLANK_RUNS.sub("\n\n", get_text(html, _HTML_CONFIG)).strip()
+
+
+def latest_reply(text: str) -> str:
+    """The newest part of a message: no quoted history, no signature."""
+    text = text.replace("\r\n", "\n").replace("\ufeff", "")
+    replies = _parser.read(text=text).replies
+    latest = replies[0].body.strip() if replies else ""
+    return latest or text.strip()
