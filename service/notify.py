@@ -12,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -37,6 +36,8 @@ async def listen_for_jobs(database_url: str, wake: Callable[[], None]) -> None:
     """Call `wake` on every notification until cancelled; no-op on other databases."""
     if make_url(database_url).get_backend_name() != "postgresql":
         return
+    import asyncpg  # PostgreSQL only
+
     while True:
         try:
             connection = await asyncpg.connect(_asyncpg_dsn(database_url))

@@ -7,7 +7,6 @@ Everything SendGrid- and MIME-specific lives here and in `email_text`; the rest 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -19,24 +18,23 @@ import json
 import logging
 import re
 import secrets
-import socket
-import urllib.error
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses, parseaddr
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from python_http_client.exceptions import HTTPError
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
-from sendgrid import SendGridAPIClient
-from sendgrid.helpers.mail import Header, Mail
 
 from service.channels.base import LookupUnsupported
 from service.channels.email_text import html_to_text, latest_reply
-from service.types import Channel, Delivery, Inbound, Intent, Outbound, SendError, SendResult
+
+if TYPE_CHECKING:
+    from service.channels.sendgrid_rest import SendGridRest
+
+from service.types import Channel, Inbound, Intent, Outbound, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -327,20 +325,21 @@ def text_to_html(text: str) -> str:
 
 
 class SendGridEmail:
-    """Sends through the sendgrid SDK (synchronous) in a worker thread."""
+    """The email channel. Sending goes through `sendgrid_rest`, imported only when an API key
+    is configured (the SDK is a large part of an idle process otherwise)."""
 
     channel = Channel.EMAIL
 
     def __init__(self, api_key: str | None, api_base_url: str, timeout_s: float = 15.0) -> None:
-        self._client: SendGridAPIClient | None = None
-        self._timeout_s = timeout_s
+        self._rest: SendGridRest | None = None
         if api_key:
-            self._client = SendGridAPIClient(api_key, host=api_base_url.rstrip("/"))
-            self._client.client.timeout = timeout_s
+            from service.channels.sendgrid_rest import SendGridRest
+
+            self._rest = SendGridRest(api_key, api_base_url, timeout_s)
 
     @property
     def can_send(self) -> bool:
-        return self._client is not None
+        return self._rest is not None
 
     def reply_envelope(
         self, subject: str | None, headers: dict[str, str], local_address: str
@@ -348,25 +347,8 @@ class SendGridEmail:
         return reply_subject(subject), reply_headers(headers, local_address)
 
     async def send(self, outbound: Outbound) -> SendResult:
-        assert self._client is not None, "send() without credentials"
-        mail = _mail(outbound)
-        try:
-            response = await asyncio.wait_for(
-                asyncio.to_thread(self._client.send, mail), self._timeout_s + 5
-            )
-        except HTTPError as exc:
-            raise _send_error(exc) from exc
-        except TimeoutError as exc:
-            raise SendError(
-                "SendGrid did not answer in time", retryable=True, ambiguous=True
-            ) from exc
-        except urllib.error.URLError as exc:
-            ambiguous = isinstance(exc.reason, (TimeoutError, socket.timeout))
-            raise SendError(
-                f"SendGrid unreachable: {exc.reason}", retryable=True, ambiguous=ambiguous
-            ) from exc
-        message_id = response.headers.get("X-Message-Id") if response.headers else None
-        return SendResult(message_id or outbound.headers.get("Message-ID"), Delivery.QUEUED)
+        assert self._rest is not None, "send() without credentials"
+        return await self._rest.send(outbound)
 
     async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
         """SendGrid offers no cheap look-up; a resend carries the same Message-ID, which mail
@@ -375,35 +357,6 @@ class SendGridEmail:
 
     async def close(self) -> None:
         return None
-
-
-def _mail(outbound: Outbound) -> Mail:
-    mail = Mail(
-        from_email=outbound.from_,
-        to_emails=outbound.to,
-        subject=outbound.subject or "Re: your message",
-        plain_text_content=outbound.body,
-        html_content=text_to_html(outbound.body),
-    )
-    for name, value in outbound.headers.items():
-        mail.add_header(Header(name, value))
-    return mail
-
-
-def _send_error(exc: HTTPError) -> SendError:
-    status = int(getattr(exc, "status_code", 0) or 0)
-    body = getattr(exc, "body", b"")
-    detail = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-    text = f"SendGrid {status}: {detail[:300]}"
-    if status == 429 or status >= 500:
-        headers = getattr(exc, "headers", None) or {}
-        retry_after = headers.get("Retry-After") if hasattr(headers, "get") else None
-        try:
-            delay = float(retry_after) if retry_after else None
-        except ValueError:
-            delay = None
-        return SendError(text, retryable=True, retry_after_s=delay)
-    return SendError(text, retryable=False)
 
 
 # ---------------------------------------------------------------- simulating SendGrid

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import re
 
-from inscriptis import get_text
-from inscriptis.model.config import ParserConfig
 from mailparser_reply import EmailReplyParser
 
 REPLY_LANGUAGES = ["en", "fr", "de", "es", "it", "nl", "pt", "sv"]
 _parser = EmailReplyParser(languages=REPLY_LANGUAGES)
 _BLANK_RUNS = re.compile(r"\n{3,}")
-_HTML_CONFIG = ParserConfig(display_links=True)  # a link's target matters to the question
 
 
 def html_to_text(html: str) -> str:
-    return _BLANK_RUNS.sub("\n\n", get_text(html, _HTML_CONFIG)).strip()
+    # Imported on first use: inscriptis brings lxml, and most mail has a text part.
+    from inscriptis import get_text
+    from inscriptis.model.config import ParserConfig
+
+    text = get_text(html, ParserConfig(display_links=True))  # link targets matter to questions
+    return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
 def latest_reply(text: str) -> str:

@@ -6,31 +6,26 @@ Everything Twilio-specific lives here; the rest of Parley sees `Inbound`, `Outbo
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import datetime as dt
 import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import phonenumbers
-from twilio.base.exceptions import TwilioRestException
-from twilio.http.async_http_client import AsyncTwilioHttpClient
-from twilio.http.response import Response as TwilioResponse
 from twilio.request_validator import RequestValidator, get_signature_algorithm
-from twilio.rest import Client
 
 from service.conversation import classify_sms
+
+if TYPE_CHECKING:
+    from service.channels.twilio_rest import TwilioRest
+
 from service.types import (
     Channel,
     Delivery,
     Inbound,
     Outbound,
-    RecipientOptedOut,
-    SendError,
     SendResult,
 )
 
@@ -43,7 +38,7 @@ CLOCK_SKEW = dt.timedelta(minutes=2)  # between our clock and Twilio's
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 
 # Twilio's MessageStatus values, mapped onto Parley's forward-only delivery states.
-_STATUS = {
+TWILIO_STATUS = {
     "accepted": Delivery.QUEUED,
     "scheduled": Delivery.QUEUED,
     "queued": Delivery.QUEUED,
@@ -136,40 +131,19 @@ class StatusUpdate:
 def parse_status(form: Mapping[str, Any]) -> StatusUpdate:
     sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
     raw = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
-    if not sid or raw not in _STATUS:
+    if not sid or raw not in TWILIO_STATUS:
         raise InvalidWebhook("a status callback needs MessageSid and a known MessageStatus")
     code = form.get("ErrorCode")
     error = f"Twilio error {code}" if code and code != "0" else None
-    return StatusUpdate(sid, _STATUS[raw], error)
+    return StatusUpdate(sid, TWILIO_STATUS[raw], error)
 
 
 # ---------------------------------------------------------------- outbound
 
-# The SDK's exception carries no headers; the HTTP client notes Retry-After for the task that
-# made the request (a context variable, so concurrent sends never see each other's).
-_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "twilio_retry_after", default=None
-)
-
-
-class _RetryAfterHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
-    async def request(self, *args: Any, **kwargs: Any) -> TwilioResponse:
-        response = await super().request(*args, **kwargs)
-        _retry_after.set(
-            _seconds(response.headers.get("Retry-After")) if response.headers else None
-        )
-        return response
-
-
-def _seconds(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
 
 class TwilioSms:
-    """Sends through the twilio SDK's asyncio client (aiohttp), never blocking the loop."""
+    """The SMS channel. Sending goes through `twilio_rest`, imported only when credentials are
+    configured: the REST client and aiohttp are a large part of an idle process otherwise."""
 
     channel = Channel.SMS
 
@@ -181,60 +155,25 @@ class TwilioSms:
         status_callback_url: str | None,
         timeout_s: float = 15.0,
     ) -> None:
-        self._status_callback = status_callback_url
-        self._timeout_s = timeout_s
-        self._client: Client | None = None
+        self._rest: TwilioRest | None = None
         if account_sid and auth_token:
-            http = _RetryAfterHttpClient()
-            self._client = Client(account_sid, auth_token, http_client=http)
-            self._client.api.base_url = api_base_url.rstrip("/")
+            from service.channels.twilio_rest import TwilioRest
+
+            self._rest = TwilioRest(
+                account_sid, auth_token, api_base_url, status_callback_url, timeout_s
+            )
 
     @property
     def can_send(self) -> bool:
-        return self._client is not None
+        return self._rest is not None
 
     async def send(self, outbound: Outbound) -> SendResult:
-        assert self._client is not None, "send() without credentials"
-        params: dict[str, Any] = {
-            "to": outbound.to,
-            "from_": outbound.from_,
-            "body": outbound.body,
-        }
-        if self._status_callback:
-            params["status_callback"] = self._status_callback
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                message = await self._client.messages.create_async(**params)
-        except TwilioRestException as exc:
-            raise _send_error(exc) from exc
-        except TimeoutError as exc:
-            raise SendError(
-                "Twilio did not answer in time", retryable=True, ambiguous=True
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise SendError(f"Twilio unreachable: {exc}", retryable=True) from exc
-        except aiohttp.ClientError as exc:
-            raise SendError(
-                f"connection to Twilio lost: {exc}", retryable=True, ambiguous=True
-            ) from exc
-        return SendResult(message.sid, _STATUS.get(str(message.status), Delivery.QUEUED))
+        assert self._rest is not None, "send() without credentials"
+        return await self._rest.send(outbound)
 
     async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
-        """Twilio's message list: same To, From and body, created since `since`, oldest first.
-
-        `DateSent` is unset while a message is queued, so filter on creation time here."""
-        assert self._client is not None
-        cutoff = since - CLOCK_SKEW
-        async with asyncio.timeout(self._timeout_s):
-            recent = await self._client.messages.list_async(
-                to=outbound.to, from_=outbound.from_, limit=50
-            )
-        return [
-            str(message.sid)
-            for message in reversed(recent)
-            if message.body == outbound.body
-            and (message.date_created is None or message.date_created >= cutoff)
-        ]
+        assert self._rest is not None, "find_sent() without credentials"
+        return await self._rest.find_sent(outbound, since)
 
     def reply_envelope(
         self, subject: str | None, headers: dict[str, str], local_address: str
@@ -242,19 +181,8 @@ class TwilioSms:
         return None, {}
 
     async def close(self) -> None:
-        if self._client is not None and isinstance(self._client.http_client, AsyncTwilioHttpClient):
-            await self._client.http_client.close()
-
-
-def _send_error(exc: TwilioRestException) -> SendError:
-    status = int(exc.status or 0)
-    code = int(exc.code) if exc.code else None
-    text = f"Twilio {status}" + (f" error {code}" if code else "") + f": {exc.msg}"
-    if code == UNSUBSCRIBED_RECIPIENT:
-        return RecipientOptedOut(text, code=code)
-    if status == 429 or status >= 500:
-        return SendError(text, retryable=True, retry_after_s=_retry_after.get(), code=code)
-    return SendError(text, retryable=False, code=code)
+        if self._rest is not None:
+            await self._rest.close()
 
 
 # ---------------------------------------------------------------- simulating Twilio

@@ -1,0 +1,71 @@
+"""SendGrid's v3 mail send through the sendgrid SDK, which is synchronous: it runs in a worker
+thread so the event loop never blocks. Imported by `email.SendGridEmail` only with a key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.error
+
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+from sendgrid.helpers.mail import Header, Mail
+
+from service.channels.email import text_to_html
+from service.types import Delivery, Outbound, SendError, SendResult
+
+
+class SendGridRest:
+    def __init__(self, api_key: str, api_base_url: str, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._client = SendGridAPIClient(api_key, host=api_base_url.rstrip("/"))
+        self._client.client.timeout = timeout_s
+
+    async def send(self, outbound: Outbound) -> SendResult:
+        mail = _mail(outbound)
+        try:
+            response = await asyncio.wait_for(
+                asyncio.to_thread(self._client.send, mail), self._timeout_s + 5
+            )
+        except HTTPError as exc:
+            raise _send_error(exc) from exc
+        except TimeoutError as exc:
+            raise SendError(
+                "SendGrid did not answer in time", retryable=True, ambiguous=True
+            ) from exc
+        except urllib.error.URLError as exc:
+            ambiguous = isinstance(exc.reason, (TimeoutError, socket.timeout))
+            raise SendError(
+                f"SendGrid unreachable: {exc.reason}", retryable=True, ambiguous=ambiguous
+            ) from exc
+        message_id = response.headers.get("X-Message-Id") if response.headers else None
+        return SendResult(message_id or outbound.headers.get("Message-ID"), Delivery.QUEUED)
+
+
+def _mail(outbound: Outbound) -> Mail:
+    mail = Mail(
+        from_email=outbound.from_,
+        to_emails=outbound.to,
+        subject=outbound.subject or "Re: your message",
+        plain_text_content=outbound.body,
+        html_content=text_to_html(outbound.body),
+    )
+    for name, value in outbound.headers.items():
+        mail.add_header(Header(name, value))
+    return mail
+
+
+def _send_error(exc: HTTPError) -> SendError:
+    status = int(getattr(exc, "status_code", 0) or 0)
+    body = getattr(exc, "body", b"")
+    detail = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    text = f"SendGrid {status}: {detail[:300]}"
+    if status == 429 or status >= 500:
+        headers = getattr(exc, "headers", None) or {}
+        retry_after = headers.get("Retry-After") if hasattr(headers, "get") else None
+        try:
+            delay = float(retry_after) if retry_after else None
+        except ValueError:
+            delay = None
+        return SendError(text, retryable=True, retry_after_s=delay)
+    return SendError(text, retryable=False)
