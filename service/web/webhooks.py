@@ -37,11 +37,22 @@ def _refuse(status: int, reason: str, started: float, path: str) -> Response:
     return Response(reason + "\n", status_code=status, media_type="text/plain")
 
 
-def _outcome(recorded: Recorded, inbound: Inbound) -> str:
+async def _store(request: Request, inbound: Inbound, started: float) -> None:
+    """Hand the message to the inbound writer and wait for its commit; count and log it."""
+    recorded: Recorded = await request.app.state.services.writer.record(inbound)
     metrics.count_inbound(inbound.channel.value, recorded.duplicate, recorded.enqueued)
     if recorded.duplicate:
-        return "duplicate"
-    return "enqueued" if recorded.enqueued else f"stored ({inbound.intent})"
+        outcome = "duplicate"
+    else:
+        outcome = "enqueued" if recorded.enqueued else f"stored ({inbound.intent})"
+    log.info(
+        "webhook %s conversation=%s message=%s outcome=%s duration_ms=%d",
+        inbound.channel,
+        recorded.conversation_id,
+        recorded.message_id or "-",
+        outcome,
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 def signed_url(request: Request, settings: Settings) -> str:
@@ -94,14 +105,7 @@ async def twilio_sms(request: Request) -> Response:
         inbound = sms.parse_inbound(form)
     except sms.InvalidWebhook as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    recorded = await request.app.state.services.writer.record(inbound)
-    log.info(
-        "webhook sms conversation=%s message=%s outcome=%s duration_ms=%d",
-        recorded.conversation_id,
-        recorded.message_id or inbound.provider_message_id,
-        _outcome(recorded, inbound),
-        (time.perf_counter() - started) * 1000,
-    )
+    await _store(request, inbound, started)
     return Response(sms.EMPTY_TWIML, media_type="text/xml")
 
 
@@ -165,12 +169,5 @@ async def sendgrid_inbound(request: Request) -> Response:
         return _refuse(413, "email over MAX_EMAIL_BYTES", started, request.url.path)
     except email.InvalidInbound as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    recorded = await request.app.state.services.writer.record(inbound)
-    log.info(
-        "webhook email conversation=%s message=%s outcome=%s duration_ms=%d",
-        recorded.conversation_id,
-        recorded.message_id or "-",
-        _outcome(recorded, inbound),
-        (time.perf_counter() - started) * 1000,
-    )
+    await _store(request, inbound, started)
     return Response("ok\n", media_type="text/plain")
