@@ -69,6 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings)
+    if args.metrics_port is not None:
+        import prometheus_client
+
+        prometheus_client.start_http_server(args.metrics_port)
+        log.info("worker metrics on :%d/metrics", args.metrics_port)
     asyncio.run(_run_worker(settings))
     return 0
 
@@ -113,7 +118,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from service import client
+    from service import admin_cli, client
 
     parser = argparse.ArgumentParser(prog="parley", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,12 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="run a reply worker without the web app")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve this worker's Prometheus metrics on this port (all interfaces)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     migrate = commands.add_parser("migrate", help="alembic upgrade head on DATABASE_URL")
     migrate.set_defaults(func=cmd_migrate)
 
     client.add_commands(commands)
+    admin_cli.add_commands(commands)
     return parser
 
 

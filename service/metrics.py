@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from sqlalchemy import func, select
@@ -30,6 +31,9 @@ from service.models import ReplyJob
 from service.types import JobStatus
 
 __all__ = ["CONTENT_TYPE_LATEST", "exposition"]
+
+# `*_created` series only double the output; Prometheus needs none.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 WEBHOOKS = Counter(
     "parley_webhooks",

@@ -114,7 +114,11 @@ async def test_a_reply_to_the_reply_threads_under_it_with_history(
         ("outlook_reply", "Can we pay annually by invoice", ["From: Parley", "Sent:", "_____"]),
         ("apple_mail", "Yes please, book it for Friday.", ["Sent from my iPhone", "wrote:"]),
         ("thunderbird_raw", "Très bien, merci. Où est la gare ?", ["a écrit", "Dave", ">"]),
-        ("windows1252_parsed", "€1,250 – is that “all in”, including the ‘premium’", ["\ufffd"]),
+        (
+            "windows1252_parsed",
+            "\u20ac1,250 \u2013 is that \u201call in\u201d, including the \u2018premium\u2019",
+            ["\ufffd"],
+        ),
         (
             "html_only",
             "Option A: rent an espresso machine",

@@ -1,0 +1,349 @@
+"""What the operator reads and changes: the queries behind `/api/…`, `/c/…` and the
+`parley conversations` / `parley forget` commands, so the web and the command line share them.
+
+Deletes rely on the database's `ON DELETE CASCADE` (messages, assistant calls, jobs); the counts
+reported are taken inside the deleting transaction, after the conversations are locked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import phonenumbers
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.conversation import shape_reply
+from service.db import session_factory, utcnow
+from service.models import AssistantCall, Conversation, Message, ReplyJob
+from service.notify import notify_jobs
+from service.types import Author, Channel, Delivery, Intent, JobStatus, Sender
+
+MAX_PAGE_SIZE = 100
+TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # `secrets.token_urlsafe`'s alphabet
+
+
+class NotFound(Exception):
+    """No conversation with that id (or token)."""
+
+
+class OptedOut(Exception):
+    """The person opted out: nothing may be sent to them."""
+
+
+class BadAddress(ValueError):
+    """Not a phone number or an email address."""
+
+
+@dataclass(frozen=True)
+class Overview:
+    """One conversation as listed: the row and its message counts."""
+
+    conversation: Conversation
+    user_messages: int
+    assistant_messages: int
+
+    @property
+    def message_count(self) -> int:
+        return self.user_messages + self.assistant_messages
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Overview]
+    total: int
+
+
+@dataclass(frozen=True)
+class Detail:
+    conversation: Conversation
+    messages: list[Message]
+    calls: list[AssistantCall]
+
+
+@dataclass(frozen=True)
+class Deleted:
+    conversations: int = 0
+    messages: int = 0
+    assistant_calls: int = 0
+    jobs: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.conversations} conversation(s), {self.messages} message(s), "
+            f"{self.assistant_calls} assistant call record(s), {self.jobs} job(s)"
+        )
+
+
+def transcript_url(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/c/{token}"
+
+
+# ---------------------------------------------------------------- reading
+
+
+async def list_conversations(engine: AsyncEngine, page: int, page_size: int) -> Page:
+    """Newest activity first; `page` starts at 1."""
+    counts = (
+        select(
+            Message.conversation_id,
+            func.sum(case((Message.sender == Sender.USER.value, 1), else_=0)).label("users"),
+            func.sum(case((Message.sender == Sender.ASSISTANT.value, 1), else_=0)).label("ours"),
+        )
+        .group_by(Message.conversation_id)
+        .subquery()
+    )
+    query = (
+        select(Conversation, counts.c.users, counts.c.ours)
+        .outerjoin(counts, counts.c.conversation_id == Conversation.id)
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    )
+    async with session_factory(engine)() as session:
+        total = int(await session.scalar(select(func.count()).select_from(Conversation)) or 0)
+        rows = (await session.execute(query)).all()
+    return Page(
+        [Overview(row[0], int(row[1] or 0), int(row[2] or 0)) for row in rows],
+        total,
+    )
+
+
+async def conversation_detail(engine: AsyncEngine, conversation_id: int) -> Detail:
+    """The conversation with its messages and assistant calls, oldest first."""
+    async with session_factory(engine)() as session:
+        conversation = await session.get(Conversation, conversation_id)
+        if conversation is None:
+            raise NotFound(conversation_id)
+        messages = list(
+            await session.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id)
+            )
+        )
+        calls = list(
+            await session.scalars(
+                select(AssistantCall)
+                .where(AssistantCall.conversation_id == conversation_id)
+                .order_by(AssistantCall.id)
+            )
+        )
+    return Detail(conversation, messages, calls)
+
+
+async def transcript(engine: AsyncEngine, token: str) -> Detail:
+    """The conversation behind a transcript link. Looked up by its (unique, indexed) token, then
+    compared in constant time, so an unknown token and a nearly right one fail alike."""
+    if not _TOKEN.fullmatch(token):  # not one we could have made: no need to ask the database
+        raise NotFound(token)
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(Conversation.id, Conversation.conversation_url).where(
+                    Conversation.conversation_url == token
+                )
+            )
+        ).first()
+    given = token.encode("utf-8")
+    if row is None or not secrets.compare_digest(row.conversation_url.encode("utf-8"), given):
+        raise NotFound(token)
+    return await conversation_detail(engine, row.id)
+
+
+# ---------------------------------------------------------------- changing
+
+
+async def set_paused(engine: AsyncEngine, conversation_id: int, paused: bool) -> None:
+    """Human handoff: while paused the assistant stores and shows messages but never answers."""
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id)
+            .values(paused=paused, updated_at=utcnow())
+        )
+    if not result.rowcount:
+        raise NotFound(conversation_id)
+
+
+async def add_operator_message(
+    engine: AsyncEngine,
+    conversation_id: int,
+    body: str,
+    envelope: tuple[str | None, dict[str, str]] | None = None,
+) -> list[int]:
+    """Store a human reply as pending `assistant` parts written by the operator, with a reply
+    job, in one transaction: the worker sends it through the same durable, retried path as any
+    reply (paused or not). `envelope` is the channel's subject and threading headers.
+    Returns the stored parts' ids."""
+    subject, headers = envelope or (None, {})
+    now = utcnow()
+    async with engine.begin() as connection:
+        conversation = (
+            await connection.execute(
+                select(Conversation.channel, Conversation.opted_out)
+                .where(Conversation.id == conversation_id)
+                .with_for_update()
+            )
+        ).first()
+        if conversation is None:
+            raise NotFound(conversation_id)
+        if conversation.opted_out:
+            raise OptedOut(conversation_id)
+        ids = []
+        for part in shape_reply(Channel(conversation.channel), body):
+            result = await connection.execute(
+                insert(Message).returning(Message.id),
+                {
+                    "conversation_id": conversation_id,
+                    "created_at": now,
+                    "updated_at": now,
+                    "channel": conversation.channel,
+                    "sender": Sender.ASSISTANT.value,
+                    "author": Author.OPERATOR.value,
+                    "intent": Intent.MESSAGE.value,
+                    "body": part,
+                    "subject": subject,
+                    "headers": headers or None,
+                    "status": Delivery.PENDING.value,
+                },
+            )
+            ids.append(int(result.scalar_one()))
+        await connection.execute(
+            insert(ReplyJob),
+            {
+                "conversation_id": conversation_id,
+                "message_id": ids[0],
+                "status": JobStatus.QUEUED.value,
+                "attempts": 0,
+                "run_after": now,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        await connection.execute(
+            update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
+        )
+        await notify_jobs(connection)
+    return ids
+
+
+async def get_conversation(engine: AsyncEngine, conversation_id: int) -> Conversation:
+    async with session_factory(engine)() as session:
+        conversation = await session.get(Conversation, conversation_id)
+    if conversation is None:
+        raise NotFound(conversation_id)
+    return conversation
+
+
+async def last_inbound(engine: AsyncEngine, conversation_id: int) -> Message | None:
+    """The person's latest message: what an operator's email reply threads under."""
+    async with session_factory(engine)() as session:
+        return await session.scalar(
+            select(Message)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.sender == Sender.USER.value,
+            )
+            .order_by(Message.id.desc())
+            .limit(1)
+        )
+
+
+async def delete_conversation(engine: AsyncEngine, conversation_id: int) -> Deleted:
+    async with engine.begin() as connection:
+        ids = (
+            await connection.execute(
+                select(Conversation.id).where(Conversation.id == conversation_id).with_for_update()
+            )
+        ).scalars()
+        deleted = await _delete(connection, list(ids))
+    if not deleted.conversations:
+        raise NotFound(conversation_id)
+    return deleted
+
+
+async def count_address(engine: AsyncEngine, address: str) -> Deleted:
+    """What `forget(address)` would delete, for the confirmation question."""
+    async with engine.connect() as connection:
+        ids = await _ids_of(connection, address, lock=False)
+        return await _counts(connection, ids)
+
+
+async def forget(engine: AsyncEngine, address: str) -> Deleted:
+    """Delete every conversation of that (normalised) remote address, cascading."""
+    async with engine.begin() as connection:
+        ids = await _ids_of(connection, address, lock=True)
+        return await _delete(connection, ids)
+
+
+def normalise_address(text: str) -> str:
+    """A phone number as E.164, an email address bare and lower-cased."""
+    text = text.strip()
+    if "@" in text:
+        _name, bare = email.utils.parseaddr(text)
+        local, _, domain = bare.rpartition("@")
+        if not local or "." not in domain or " " in bare:
+            raise BadAddress(f"not an email address: {text!r}")
+        return bare.lower()
+    try:
+        parsed = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException:
+        raise BadAddress(
+            f"not a phone number in international form (+15550001111): {text!r}"
+        ) from None
+    if not phonenumbers.is_possible_number(parsed):
+        raise BadAddress(f"not a possible phone number: {text!r}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+async def _ids_of(connection: AsyncConnection, address: str, *, lock: bool) -> list[int]:
+    query = select(Conversation.id).where(Conversation.remote_address == address)
+    if lock:  # an inbound message for this person waits until the delete commits
+        query = query.with_for_update()
+    return list((await connection.execute(query.order_by(Conversation.id))).scalars())
+
+
+async def _counts(connection: AsyncConnection, ids: Sequence[int]) -> Deleted:
+    if not ids:
+        return Deleted()
+
+    async def count(model: type[Message] | type[AssistantCall] | type[ReplyJob]) -> int:
+        result = await connection.execute(
+            select(func.count()).select_from(model).where(model.conversation_id.in_(ids))
+        )
+        return int(result.scalar_one())
+
+    return Deleted(
+        len(ids), await count(Message), await count(AssistantCall), await count(ReplyJob)
+    )
+
+
+async def _delete(connection: AsyncConnection, ids: Sequence[int]) -> Deleted:
+    if not ids:
+        return Deleted()
+    counted = await _counts(connection, ids)
+    result = await connection.execute(delete(Conversation).where(Conversation.id.in_(ids)))
+    return Deleted(
+        int(result.rowcount),
+        counted.messages,
+        counted.assistant_calls,
+        counted.jobs,
+    )
+
+
+def age(moment: dt.datetime, now: dt.datetime | None = None) -> str:
+    """How long ago, for people reading a table: "3 min ago"."""
+    seconds = int(((now or utcnow()) - moment).total_seconds())
+    if seconds < 60:
+        return "just now"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return "just now"

@@ -1,0 +1,372 @@
+"""`/api/…`: the operator's conversation API (SPEC §4), behind `Authorization: Bearer
+$ADMIN_TOKEN`, compared in constant time. Without `ADMIN_TOKEN` every `/api` path answers 404,
+as if the API did not exist; with it, every path (known or not) wants the token first.
+
+Request and response bodies are pydantic models; errors are `{"error": "…"}`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service import admin
+from service.models import Conversation
+from service.settings import Settings
+from service.types import Channel
+from service.web.limits import BodyTooLarge, read_body
+
+MAX_OPERATOR_CHARS = 10_000
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_ID = 2**63 - 1
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+# ---------------------------------------------------------------- bodies
+
+
+class ConversationOut(BaseModel):
+    id: int
+    channel: str
+    remote_address: str
+    local_address: str
+    summary: str
+    message_count: int
+    user_messages: int
+    assistant_messages: int
+    opted_out: bool
+    paused: bool
+    transcript_url: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def of(
+        cls, conversation: Conversation, users: int, ours: int, base_url: str
+    ) -> ConversationOut:
+        return cls(
+            id=conversation.id,
+            channel=conversation.channel,
+            remote_address=conversation.remote_address,
+            local_address=conversation.local_address,
+            summary=conversation.summary,
+            message_count=users + ours,
+            user_messages=users,
+            assistant_messages=ours,
+            opted_out=conversation.opted_out,
+            paused=conversation.paused,
+            transcript_url=admin.transcript_url(base_url, conversation.conversation_url),
+            created_at=conversation.created_at,
+            updated_at=conversation.updated_at,
+        )
+
+
+class ConversationPageOut(BaseModel):
+    conversations: list[ConversationOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class MessageOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    sender: str
+    author: str | None
+    intent: str
+    body: str
+    subject: str | None
+    headers: dict[str, Any] | None
+    status: str
+    error: str | None
+    provider_message_id: str | None
+    reply_to_id: int | None
+
+
+class AssistantCallOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: dt.datetime
+    message_id: int | None
+    model: str
+    generation_params: dict[str, Any]
+    processing_time: int = Field(description="milliseconds")
+    status: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    error: str | None
+
+
+class ConversationDetailOut(ConversationOut):
+    messages: list[MessageOut]
+    assistant_calls: list[AssistantCallOut]
+
+
+class OperatorMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    body: str = Field(max_length=MAX_OPERATOR_CHARS)
+
+    @field_validator("body")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("body must not be empty")
+        if "\x00" in value:
+            raise ValueError("body must not contain NUL characters")
+        return value.strip()
+
+
+class OperatorMessageOut(BaseModel):
+    conversation_id: int
+    message_ids: list[int]
+    status: str = "pending"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    return Response(
+        model.model_dump_json(),
+        status_code=status_code,
+        media_type="application/json",
+        headers=NO_STORE,
+    )
+
+
+def _error(status_code: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status_code, headers=NO_STORE)
+
+
+def _base_url(request: Request, settings: Settings) -> str:
+    """Where transcript links point: PUBLIC_BASE_URL, else the host this request came to."""
+    return settings.public_base_url or f"{request.url.scheme}://{request.url.netloc}"
+
+
+def _conversation_id(request: Request) -> int | None:
+    value = int(request.path_params["conversation_id"])
+    return value if 0 < value <= MAX_ID else None
+
+
+def _positive_int(request: Request, name: str, default: int, most: int | None) -> int | str:
+    """The query parameter's value, or the message saying why it is refused."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    limit = f" and at most {most}" if most else ""
+    if not raw.isdigit() or not raw.isascii():
+        return f"{name} must be a whole number of at least 1{limit}, got {raw!r}"
+    value = int(raw)
+    if value < 1 or (most is not None and value > most) or value > MAX_ID:
+        return f"{name} must be at least 1{limit}, got {value}"
+    return value
+
+
+def _not_found(conversation_id: object) -> JSONResponse:
+    return _error(404, f"no conversation {conversation_id}")
+
+
+# ---------------------------------------------------------------- routes
+
+
+async def list_conversations(request: Request) -> Response:
+    services = request.app.state.services
+    page = _positive_int(request, "page", 1, None)
+    page_size = _positive_int(request, "page_size", 20, admin.MAX_PAGE_SIZE)
+    for value in (page, page_size):
+        if isinstance(value, str):
+            return _error(400, value)
+    assert isinstance(page, int) and isinstance(page_size, int)
+    if (page - 1) * page_size > MAX_ID:
+        return _error(400, "page is out of range")
+    found = await admin.list_conversations(services.engine, page, page_size)
+    base = _base_url(request, services.settings)
+    return _json(
+        ConversationPageOut(
+            conversations=[
+                ConversationOut.of(o.conversation, o.user_messages, o.assistant_messages, base)
+                for o in found.items
+            ],
+            total=found.total,
+            page=page,
+            page_size=page_size,
+        )
+    )
+
+
+async def get_conversation(request: Request) -> Response:
+    services = request.app.state.services
+    conversation_id = _conversation_id(request)
+    try:
+        if conversation_id is None:
+            raise admin.NotFound(request.path_params["conversation_id"])
+        detail = await admin.conversation_detail(services.engine, conversation_id)
+    except admin.NotFound:
+        return _not_found(request.path_params["conversation_id"])
+    users = sum(1 for m in detail.messages if m.sender == "user")
+    summary = ConversationOut.of(
+        detail.conversation,
+        users,
+        len(detail.messages) - users,
+        _base_url(request, services.settings),
+    )
+    return _json(
+        ConversationDetailOut(
+            **summary.model_dump(),
+            messages=[MessageOut.model_validate(m) for m in detail.messages],
+            assistant_calls=[AssistantCallOut.model_validate(c) for c in detail.calls],
+        )
+    )
+
+
+async def delete_conversation(request: Request) -> Response:
+    conversation_id = _conversation_id(request)
+    try:
+        if conversation_id is None:
+            raise admin.NotFound(conversation_id)
+        await admin.delete_conversation(request.app.state.services.engine, conversation_id)
+    except admin.NotFound:
+        return _not_found(request.path_params["conversation_id"])
+    return Response(status_code=204, headers=NO_STORE)
+
+
+async def _set_paused(request: Request, paused: bool) -> Response:
+    conversation_id = _conversation_id(request)
+    try:
+        if conversation_id is None:
+            raise admin.NotFound(conversation_id)
+        await admin.set_paused(request.app.state.services.engine, conversation_id, paused)
+    except admin.NotFound:
+        return _not_found(request.path_params["conversation_id"])
+    return Response(status_code=204, headers=NO_STORE)
+
+
+async def pause(request: Request) -> Response:
+    return await _set_paused(request, True)
+
+
+async def resume(request: Request) -> Response:
+    return await _set_paused(request, False)
+
+
+async def _operator_body(request: Request) -> OperatorMessageIn | Response:
+    try:
+        raw = await read_body(request, MAX_REQUEST_BYTES)
+    except BodyTooLarge:
+        return _error(413, f"request body over {MAX_REQUEST_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        return _error(400, 'expected a JSON object such as {"body": "…"}')
+    try:
+        return OperatorMessageIn.model_validate(data)
+    except ValidationError as exc:
+        problems = exc.errors(include_url=False, include_input=False, include_context=False)
+        message = "; ".join(
+            f"{'.'.join(map(str, p['loc'])) or 'request'}: {p['msg']}" for p in problems
+        )
+        return _error(422, message, details=problems)
+
+
+async def operator_message(request: Request) -> Response:
+    """A human reply: stored as the operator's pending parts plus a reply job; the worker
+    sends it like any reply (retried, never doubled), even while the conversation is paused."""
+    services = request.app.state.services
+    conversation_id = _conversation_id(request)
+    body = await _operator_body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        if conversation_id is None:
+            raise admin.NotFound(conversation_id)
+        envelope = await _envelope(request, conversation_id)
+        ids = await admin.add_operator_message(
+            services.engine, conversation_id, body.body, envelope
+        )
+    except admin.NotFound:
+        return _not_found(request.path_params["conversation_id"])
+    except admin.OptedOut:
+        return _error(409, "the person opted out: nothing can be sent to them until they opt in")
+    if services.worker is not None:
+        services.worker.wake()
+    return _json(OperatorMessageOut(conversation_id=conversation_id, message_ids=ids), 202)
+
+
+async def _envelope(request: Request, conversation_id: int) -> tuple[str | None, dict[str, str]]:
+    """Subject and threading headers, as the channel builds them for any reply."""
+    services = request.app.state.services
+    conversation = await admin.get_conversation(services.engine, conversation_id)
+    last = await admin.last_inbound(services.engine, conversation_id)
+    channel = services.channels.get(Channel(conversation.channel))
+    if last is None or channel is None:
+        return None, {}
+    headers = {k: v for k, v in (last.headers or {}).items() if isinstance(v, str)}
+    subject, reply_headers = channel.reply_envelope(
+        last.subject, headers, conversation.local_address
+    )
+    return subject, reply_headers
+
+
+# ---------------------------------------------------------------- the app
+
+
+class AdminOnly:
+    """Every request through here needs the admin token; without one configured, 404."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = _refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _refusal(request: Request) -> Response | None:
+    settings: Settings = request.app.state.services.settings
+    if not settings.admin_token:
+        return _error(404, "not found")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = settings.admin_token.encode("utf-8")
+    if scheme.lower() == "bearer" and secrets.compare_digest(
+        given.strip().encode("utf-8"), expected
+    ):
+        return None
+    response = _error(401, "missing or wrong bearer token (Authorization: Bearer $ADMIN_TOKEN)")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="parley"'
+    return response
+
+
+def create_api() -> ASGIApp:
+    conversation = "/conversations/{conversation_id:int}"
+    return AdminOnly(
+        Router(
+            routes=[
+                Route("/conversations", list_conversations, methods=["GET"]),
+                Route(conversation, get_conversation, methods=["GET"]),
+                Route(conversation, delete_conversation, methods=["DELETE"]),
+                Route(f"{conversation}/pause", pause, methods=["POST"]),
+                Route(f"{conversation}/resume", resume, methods=["POST"]),
+                Route(f"{conversation}/messages", operator_message, methods=["POST"]),
+            ]
+        )
+    )
