@@ -61,6 +61,10 @@ class GiveUp(Exception):
     """A definite refusal: trying again cannot help."""
 
 
+class Superseded(Exception):
+    """This worker lost its claim (stalled past its lease) and another one did the work."""
+
+
 class Withheld(Exception):
     """The conversation no longer allows this reply (opted out, or paused for the model's)."""
 
@@ -321,13 +325,19 @@ class ReplyFlow:
             for part in shape_reply(Channel(conversation.channel), text)
         ]
         async with self._sessions.begin() as session:
-            session.add_all(parts)
-            await session.flush()
-            await session.execute(
+            claimed = await session.execute(
                 update(Message)
-                .where(Message.id.in_([m.id for m in answered]))
+                .where(
+                    Message.id.in_([m.id for m in answered]),
+                    Message.status == InboundState.RECEIVED.value,
+                )
                 .values(status=InboundState.ANSWERED.value, updated_at=utcnow())
             )
+            if claimed.rowcount != len(answered):  # type: ignore[attr-defined]
+                # Another worker answered them while this one was stalled past its lease.
+                raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
+            session.add_all(parts)
+            await session.flush()
             if call_id is not None and parts:
                 await session.execute(
                     update(AssistantCall)

@@ -24,7 +24,7 @@ from service.assistant import Model
 from service.channels.base import ChannelClient
 from service.jobs import Claim, JobQueue
 from service.notify import listen_for_jobs
-from service.replies import GiveUp, ReplyFlow, RetryLater
+from service.replies import GiveUp, ReplyFlow, RetryLater, Superseded
 from service.settings import Settings
 from service.types import Channel
 
@@ -152,6 +152,9 @@ class Worker:
         except GiveUp as exc:
             outcome = "failed"
             await self._fail(claim, str(exc))
+        except Superseded as exc:
+            outcome = "superseded"  # the jobs belong to the worker that took them over
+            log.warning("conversation %s: %s", claim.conversation_id, exc)
         except Exception as exc:
             log.exception("reply job for conversation %s crashed", claim.conversation_id)
             outcome = await self._retry_or_fail(claim, f"{type(exc).__name__}: {exc}", None)
