@@ -248,6 +248,7 @@ class ReplyFlow:
             max_messages=self._settings.assistant_history_messages,
             max_tokens=self._settings.assistant_history_tokens,
         )
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.assistant_timeout_s + 5):
                 completion = await self._model.complete(prompt)
@@ -257,6 +258,7 @@ class ReplyFlow:
                 if isinstance(exc, ModelError)
                 else ModelError("model call timed out", retryable=True)
             )
+            error.latency_ms = error.latency_ms or int((time.perf_counter() - started) * 1000)
             await self._record_call(conversation.id, None, error=error)
             if error.retryable:
                 raise RetryLater(str(error), error.retry_after_s) from exc
