@@ -39,6 +39,11 @@ def _warn_about_secrets(settings: Settings) -> None:
         return
     if not settings.twilio_auth_tokens:
         log.warning("TWILIO_AUTH_TOKEN is not set: /webhooks/twilio/* refuse all traffic (403)")
+    if not settings.public_base_url:
+        log.warning(
+            "PUBLIC_BASE_URL is not set: SMS go out without a StatusCallback (no delivery "
+            "status) and signatures are checked against the URL each request arrives on"
+        )
     if not settings.openai_api_key:
         log.info("OPENAI_API_KEY is not set: the offline assistant answers")
 

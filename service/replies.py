@@ -99,6 +99,8 @@ class ReplyFlow:
             await self._drop_opted_out(claim)
             return "opted_out"
         if stopped := await self._send_unsent(conversation):
+            # Opted out or paused meanwhile: the claimed messages will not be answered.
+            await self._mark(await self._waiting(claim), InboundState.NOT_ANSWERED)
             return stopped
         waiting = await self._waiting(claim)
         if not waiting:

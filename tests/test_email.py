@@ -353,3 +353,19 @@ async def test_without_a_sendgrid_key_the_reply_is_stored_not_sent(
     reply = (await messages(engine, Message.sender == "assistant"))[0]
     assert reply.status == "not_sent" and reply.subject == "Re: Hi"
     assert providers.sendgrid_sent == []
+
+
+async def test_an_unknown_charset_is_read_as_well_as_possible_not_refused(
+    client: httpx.AsyncClient, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    data = recording("sendgrid/thunderbird_raw.json")
+    body = recorded_body(data).replace(b"charset=iso-8859-1", b"charset=x-no-such-charset")
+    assert b"x-no-such-charset" in body
+    headers = {k: v for k, v in data["headers"].items() if k.lower() != "content-length"}
+    response = await client.post(INBOUND, headers=headers, content=body)
+
+    assert response.status_code == 200
+    await eventually(lambda: settled(engine))
+    [inbound] = await messages(engine, Message.sender == "user")
+    assert inbound.body.startswith("Tr")  # stored, with the undecodable letters replaced
+    assert len(providers.sendgrid_sent) == 1

@@ -616,3 +616,30 @@ async def test_status_callback_that_arrives_before_the_send_is_recorded_is_kept(
     [reply] = await replies(engine)
     assert reply.provider_message_id == sent["sid"]
     assert reply.status == "delivered"
+
+
+async def test_pausing_while_a_reply_waits_to_be_resent_leaves_no_message_waiting(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A reply whose send failed waits out its retry; a new text arrives and the operator
+    pauses: the withheld reply fails visibly and the new text is marked not answered, not left
+    waiting forever with its job done."""
+    providers.twilio_plan(500)
+    settings = make_settings(admin_token="op-token", worker_poll_s=0.05, reply_retry_base_s=1.0)
+    async with running_app(settings) as client:
+        await text(client, "first")
+        await eventually(lambda: asyncio.sleep(0, providers.twilio_attempts == ["500"]))
+        await text(client, "second")
+        [conversation] = await conversations(engine)
+        paused = await client.post(
+            f"/api/conversations/{conversation.id}/pause",
+            headers={"Authorization": "Bearer op-token"},
+        )
+        assert paused.status_code == 204
+        await done(engine)
+
+    assert providers.twilio_sent == []
+    first, second = await inbound(engine)
+    assert (first.status, second.status) == ("answered", "not_answered")
+    [reply] = await replies(engine)
+    assert reply.status == "failed" and "paused" in reply.error

@@ -182,7 +182,17 @@ def bare_address(value: str | None) -> str:
 
 
 def inbound_from_parts(parts: dict[str, list[Part]]) -> Inbound:
-    fields = _Fields(parts)
+    """The message in an Inbound Parse post; `InvalidInbound` for anything unusable."""
+    try:
+        return _inbound(_Fields(parts))
+    except InvalidInbound:
+        raise
+    except Exception as exc:  # a MIME oddity no rule above foresaw: a 4xx with a log, not a 500
+        log.exception("could not read an Inbound Parse post")
+        raise InvalidInbound(f"could not read the message: {type(exc).__name__}: {exc}") from exc
+
+
+def _inbound(fields: _Fields) -> Inbound:
     raw_email = fields.raw("email")
     if raw_email is not None:
         message = _parse_message(raw_email)
@@ -250,8 +260,13 @@ def _body_of(message: EmailMessage) -> str:
     part = message.get_body(preferencelist=("plain", "html"))
     if part is None:
         return ""
-    content = part.get_content()
-    text = content if isinstance(content, str) else ""
+    try:
+        content = part.get_content()
+        text = content if isinstance(content, str) else ""
+    except (LookupError, UnicodeError, ValueError):  # an unknown or lying charset declaration
+        payload = part.get_payload(decode=True)
+        raw = payload if isinstance(payload, bytes) else b""
+        text = _decode(raw, part.get_content_charset() or "utf-8")
     return html_to_text(text) if part.get_content_subtype() == "html" else text
 
 

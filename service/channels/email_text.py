@@ -11,6 +11,7 @@ from mailparser_reply import EmailReplyParser
 
 REPLY_LANGUAGES = ["en", "fr", "de", "es", "it", "nl", "pt", "sv"]
 _parser = EmailReplyParser(languages=REPLY_LANGUAGES)
+MAX_TEXT_CHARS = 100_000
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
@@ -19,13 +20,16 @@ def html_to_text(html: str) -> str:
     from inscriptis import get_text
     from inscriptis.model.config import ParserConfig
 
-    text = get_text(html, ParserConfig(display_links=True))  # link targets matter to questions
+    text = get_text(
+        html[: MAX_TEXT_CHARS * 10], ParserConfig(display_links=True)
+    )  # link targets matter to questions
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
 def latest_reply(text: str) -> str:
     """The newest part of a message: no quoted history, no signature."""
-    text = text.replace("\r\n", "\n").replace("\ufeff", "")
+    # The newest reply is at the top; a bound keeps a huge quoted history from costing seconds.
+    text = text[:MAX_TEXT_CHARS].replace("\r\n", "\n").replace("\ufeff", "")
     replies = _parser.read(text=text).replies
     latest = replies[0].body.strip() if replies else ""
     return latest or text.strip()
