@@ -35,6 +35,26 @@ class Claim:
     job_ids: tuple[int, ...]
     message_ids: tuple[int, ...]
     attempts: int  # the highest attempt count among them, this claim included
+    job_attempts: tuple[int, ...] = ()  # each job's own count, in `job_ids` order
+
+    def split(self, exhausted_after: int) -> tuple[Claim | None, Claim | None]:
+        """(jobs out of tries, jobs with tries left): a message that joined a conversation
+        late keeps its own tries instead of inheriting its older neighbour's last one."""
+        done = [i for i, a in enumerate(self.job_attempts) if a >= exhausted_after]
+        left = [i for i in range(len(self.job_ids)) if i not in done]
+        return self._subset(done), self._subset(left)
+
+    def _subset(self, indexes: list[int]) -> Claim | None:
+        if not indexes:
+            return None
+        attempts = tuple(self.job_attempts[i] for i in indexes)
+        return Claim(
+            conversation_id=self.conversation_id,
+            job_ids=tuple(self.job_ids[i] for i in indexes),
+            message_ids=tuple(self.message_ids[i] for i in indexes),
+            attempts=max(attempts),
+            job_attempts=attempts,
+        )
 
 
 class JobQueue:
@@ -184,6 +204,7 @@ def _group(rows: Sequence[object]) -> list[Claim]:
             job_ids=tuple(r.id for r in jobs),  # type: ignore[attr-defined]
             message_ids=tuple(r.message_id for r in jobs),  # type: ignore[attr-defined]
             attempts=max(r.attempts for r in jobs),  # type: ignore[attr-defined]
+            job_attempts=tuple(r.attempts for r in jobs),  # type: ignore[attr-defined]
         )
         for conversation_id, jobs in by_conversation.items()
     ]

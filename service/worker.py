@@ -169,9 +169,12 @@ class Worker:
             )
 
     async def _retry_or_fail(self, claim: Claim, error: str, retry_after_s: float | None) -> str:
-        if claim.attempts >= self._settings.reply_max_attempts:
-            await self._fail(claim, error)
+        exhausted, remaining = claim.split(self._settings.reply_max_attempts)
+        if exhausted is not None:
+            await self._fail(exhausted, error)
+        if remaining is None:
             return "failed"
+        claim = remaining
         delay = backoff_s(claim.attempts, self._settings.reply_retry_base_s, retry_after_s)
         log.warning(
             "conversation %s: attempt %d failed (%s); retrying in %.1fs",

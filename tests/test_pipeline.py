@@ -643,3 +643,22 @@ async def test_pausing_while_a_reply_waits_to_be_resent_leaves_no_message_waitin
     assert (first.status, second.status) == ("answered", "not_answered")
     [reply] = await replies(engine)
     assert reply.status == "failed" and "paused" in reply.error
+
+
+async def test_a_text_that_joins_a_failing_conversation_keeps_its_own_tries(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """The model is down. "second" arrives while "first" waits out its retry: "first" fails
+    after its 3 tries, and "second" gets 3 tries of its own, not the last one of "first"."""
+    providers.openai_plan(*([500] * 10))
+    settings = make_settings(reply_max_attempts=3, worker_poll_s=0.05, reply_retry_base_s=0.3)
+    async with running_app(settings) as client:
+        await text(client, "first")
+        await eventually(lambda: asyncio.sleep(0, len(providers.openai_attempts) == 1))
+        await text(client, "second")
+        await done(engine, timeout=20)
+
+    first, second = await inbound(engine)
+    assert (first.status, second.status) == ("failed", "failed")
+    assert [j.attempts for j in await jobs(engine)] == [3, 3]
+    assert len(providers.openai_attempts) == 4  # calls 2 to 4 carried "second": its own 3
