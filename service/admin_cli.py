@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service import admin
 from service.db import create_engine
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, settings_or_exit
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 SUMMARY_CHARS = 32
@@ -51,14 +51,6 @@ def _limit(text: str) -> int:
     return value
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"parley: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def _database_error(settings: Settings, exc: SQLAlchemyError) -> int:
     where = make_url(settings.database_url).render_as_string(hide_password=True)
     reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
@@ -74,7 +66,7 @@ def _database_error(settings: Settings, exc: SQLAlchemyError) -> int:
 
 
 def cmd_conversations(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     base_url = args.url or settings.public_base_url or DEFAULT_BASE_URL
     try:
         page = asyncio.run(_list(settings, args.limit))
@@ -141,7 +133,7 @@ def format_table(items: Sequence[admin.Overview], base_url: str) -> str:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         address = admin.normalise_address(args.address)
     except admin.BadAddress as exc:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 
 import uvicorn
@@ -14,19 +13,9 @@ import uvicorn
 from service.db import create_engine
 from service.logs import configure_logging
 from service.migrate import upgrade
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, settings_or_exit
 
 log = logging.getLogger("parley")
-
-EXIT_CONFIG = 2
-
-
-def _settings(**overrides: object) -> Settings:
-    try:
-        return load_settings(**overrides)
-    except SettingsError as exc:
-        print(f"parley: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
 
 
 def _warn_about_secrets(settings: Settings) -> None:
@@ -50,7 +39,7 @@ def _warn_about_secrets(settings: Settings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"parley_dev": True} if args.dev else {}
-    settings = _settings(**overrides)
+    settings = settings_or_exit(**overrides)
     configure_logging(settings)
     _warn_about_secrets(settings)
     from service.web.app import create_app
@@ -72,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     configure_logging(settings)
     if args.metrics_port is not None:
         import prometheus_client
@@ -107,7 +96,7 @@ async def _run_worker(settings: Settings) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     configure_logging(settings)
 
     async def run() -> None:

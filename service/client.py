@@ -26,7 +26,7 @@ from tqdm import tqdm
 from service.channels import email, sms
 from service.db import create_engine, session_factory
 from service.models import Message
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, settings_or_exit
 from service.types import Delivery, InboundState, Sender
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -55,19 +55,11 @@ def add_commands(commands: Any) -> None:
     replay.set_defaults(func=cmd_replay)
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        print(f"parley: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 # ---------------------------------------------------------------- parley sms
 
 
 def cmd_sms(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = settings_or_exit()
     if args.text is not None:
         return asyncio.run(_text_once(settings, args, args.text))
     print(f"Texting {args.to} from {args.from_} via {args.url}. Ctrl-D to quit.")
@@ -101,7 +93,7 @@ async def _text_once(settings: Settings, args: argparse.Namespace, text: str) ->
 
 
 def cmd_email(args: argparse.Namespace) -> int:
-    return asyncio.run(_email_once(_settings(), args))
+    return asyncio.run(_email_once(settings_or_exit(), args))
 
 
 async def _email_once(settings: Settings, args: argparse.Namespace) -> int:

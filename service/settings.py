@@ -7,6 +7,7 @@ build one with explicit values and a bad value is reported once, at start, namin
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -141,3 +142,15 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         variable = str(first["loc"][0]).upper() if first["loc"] else "configuration"
         raise SettingsError(f"invalid {variable}={first.get('input')!r}: {first['msg']}") from None
+
+
+EXIT_CONFIG = 2
+
+
+def settings_or_exit(**overrides: object) -> Settings:
+    """For the commands: a bad value is one line on stderr naming the variable, exit code 2."""
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        print(f"parley: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
