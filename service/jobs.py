@@ -131,12 +131,15 @@ class JobQueue:
         )
         return list((await connection.execute(query)).scalars())
 
-    async def renew(self) -> int:
-        """Extend the lease of every job this worker holds; returns how many."""
+    async def renew(self, job_ids: Sequence[int]) -> int:
+        """Extend the leases of these running jobs, where this worker still holds them."""
+        if not job_ids:
+            return 0
         async with self._engine.begin() as connection:
             result = await connection.execute(
                 update(ReplyJob)
                 .where(
+                    ReplyJob.id.in_(job_ids),
                     ReplyJob.lease_owner == self.owner,
                     ReplyJob.status == JobStatus.RUNNING.value,
                 )

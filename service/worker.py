@@ -59,6 +59,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._claims: dict[int, Claim] = {}  # what the running tasks hold, for lease renewal
 
     def wake(self) -> None:
         self._wake.set()
@@ -110,11 +111,13 @@ class Worker:
         for claim in claims:
             task = asyncio.create_task(self._handle(claim), name=f"reply-{claim.conversation_id}")
             self._running[claim.conversation_id] = task
+            self._claims[claim.conversation_id] = claim
             task.add_done_callback(functools.partial(self._done, claim.conversation_id))
         return len(claims)
 
     def _done(self, conversation_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(conversation_id, None)
+        self._claims.pop(conversation_id, None)
         self._wake.set()  # capacity is free, and that conversation may have new messages
 
     async def _sleep(self) -> None:
@@ -133,7 +136,9 @@ class Worker:
             await asyncio.sleep(self.queue.lease_s / 3)
             if self._running:
                 try:
-                    await self.queue.renew()
+                    await self.queue.renew(
+                        [job for claim in self._claims.values() for job in claim.job_ids]
+                    )
                 except Exception:
                     log.exception("renewing job leases failed")
 
@@ -153,8 +158,11 @@ class Worker:
             outcome = "failed"
             await self._fail(claim, str(exc))
         except Superseded as exc:
-            outcome = "superseded"  # the jobs belong to the worker that took them over
+            # The messages were answered elsewhere. Where this worker still holds the jobs,
+            # they are done; where the other worker holds them, `finish` leaves them alone.
+            outcome = "superseded"
             log.warning("conversation %s: %s", claim.conversation_id, exc)
+            await self.queue.finish(claim.job_ids)
         except Exception as exc:
             log.exception("reply job for conversation %s crashed", claim.conversation_id)
             outcome = await self._retry_or_fail(claim, f"{type(exc).__name__}: {exc}", None)
