@@ -189,13 +189,6 @@ class JobQueue:
                 .values(status=status.value, updated_at=utcnow(), **values)
             )
 
-    async def depth(self) -> int:
-        async with self._engine.connect() as connection:
-            result = await connection.execute(
-                select(func.count()).where(ReplyJob.status == JobStatus.QUEUED.value)
-            )
-            return int(result.scalar_one())
-
 
 def _group(rows: Sequence[object]) -> list[Claim]:
     by_conversation: dict[int, list[object]] = defaultdict(list)

@@ -129,10 +129,6 @@ class Settings(BaseSettings):
         """During rotation `TWILIO_AUTH_TOKEN` holds two comma-separated tokens."""
         return [t.strip() for t in (self.twilio_auth_token or "").split(",") if t.strip()]
 
-    @property
-    def is_sqlite(self) -> bool:
-        return make_url(self.database_url).get_backend_name() == "sqlite"
-
 
 def load_settings(**overrides: object) -> Settings:
     """Read the environment once; turn pydantic's report into one line naming the variable."""
