@@ -26,7 +26,7 @@ from prometheus_client import (
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import utcnow
+from service.db import reader, utcnow
 from service.models import ReplyJob
 from service.types import JobStatus
 
@@ -127,7 +127,7 @@ class QueueState:
 async def queue_state(engine: AsyncEngine, now: dt.datetime | None = None) -> QueueState:
     now = now or utcnow()
     queued = ReplyJob.status == JobStatus.QUEUED.value
-    async with engine.connect() as connection:
+    async with reader(engine).connect() as connection:
         row = (
             await connection.execute(
                 select(

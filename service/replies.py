@@ -28,7 +28,7 @@ from service import metrics
 from service.assistant import Completion, Model, ModelError
 from service.channels.base import ChannelClient, LookupUnsupported
 from service.conversation import HELP_TEXT, build_prompt, shape_reply
-from service.db import session_factory, utcnow
+from service.db import reader, session_factory, utcnow
 from service.jobs import Claim
 from service.models import AssistantCall, Conversation, Message
 from service.settings import Settings
@@ -83,6 +83,7 @@ class ReplyFlow:
         channels: Mapping[Channel, ChannelClient],
     ) -> None:
         self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        self._reads = session_factory(reader(engine))  # never waits for SQLite's write lock
         self._settings = settings
         self._model = model
         self._channels = channels
@@ -153,11 +154,11 @@ class ReplyFlow:
     # ------------------------------------------------------------ reading
 
     async def _conversation(self, conversation_id: int) -> Conversation | None:
-        async with self._sessions() as session:
+        async with self._reads() as session:
             return await session.get(Conversation, conversation_id)
 
     async def _waiting(self, claim: Claim) -> list[Message]:
-        async with self._sessions() as session:
+        async with self._reads() as session:
             result = await session.scalars(
                 select(Message)
                 .where(
@@ -177,7 +178,7 @@ class ReplyFlow:
         limit = self._settings.assistant_history_messages
         if limit == 0:
             return []
-        async with self._sessions() as session:
+        async with self._reads() as session:
             rows = (
                 await session.execute(
                     select(Message.sender, Message.body, Message.reply_to_id)
@@ -205,7 +206,7 @@ class ReplyFlow:
 
     async def _is_own_address(self, address: str) -> bool:
         """Whether Parley itself receives at this address (any conversation's local side)."""
-        async with self._sessions() as session:
+        async with self._reads() as session:
             found = await session.scalar(
                 select(Conversation.id).where(Conversation.local_address == address).limit(1)
             )
@@ -214,7 +215,7 @@ class ReplyFlow:
     async def _over_rate_limit(self, conversation: Conversation) -> bool:
         limit = self._settings.rate_limit
         since = utcnow() - dt.timedelta(seconds=limit.window_s)
-        async with self._sessions() as session:
+        async with self._reads() as session:
             count = await session.scalar(
                 select(func.count())
                 .select_from(AssistantCall)
@@ -374,7 +375,7 @@ class ReplyFlow:
     async def _send_unsent(self, conversation: Conversation) -> str | None:
         """Send every unsent part of the conversation in order. Returns why it stopped early
         ("opted_out", "withheld"), or None once all went out."""
-        async with self._sessions() as session:
+        async with self._reads() as session:
             parts = list(
                 await session.scalars(
                     select(Message)
@@ -461,7 +462,7 @@ class ReplyFlow:
         """The oldest candidate no stored message claims: an identical earlier reply is not ours."""
         if not candidates:
             return None
-        async with self._sessions() as session:
+        async with self._reads() as session:
             known = set(
                 await session.scalars(
                     select(Message.provider_message_id).where(
