@@ -46,6 +46,14 @@ REPLIES = Counter(
     "rate limited or failed before a reply was written.",
     ["status"],
 )
+RATE_LIMITED = Counter(
+    "parley_rate_limited",
+    "Messages not answered because a limit was reached, by scope: conversation "
+    "(REPLY_RATE_LIMIT) or global (MODEL_CALLS_LIMIT, the whole deployment).",
+    ["scope"],
+)
+for _scope in ("conversation", "global"):  # both series exist from the start, at 0
+    RATE_LIMITED.labels(_scope)
 ASSISTANT_LATENCY = Histogram(
     "parley_assistant_latency_seconds",
     "Duration of one model call, by outcome.",
@@ -97,6 +105,14 @@ def count_inbound(channel: str, duplicate: bool, enqueued: bool) -> None:
 def count_replies(status: str, amount: int = 1) -> None:
     if amount > 0:
         REPLIES.labels(status).inc(amount)
+
+
+def count_rate_limited(scope: str, amount: int) -> None:
+    """Messages marked `rate_limited`; also counted as `parley_replies_total{status=…}`, the
+    name dashboards used before the global limit existed."""
+    if amount > 0:
+        RATE_LIMITED.labels(scope).inc(amount)
+        count_replies("rate_limited", amount)
 
 
 def observe_model_call(

@@ -202,3 +202,18 @@ class ReplyJob(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="jobs")
+
+
+class ModelCallWindow(Base):
+    """`MODEL_CALLS_LIMIT`'s ledger: model calls started in one fixed window, deployment-wide.
+    Every process takes its place by one conditional UPDATE of this row (see service/budget.py),
+    so the count is exact across processes. Keyed by the window's length too, so a changed
+    limit starts its own windows."""
+
+    __tablename__ = "model_call_window"
+
+    window_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    warned_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # first refusal
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service import metrics
 from service.assistant import Completion, Model, ModelError
+from service.budget import ModelCallBudget
 from service.channels.base import ChannelClient, LookupUnsupported
 from service.conversation import HELP_TEXT, build_prompt, shape_reply
 from service.db import reader, session_factory, utcnow
@@ -88,6 +89,7 @@ class ReplyFlow:
         self._model = model
         self._channels = channels
         self._warned_until: dict[int, float] = {}
+        self._budget = ModelCallBudget(engine, settings.model_calls_cap, settings.model_calls_limit)
 
     # ------------------------------------------------------------ the steps
 
@@ -126,9 +128,9 @@ class ReplyFlow:
         for _, group in steps:
             if group is helps:
                 await self._store_reply(conversation, helps, HELP_TEXT, Author.FIXED)
-            elif await self._over_rate_limit(conversation):
+            elif scope := await self._limit_reached(conversation):
                 await self._mark(questions, InboundState.RATE_LIMITED)
-                metrics.count_replies("rate_limited", len(questions))
+                metrics.count_rate_limited(scope, len(questions))
                 outcome = "rate_limited"
             else:
                 completion, call_id = await self._ask_model(conversation, questions)
@@ -211,6 +213,16 @@ class ReplyFlow:
                 select(Conversation.id).where(Conversation.local_address == address).limit(1)
             )
         return found is not None
+
+    async def _limit_reached(self, conversation: Conversation) -> str | None:
+        """Which limit forbids a model call now, "conversation" (`REPLY_RATE_LIMIT`) or
+        "global" (`MODEL_CALLS_LIMIT`), or None; passing the global one takes a place in its
+        window, so only ask right before the call."""
+        if await self._over_rate_limit(conversation):
+            return "conversation"
+        if not await self._budget.take():
+            return "global"
+        return None
 
     async def _over_rate_limit(self, conversation: Conversation) -> bool:
         limit = self._settings.rate_limit
