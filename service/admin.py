@@ -19,7 +19,7 @@ from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import shape_reply
-from service.db import session_factory, utcnow
+from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message, ReplyJob
 from service.notify import notify_jobs
 from service.types import Author, Channel, Delivery, Intent, JobStatus, Sender
@@ -106,7 +106,7 @@ async def list_conversations(engine: AsyncEngine, page: int, page_size: int) -> 
         .limit(page_size)
         .offset((page - 1) * page_size)
     )
-    async with session_factory(engine)() as session:
+    async with session_factory(reader(engine))() as session:
         total = int(await session.scalar(select(func.count()).select_from(Conversation)) or 0)
         rows = (await session.execute(query)).all()
     return Page(
@@ -117,7 +117,7 @@ async def list_conversations(engine: AsyncEngine, page: int, page_size: int) -> 
 
 async def conversation_detail(engine: AsyncEngine, conversation_id: int) -> Detail:
     """The conversation with its messages and assistant calls, oldest first."""
-    async with session_factory(engine)() as session:
+    async with session_factory(reader(engine))() as session:
         conversation = await session.get(Conversation, conversation_id)
         if conversation is None:
             raise NotFound(conversation_id)
@@ -143,7 +143,7 @@ async def transcript(engine: AsyncEngine, token: str) -> Detail:
     compared in constant time, so an unknown token and a nearly right one fail alike."""
     if not _TOKEN.fullmatch(token):  # not one we could have made: no need to ask the database
         raise NotFound(token)
-    async with engine.connect() as connection:
+    async with reader(engine).connect() as connection:
         row = (
             await connection.execute(
                 select(Conversation.id, Conversation.conversation_url).where(
@@ -235,7 +235,7 @@ async def add_operator_message(
 
 
 async def get_conversation(engine: AsyncEngine, conversation_id: int) -> Conversation:
-    async with session_factory(engine)() as session:
+    async with session_factory(reader(engine))() as session:
         conversation = await session.get(Conversation, conversation_id)
     if conversation is None:
         raise NotFound(conversation_id)
@@ -244,7 +244,7 @@ async def get_conversation(engine: AsyncEngine, conversation_id: int) -> Convers
 
 async def last_inbound(engine: AsyncEngine, conversation_id: int) -> Message | None:
     """The person's latest message: what an operator's email reply threads under."""
-    async with session_factory(engine)() as session:
+    async with session_factory(reader(engine))() as session:
         return await session.scalar(
             select(Message)
             .where(
@@ -271,7 +271,7 @@ async def delete_conversation(engine: AsyncEngine, conversation_id: int) -> Dele
 
 async def count_address(engine: AsyncEngine, address: str) -> Deleted:
     """What `forget(address)` would delete, for the confirmation question."""
-    async with engine.connect() as connection:
+    async with reader(engine).connect() as connection:
         ids = await _ids_of(connection, address, lock=False)
         return await _counts(connection, ids)
 

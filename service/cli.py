@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     _warn_about_secrets(settings)
     from service.web.app import create_app
+    from service.web.protocol import BoundedHeadProtocol
 
     config = uvicorn.Config(
         create_app(settings),
@@ -52,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        http=BoundedHeadProtocol,  # headers over 64 KiB: 431 at once
     )
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
     # handler in place the re-raised SIGTERM is a no-op and a clean stop exits 0.

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from service.channels import email, sms
-from service.db import create_engine, session_factory
+from service.db import create_engine, reader, session_factory
 from service.models import Message
 from service.settings import Settings, settings_or_exit
 from service.types import Delivery, InboundState, Sender
@@ -138,7 +138,7 @@ async def wait_for_reply(
 ) -> str | None:
     """Watch the database for the reply to one inbound message; None if none comes."""
     engine = create_engine(settings.database_url)
-    sessions = session_factory(engine)
+    sessions = session_factory(reader(engine))
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

@@ -2,7 +2,9 @@
 
 SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys (off by default
 in SQLite, and cascade delete needs them) and `BEGIN IMMEDIATE`, so a transaction that reads then
-writes waits for the lock instead of failing with "database is locked" half-way.
+writes waits for the lock instead of failing with "database is locked" half-way. Transactions
+that only read go through `reader(engine)` and begin DEFERRED: they never wait for the write
+lock, so `/healthz`, `/metrics`, transcripts and the API answer while a writer holds it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
 
 
 def utcnow() -> dt.datetime:
@@ -52,7 +55,18 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def reader(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine and pool, for transactions that only read. On SQLite they begin
+    DEFERRED: in WAL mode such a reader sees the last commit and never waits for a writer.
+    Nothing may write through it: a deferred transaction that then writes fails with
+    "database is locked" when another writer is active, instead of waiting its turn."""
+    return engine.execution_options(**{READ_ONLY: True})
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -60,10 +74,13 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 async def database_answers(engine: AsyncEngine) -> bool:
-    """`SELECT 1` through the pool: what `/healthz` reports."""
+    """What `/healthz` reports: a read through the pool that needs no write lock. On SQLite
+    it reads the schema page, so the file itself must answer (`SELECT 1` alone would not
+    touch it)."""
+    probe = "SELECT count(*) FROM sqlite_master" if engine.dialect.name == "sqlite" else "SELECT 1"
     try:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+        async with reader(engine).connect() as connection:
+            await connection.execute(text(probe))
         return True
     except Exception:  # noqa: BLE001 - any failure means "not healthy"
         return False

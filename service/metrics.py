@@ -26,7 +26,7 @@ from prometheus_client import (
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import utcnow
+from service.db import reader, utcnow
 from service.models import ReplyJob
 from service.types import JobStatus
 
@@ -46,6 +46,14 @@ REPLIES = Counter(
     "rate limited or failed before a reply was written.",
     ["status"],
 )
+RATE_LIMITED = Counter(
+    "parley_rate_limited",
+    "Messages not answered because a limit was reached, by scope: conversation "
+    "(REPLY_RATE_LIMIT) or global (MODEL_CALLS_LIMIT, the whole deployment).",
+    ["scope"],
+)
+for _scope in ("conversation", "global"):  # both series exist from the start, at 0
+    RATE_LIMITED.labels(_scope)
 ASSISTANT_LATENCY = Histogram(
     "parley_assistant_latency_seconds",
     "Duration of one model call, by outcome.",
@@ -99,6 +107,14 @@ def count_replies(status: str, amount: int = 1) -> None:
         REPLIES.labels(status).inc(amount)
 
 
+def count_rate_limited(scope: str, amount: int) -> None:
+    """Messages marked `rate_limited`; also counted as `parley_replies_total{status=…}`, the
+    name dashboards used before the global limit existed."""
+    if amount > 0:
+        RATE_LIMITED.labels(scope).inc(amount)
+        count_replies("rate_limited", amount)
+
+
 def observe_model_call(
     seconds: float, ok: bool, prompt_tokens: int | None = None, completion_tokens: int | None = None
 ) -> None:
@@ -127,7 +143,7 @@ class QueueState:
 async def queue_state(engine: AsyncEngine, now: dt.datetime | None = None) -> QueueState:
     now = now or utcnow()
     queued = ReplyJob.status == JobStatus.QUEUED.value
-    async with engine.connect() as connection:
+    async with reader(engine).connect() as connection:
         row = (
             await connection.execute(
                 select(

@@ -40,6 +40,7 @@ NAMING_CONVENTION = {
 }
 
 Id = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER keys only
+LEASE_OWNER_CHARS = 64  # `ReplyJob.lease_owner`: a worker's id must fit (see `worker_id`)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -195,9 +196,24 @@ class ReplyJob(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    lease_owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(LEASE_OWNER_CHARS), index=True)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="jobs")
+
+
+class ModelCallWindow(Base):
+    """`MODEL_CALLS_LIMIT`'s ledger: model calls started in one fixed window, deployment-wide.
+    Every process takes its place by one conditional UPDATE of this row (see service/budget.py),
+    so the count is exact across processes. Keyed by the window's length too, so a changed
+    limit starts its own windows."""
+
+    __tablename__ = "model_call_window"
+
+    window_s: Mapped[int] = mapped_column(Integer, primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column(UTCDateTime, primary_key=True)
+    calls: Mapped[int] = mapped_column(Integer, default=0)
+    warned_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # first refusal
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

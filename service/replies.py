@@ -26,9 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service import metrics
 from service.assistant import Completion, Model, ModelError
+from service.budget import ModelCallBudget
 from service.channels.base import ChannelClient, LookupUnsupported
 from service.conversation import HELP_TEXT, build_prompt, shape_reply
-from service.db import session_factory, utcnow
+from service.db import reader, session_factory, utcnow
 from service.jobs import Claim
 from service.models import AssistantCall, Conversation, Message
 from service.settings import Settings
@@ -83,10 +84,12 @@ class ReplyFlow:
         channels: Mapping[Channel, ChannelClient],
     ) -> None:
         self._sessions: async_sessionmaker[AsyncSession] = session_factory(engine)
+        self._reads = session_factory(reader(engine))  # never waits for SQLite's write lock
         self._settings = settings
         self._model = model
         self._channels = channels
         self._warned_until: dict[int, float] = {}
+        self._budget = ModelCallBudget(engine, settings.model_calls_cap, settings.model_calls_limit)
 
     # ------------------------------------------------------------ the steps
 
@@ -125,9 +128,9 @@ class ReplyFlow:
         for _, group in steps:
             if group is helps:
                 await self._store_reply(conversation, helps, HELP_TEXT, Author.FIXED)
-            elif await self._over_rate_limit(conversation):
+            elif scope := await self._limit_reached(conversation):
                 await self._mark(questions, InboundState.RATE_LIMITED)
-                metrics.count_replies("rate_limited", len(questions))
+                metrics.count_rate_limited(scope, len(questions))
                 outcome = "rate_limited"
             else:
                 completion, call_id = await self._ask_model(conversation, questions)
@@ -153,11 +156,11 @@ class ReplyFlow:
     # ------------------------------------------------------------ reading
 
     async def _conversation(self, conversation_id: int) -> Conversation | None:
-        async with self._sessions() as session:
+        async with self._reads() as session:
             return await session.get(Conversation, conversation_id)
 
     async def _waiting(self, claim: Claim) -> list[Message]:
-        async with self._sessions() as session:
+        async with self._reads() as session:
             result = await session.scalars(
                 select(Message)
                 .where(
@@ -177,7 +180,7 @@ class ReplyFlow:
         limit = self._settings.assistant_history_messages
         if limit == 0:
             return []
-        async with self._sessions() as session:
+        async with self._reads() as session:
             rows = (
                 await session.execute(
                     select(Message.sender, Message.body, Message.reply_to_id)
@@ -205,16 +208,26 @@ class ReplyFlow:
 
     async def _is_own_address(self, address: str) -> bool:
         """Whether Parley itself receives at this address (any conversation's local side)."""
-        async with self._sessions() as session:
+        async with self._reads() as session:
             found = await session.scalar(
                 select(Conversation.id).where(Conversation.local_address == address).limit(1)
             )
         return found is not None
 
+    async def _limit_reached(self, conversation: Conversation) -> str | None:
+        """Which limit forbids a model call now, "conversation" (`REPLY_RATE_LIMIT`) or
+        "global" (`MODEL_CALLS_LIMIT`), or None; passing the global one takes a place in its
+        window, so only ask right before the call."""
+        if await self._over_rate_limit(conversation):
+            return "conversation"
+        if not await self._budget.take():
+            return "global"
+        return None
+
     async def _over_rate_limit(self, conversation: Conversation) -> bool:
         limit = self._settings.rate_limit
         since = utcnow() - dt.timedelta(seconds=limit.window_s)
-        async with self._sessions() as session:
+        async with self._reads() as session:
             count = await session.scalar(
                 select(func.count())
                 .select_from(AssistantCall)
@@ -374,7 +387,7 @@ class ReplyFlow:
     async def _send_unsent(self, conversation: Conversation) -> str | None:
         """Send every unsent part of the conversation in order. Returns why it stopped early
         ("opted_out", "withheld"), or None once all went out."""
-        async with self._sessions() as session:
+        async with self._reads() as session:
             parts = list(
                 await session.scalars(
                     select(Message)
@@ -461,7 +474,7 @@ class ReplyFlow:
         """The oldest candidate no stored message claims: an identical earlier reply is not ours."""
         if not candidates:
             return None
-        async with self._sessions() as session:
+        async with self._reads() as session:
             known = set(
                 await session.scalars(
                     select(Message.provider_message_id).where(

@@ -22,7 +22,8 @@ _WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 @dataclass(frozen=True)
 class RateLimit:
-    """`REPLY_RATE_LIMIT`: at most `count` replies per conversation in `window_s` seconds."""
+    """At most `count` in `window_s` seconds: replies per conversation (`REPLY_RATE_LIMIT`),
+    model calls per deployment (`MODEL_CALLS_LIMIT`)."""
 
     count: int
     window_s: int
@@ -33,6 +34,11 @@ class RateLimit:
         if not match or int(match.group(1)) < 1:
             raise ValueError("expected N/second, N/minute, N/hour or N/day, e.g. 60/hour")
         return cls(int(match.group(1)), _WINDOW_SECONDS[match.group(2)])
+
+    @classmethod
+    def parse_or_unlimited(cls, text: str) -> RateLimit | None:
+        """Like `parse`, and `0` means no limit (None)."""
+        return None if text.strip() == "0" else cls.parse(text)
 
 
 class SettingsError(Exception):
@@ -76,6 +82,7 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(1.0, gt=0)  # how often an idle worker looks for due jobs
     shutdown_grace_s: float = Field(10.0, ge=0)  # running replies may finish this long on stop
     reply_rate_limit: str = "60/hour"
+    model_calls_limit: str = "10000/hour"  # the whole deployment's; "0" = unlimited
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None
 
@@ -111,6 +118,17 @@ class Settings(BaseSettings):
         RateLimit.parse(value)
         return value
 
+    @field_validator("model_calls_limit")
+    @classmethod
+    def _check_model_calls_limit(cls, value: str) -> str:
+        try:
+            RateLimit.parse_or_unlimited(value)
+        except ValueError:
+            raise ValueError(
+                "expected 0 (unlimited) or N/second, N/minute, N/hour or N/day"
+            ) from None
+        return value
+
     @field_validator("public_base_url")
     @classmethod
     def _check_public_base_url(cls, value: str | None) -> str | None:
@@ -123,6 +141,10 @@ class Settings(BaseSettings):
     @property
     def rate_limit(self) -> RateLimit:
         return RateLimit.parse(self.reply_rate_limit)
+
+    @property
+    def model_calls_cap(self) -> RateLimit | None:
+        return RateLimit.parse_or_unlimited(self.model_calls_limit)
 
     @property
     def twilio_auth_tokens(self) -> list[str]:

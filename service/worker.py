@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.assistant import Model
 from service.channels.base import ChannelClient
 from service.jobs import Claim, JobQueue
+from service.models import LEASE_OWNER_CHARS
 from service.notify import listen_for_jobs
 from service.replies import GiveUp, ReplyFlow, RetryLater, Superseded
 from service.settings import Settings
@@ -40,8 +42,17 @@ def backoff_s(attempt: int, base_s: float, retry_after_s: float | None = None) -
     return max(delay, retry_after_s or 0.0)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+def worker_id(host: str | None = None) -> str:
+    """`host:pid:random`: readable in logs, unique per process, and always within the lease
+    owner column. A host name too long for it (a Kubernetes pod's may have 253 characters)
+    keeps its start plus a digest of the whole name, so long names sharing a prefix differ."""
+    host = socket.gethostname() if host is None else host
+    tail = f":{os.getpid()}:{secrets.token_hex(3)}"
+    room = LEASE_OWNER_CHARS - len(tail)
+    if len(host) > room:
+        digest = hashlib.sha256(host.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        host = f"{host[: room - len(digest) - 1]}~{digest}"
+    return host + tail
 
 
 class Worker:
@@ -51,8 +62,9 @@ class Worker:
         settings: Settings,
         model: Model,
         channels: Mapping[Channel, ChannelClient],
+        owner: str | None = None,
     ) -> None:
-        self.queue = JobQueue(engine, worker_id(), settings.reply_lease_s)
+        self.queue = JobQueue(engine, owner or worker_id(), settings.reply_lease_s)
         self.flow = ReplyFlow(engine, settings, model, channels)
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s

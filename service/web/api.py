@@ -2,13 +2,18 @@
 $ADMIN_TOKEN`, compared in constant time. Without `ADMIN_TOKEN` every `/api` path answers 404,
 as if the API did not exist; with it, every path (known or not) wants the token first.
 
-Request and response bodies are pydantic models; errors are `{"error": "…"}`.
+Request and response bodies are pydantic models; errors are `{"error": "…"}`. Whatever a
+client sends, a malformed request is a 4xx and one warning line, never a 500: ids and numbers
+are checked as text before they become integers (Python refuses to convert more than 4300
+digits), JSON that nests too deep is refused like any other unreadable body.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import re
 import secrets
 from typing import Any
 
@@ -24,10 +29,15 @@ from service.settings import Settings
 from service.types import Channel
 from service.web.limits import BodyTooLarge, read_body
 
+log = logging.getLogger(__name__)
+
 MAX_OPERATOR_CHARS = 10_000
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1
+MAX_ID_DIGITS = len(str(MAX_ID))
+_DECIMAL = re.compile(r"[0-9]+")
 NO_STORE = {"Cache-Control": "no-store"}
+JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json\s*(?:;.*)?$", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- bodies
@@ -127,6 +137,11 @@ class OperatorMessageIn(BaseModel):
             raise ValueError("body must not be empty")
         if "\x00" in value:
             raise ValueError("body must not contain NUL characters")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (`"\ud800"` in JSON)
+                raise ValueError("body must be valid Unicode text") from None
         return value.strip()
 
 
@@ -148,8 +163,26 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     )
 
 
-def _error(status_code: int, message: str, **extra: Any) -> JSONResponse:
+def _error(request: Request, status_code: int, message: str, **extra: Any) -> JSONResponse:
+    """A refusal: its JSON answer and one warning line (no traceback, no credentials)."""
+    log.warning(
+        "api %s %r refused: %.300s status=%d",
+        request.method,
+        request.url.path[:200],
+        message,
+        status_code,
+    )
     return JSONResponse({"error": message, **extra}, status_code=status_code, headers=NO_STORE)
+
+
+def _whole_number(raw: str, most: int) -> int | None:
+    """`raw` as an integer in 1..most, or None: checked as text first, so a 5000-digit value
+    costs nothing and never reaches `int()`."""
+    digits = raw.lstrip("0")
+    if not _DECIMAL.fullmatch(raw) or len(digits) > MAX_ID_DIGITS:
+        return None
+    value = int(digits or "0")
+    return value if 1 <= value <= most else None
 
 
 def _base_url(request: Request, settings: Settings) -> str:
@@ -158,8 +191,8 @@ def _base_url(request: Request, settings: Settings) -> str:
 
 
 def _conversation_id(request: Request) -> int | None:
-    value = int(request.path_params["conversation_id"])
-    return value if 0 < value <= MAX_ID else None
+    """The path's id; None for anything that cannot be one (no such conversation: 404)."""
+    return _whole_number(request.path_params["conversation_id"], MAX_ID)
 
 
 def _positive_int(request: Request, name: str, default: int, most: int | None) -> int | str:
@@ -167,17 +200,15 @@ def _positive_int(request: Request, name: str, default: int, most: int | None) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    limit = f" and at most {most}" if most else ""
-    if not raw.isdigit() or not raw.isascii():
-        return f"{name} must be a whole number of at least 1{limit}, got {raw!r}"
-    value = int(raw)
-    if value < 1 or (most is not None and value > most) or value > MAX_ID:
-        return f"{name} must be at least 1{limit}, got {value}"
+    value = _whole_number(raw, most or MAX_ID)
+    if value is None:
+        limit = f" and at most {most}" if most else ""
+        return f"{name} must be a whole number of at least 1{limit}, got {raw[:40]!r}"
     return value
 
 
-def _not_found(conversation_id: object) -> JSONResponse:
-    return _error(404, f"no conversation {conversation_id}")
+def _not_found(request: Request) -> JSONResponse:
+    return _error(request, 404, f"no conversation {request.path_params['conversation_id'][:40]}")
 
 
 # ---------------------------------------------------------------- routes
@@ -189,10 +220,10 @@ async def list_conversations(request: Request) -> Response:
     page_size = _positive_int(request, "page_size", 20, admin.MAX_PAGE_SIZE)
     for value in (page, page_size):
         if isinstance(value, str):
-            return _error(400, value)
+            return _error(request, 400, value)
     assert isinstance(page, int) and isinstance(page_size, int)
     if (page - 1) * page_size > MAX_ID:
-        return _error(400, "page is out of range")
+        return _error(request, 400, "page is out of range")
     found = await admin.list_conversations(services.engine, page, page_size)
     base = _base_url(request, services.settings)
     return _json(
@@ -216,7 +247,7 @@ async def get_conversation(request: Request) -> Response:
             raise admin.NotFound(request.path_params["conversation_id"])
         detail = await admin.conversation_detail(services.engine, conversation_id)
     except admin.NotFound:
-        return _not_found(request.path_params["conversation_id"])
+        return _not_found(request)
     users = sum(1 for m in detail.messages if m.sender == "user")
     summary = ConversationOut.of(
         detail.conversation,
@@ -240,7 +271,7 @@ async def delete_conversation(request: Request) -> Response:
             raise admin.NotFound(conversation_id)
         await admin.delete_conversation(request.app.state.services.engine, conversation_id)
     except admin.NotFound:
-        return _not_found(request.path_params["conversation_id"])
+        return _not_found(request)
     return Response(status_code=204, headers=NO_STORE)
 
 
@@ -251,7 +282,7 @@ async def _set_paused(request: Request, paused: bool) -> Response:
             raise admin.NotFound(conversation_id)
         await admin.set_paused(request.app.state.services.engine, conversation_id, paused)
     except admin.NotFound:
-        return _not_found(request.path_params["conversation_id"])
+        return _not_found(request)
     return Response(status_code=204, headers=NO_STORE)
 
 
@@ -264,16 +295,18 @@ async def resume(request: Request) -> Response:
 
 
 async def _operator_body(request: Request) -> OperatorMessageIn | Response:
+    if not JSON_TYPE.match(request.headers.get("content-type", "")):
+        return _error(request, 400, "expected a JSON body with Content-Type: application/json")
     try:
         raw = await read_body(request, MAX_REQUEST_BYTES)
     except BodyTooLarge:
-        return _error(413, f"request body over {MAX_REQUEST_BYTES} bytes")
+        return _error(request, 413, f"request body over {MAX_REQUEST_BYTES} bytes")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # unreadable, not UTF-8, or nested too deep
         data = None
     if not isinstance(data, dict):
-        return _error(400, 'expected a JSON object such as {"body": "…"}')
+        return _error(request, 400, 'expected a JSON object such as {"body": "…"}')
     try:
         return OperatorMessageIn.model_validate(data)
     except ValidationError as exc:
@@ -281,7 +314,7 @@ async def _operator_body(request: Request) -> OperatorMessageIn | Response:
         message = "; ".join(
             f"{'.'.join(map(str, p['loc'])) or 'request'}: {p['msg']}" for p in problems
         )
-        return _error(422, message, details=problems)
+        return _error(request, 422, message, details=problems)
 
 
 async def operator_message(request: Request) -> Response:
@@ -300,9 +333,11 @@ async def operator_message(request: Request) -> Response:
             services.engine, conversation_id, body.body, envelope
         )
     except admin.NotFound:
-        return _not_found(request.path_params["conversation_id"])
+        return _not_found(request)
     except admin.OptedOut:
-        return _error(409, "the person opted out: nothing can be sent to them until they opt in")
+        return _error(
+            request, 409, "the person opted out: nothing can be sent to them until they opt in"
+        )
     if services.worker is not None:
         services.worker.wake()
     return _json(OperatorMessageOut(conversation_id=conversation_id, message_ids=ids), 202)
@@ -344,22 +379,30 @@ class AdminOnly:
 def _refusal(request: Request) -> Response | None:
     settings: Settings = request.app.state.services.settings
     if not settings.admin_token:
-        return _error(404, "not found")
+        return _error(request, 404, "not found")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     expected = settings.admin_token.encode("utf-8")
     if scheme.lower() == "bearer" and secrets.compare_digest(
         given.strip().encode("utf-8"), expected
     ):
         return None
-    response = _error(401, "missing or wrong bearer token (Authorization: Bearer $ADMIN_TOKEN)")
+    response = _error(
+        request, 401, "missing or wrong bearer token (Authorization: Bearer $ADMIN_TOKEN)"
+    )
     response.headers["WWW-Authenticate"] = 'Bearer realm="parley"'
     return response
 
 
+async def _no_route(scope: Scope, receive: Receive, send: Send) -> None:
+    await _error(Request(scope), 404, "no such API path")(scope, receive, send)
+
+
 def create_api() -> ASGIApp:
-    conversation = "/conversations/{conversation_id:int}"
+    conversation = "/conversations/{conversation_id}"  # checked by `_conversation_id`
     return AdminOnly(
         Router(
+            redirect_slashes=False,  # never a 3xx
+            default=_no_route,
             routes=[
                 Route("/conversations", list_conversations, methods=["GET"]),
                 Route(conversation, get_conversation, methods=["GET"]),
@@ -367,6 +410,6 @@ def create_api() -> ASGIApp:
                 Route(f"{conversation}/pause", pause, methods=["POST"]),
                 Route(f"{conversation}/resume", resume, methods=["POST"]),
                 Route(f"{conversation}/messages", operator_message, methods=["POST"]),
-            ]
+            ],
         )
     )

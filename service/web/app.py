@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from service.assistant import Model, create_model
@@ -26,6 +28,8 @@ from service.web import api, health, transcript, webhooks
 from service.worker import Worker
 
 log = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass
@@ -99,6 +103,13 @@ async def _shutdown(services: Services) -> None:
     await services.engine.dispose()
 
 
+def webhook(path: str, endpoint: Endpoint) -> list[Route]:
+    """A webhook at `path` and at `path/`, answered alike: providers do not follow redirects
+    (SendGrid drops the mail), and an operator may configure either form. The handler sees
+    the URL as requested, so Twilio's signature is checked against what Twilio signed."""
+    return [Route(p, endpoint, methods=["POST"]) for p in (path, f"{path}/")]
+
+
 def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
@@ -106,11 +117,12 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", health.metrics, methods=["GET"]),
             Route("/c/{conversation_url}", transcript.page, methods=["GET"]),
             Mount("/api", app=api.create_api()),
-            Route("/webhooks/twilio/sms", webhooks.twilio_sms, methods=["POST"]),
-            Route("/webhooks/twilio/status", webhooks.twilio_status, methods=["POST"]),
-            Route("/webhooks/sendgrid/inbound", webhooks.sendgrid_inbound, methods=["POST"]),
+            *webhook("/webhooks/twilio/sms", webhooks.twilio_sms),
+            *webhook("/webhooks/twilio/status", webhooks.twilio_status),
+            *webhook("/webhooks/sendgrid/inbound", webhooks.sendgrid_inbound),
         ],
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # never a 3xx: a path either exists or is a 404
     app.state.settings = settings
     return app

@@ -1,0 +1,120 @@
+"""`MODEL_CALLS_LIMIT`: the most model calls the whole deployment makes per window.
+
+The windows are fixed (an hour from each full hour UTC, for `N/hour`), counted in one database
+row each (`model_call_window`), so every process of a deployment draws on the same count.
+Taking a place is one short write transaction:
+
+1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it);
+2. `UPDATE … SET calls = calls + 1 WHERE calls < limit`: granted when a row was updated.
+
+The conditional UPDATE is atomic (PostgreSQL locks the row and re-checks the condition after
+waiting; SQLite has one writer), so processes racing for the last place cannot both get it:
+no overshoot. A place is taken *before* the call, so it counts even if the call then fails (a
+failed call may cost too) or the process dies first (a lost place, never an extra call).
+A fixed window lets up to twice the limit through across one boundary (the end of one window
+and the start of the next); that is the price of an O(1) check.
+
+Once a process sees its window full it refuses without asking the database until the window
+ends (a full window stays full). The first refusal in a window, deployment-wide, marks the row
+(`warned_at`) and logs the one warning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import ColumnElement, delete, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import utcnow
+from service.models import ModelCallWindow
+from service.settings import RateLimit
+
+log = logging.getLogger(__name__)
+
+KEEP_HISTORY = dt.timedelta(days=1)  # windows older than this (and than one window) are pruned
+
+
+def window_start(moment: dt.datetime, window_s: int) -> dt.datetime:
+    """The start of the fixed window holding `moment`: windows begin at multiples of their
+    length since the epoch (full hours for `/hour`, midnight UTC for `/day`)."""
+    seconds = int(moment.timestamp())
+    return dt.datetime.fromtimestamp(seconds - seconds % window_s, dt.UTC)
+
+
+class ModelCallBudget:
+    """One process's handle on the deployment's model-call budget."""
+
+    def __init__(self, engine: AsyncEngine, limit: RateLimit | None, setting: str) -> None:
+        self._engine = engine
+        self._limit = limit
+        self._setting = setting  # as configured, for the warning
+        self._full_window: dt.datetime | None = None
+
+    async def take(self) -> bool:
+        """A place for one model call in the current window; False when the window is full."""
+        if self._limit is None:
+            return True
+        now = utcnow()
+        start = window_start(now, self._limit.window_s)
+        if start == self._full_window:
+            return False
+        async with self._engine.begin() as connection:
+            if await self._take(connection, start, now):
+                return True
+            first = await self._mark_warned(connection, start, now)
+        self._full_window = start
+        if first:
+            log.warning(
+                "MODEL_CALLS_LIMIT (%s) reached: no model calls until %s; messages meanwhile "
+                "are stored and marked rate_limited",
+                self._setting,
+                (start + dt.timedelta(seconds=self._limit.window_s)).isoformat(),
+            )
+        return False
+
+    def _key(self, start: dt.datetime) -> tuple[ColumnElement[bool], ...]:
+        assert self._limit is not None
+        return (
+            ModelCallWindow.window_s == self._limit.window_s,
+            ModelCallWindow.window_start == start,
+        )
+
+    async def _take(
+        self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
+    ) -> bool:
+        assert self._limit is not None
+        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+        created = await connection.execute(
+            insert(ModelCallWindow)
+            .values(window_s=self._limit.window_s, window_start=start, calls=0, created_at=now)
+            .on_conflict_do_nothing()
+        )
+        if created.rowcount:  # the window's first call: forget the old ones
+            await self._prune(connection, start)
+        taken = await connection.execute(
+            update(ModelCallWindow)
+            .where(*self._key(start), ModelCallWindow.calls < self._limit.count)
+            .values(calls=ModelCallWindow.calls + 1)
+        )
+        return bool(taken.rowcount)
+
+    async def _mark_warned(
+        self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
+    ) -> bool:
+        """Whether this is the window's first refusal anywhere in the deployment."""
+        marked = await connection.execute(
+            update(ModelCallWindow)
+            .where(*self._key(start), ModelCallWindow.warned_at.is_(None))
+            .values(warned_at=now)
+        )
+        return bool(marked.rowcount)
+
+    async def _prune(self, connection: AsyncConnection, start: dt.datetime) -> None:
+        assert self._limit is not None
+        keep = max(KEEP_HISTORY, dt.timedelta(seconds=self._limit.window_s))
+        await connection.execute(
+            delete(ModelCallWindow).where(ModelCallWindow.window_start < start - keep)
+        )
