@@ -499,3 +499,18 @@ async def test_with_postgresql_not_listening_webhooks_answer_503(
 
     assert response.status_code == 503
     one_warning(logged.records, "the database is unavailable (ConnectionRefusedError)")
+
+
+async def test_a_recut_from_of_a_stored_message_is_a_duplicate_with_no_new_conversation(
+    make_settings: SettingsFactory, engine: AsyncEngine
+) -> None:
+    data = recording("twilio/sms_hello.json")
+    forged = recut(data["body"], "From", "FromCity")  # From=+15550001111FromCitySAN FRANCISCO
+    headers = {k: v for k, v in data["headers"].items() if k.lower() != "content-length"}
+    async with running_app(silent_settings(make_settings)) as client:
+        assert (await replay(client, "twilio/sms_hello.json")).status_code == 200
+        assert (await client.post(data["path"], content=forged, headers=headers)).status_code == 200
+
+    [conversation] = await conversations(engine)
+    assert conversation.remote_address == TEXTER
+    assert [m.conversation_id for m in await user_messages(engine)] == [conversation.id]
