@@ -74,6 +74,15 @@ def _sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's wrappers (it names what happened; the
+    message is not logged, as it can quote the values)."""
+    inner = getattr(exc, "orig", None) or exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return inner
+
+
 def storage_failure(exc: BaseException) -> StorageFailure | None:
     """What a database exception means for the request; None for anything else (a bug).
 
@@ -84,9 +93,7 @@ def storage_failure(exc: BaseException) -> StorageFailure | None:
     open database file", `InterfaceError`, a lost connection, an unmigrated schema), a pool
     timeout, and the OS errors of connecting (refused, unreachable, unknown host)."""
     state = _sqlstate(exc)
-    detail = type(getattr(exc, "orig", None) or exc).__name__ + (
-        f", SQLSTATE {state}" if state else ""
-    )
+    detail = type(_innermost(exc)).__name__ + (f", SQLSTATE {state}" if state else "")
     if (
         isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError | UnicodeError)
         or (state is not None and state[:2] in _VALUE_SQLSTATE_CLASSES)
