@@ -9,16 +9,19 @@ commits at once. Every request gets its 2xx only after its rows are durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, and_, delete, select, update
+from sqlalchemy import Insert, and_, delete, exists, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from service import storable
 from service.conversation import summary_of
 from service.db import utcnow
 from service.models import (
@@ -38,11 +41,87 @@ REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is s
 ConversationKey = tuple[str, str, str]
 
 
+class StorageFailure(Exception):
+    """Storing failed; `status` is what the webhook answers."""
+
+    status = 500
+
+
+class StoreRefused(StorageFailure):
+    """The database refused this request's values. `storable` should make that impossible, so
+    it is a bug to report, but never a 5xx: the provider would retry the same bytes for days."""
+
+    status = 400
+
+
+class StoreUnavailable(StorageFailure):
+    """The database cannot be reached or cannot commit now: the provider should retry."""
+
+    status = 503
+
+
+# SQLSTATE classes about the values of a statement: 22 data exception (NUL, too long, bad
+# encoding), 23 integrity constraint violation. Any other database error is the database's state.
+_VALUE_SQLSTATE_CLASSES = ("22", "23")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """asyncpg's SQLSTATE (SQLAlchemy wraps asyncpg's DataError as a bare `DBAPIError`)."""
+    for candidate in (exc, getattr(exc, "orig", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The driver's own exception under SQLAlchemy's wrappers (it names what happened; the
+    message is not logged, as it can quote the values)."""
+    inner = getattr(exc, "orig", None) or exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return inner
+
+
+def storage_failure(exc: BaseException) -> StorageFailure | None:
+    """What a database exception means for the request; None for anything else (a bug).
+
+    Refused (400): SQLAlchemy's `DataError` and `IntegrityError` (sqlite3), SQLSTATE classes 22
+    and 23 (asyncpg), a string the driver cannot encode (sqlite3 raises `UnicodeEncodeError`
+    unwrapped) and a parameter SQLAlchemy cannot bind (`StatementError`). Unavailable (503):
+    every other database error (`OperationalError` such as "database is locked" or "unable to
+    open database file", `InterfaceError`, a lost connection, an unmigrated schema), a pool
+    timeout, and the OS errors of connecting (refused, unreachable, unknown host)."""
+    state = _sqlstate(exc)
+    detail = type(_innermost(exc)).__name__ + (f", SQLSTATE {state}" if state else "")
+    if (
+        isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError | UnicodeError)
+        or (state is not None and state[:2] in _VALUE_SQLSTATE_CLASSES)
+        or (isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError))
+    ):
+        return StoreRefused(f"the database refused a value ({detail})")
+    if isinstance(exc, sa_exc.DBAPIError | sa_exc.TimeoutError | OSError | TimeoutError) or state:
+        return StoreUnavailable(f"the database is unavailable ({detail})")
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors() -> Iterator[None]:
+    """Raise database exceptions as the `StorageFailure` they mean; others unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        failure = storage_failure(exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
 @dataclass(frozen=True)
 class Recorded:
     """What became of one inbound message."""
 
-    conversation_id: int
+    conversation_id: int | None  # None for a redelivery that named a conversation never used
     message_id: int | None  # None when it was a redelivery of a stored message
     enqueued: bool  # a reply job was created
 
@@ -61,10 +140,10 @@ def _key(inbound: Inbound) -> ConversationKey:
 
 
 async def upsert_conversations(
-    connection: AsyncConnection, inbounds: Sequence[Inbound]
+    connection: AsyncConnection, inbounds: Sequence[Inbound], now: dt.datetime
 ) -> dict[ConversationKey, Any]:
-    """Find or create each conversation in one statement; touch `updated_at` on the found ones."""
-    now = utcnow()
+    """Find or create each conversation in one statement; touch `updated_at` on the found ones.
+    The ones created here have `created_at == now`."""
     first_of: dict[ConversationKey, Inbound] = {}
     for inbound in inbounds:
         first_of.setdefault(_key(inbound), inbound)
@@ -158,11 +237,18 @@ async def record_inbound(
     """Store a batch of inbound messages and enqueue their replies, inside the caller's
     transaction: conversation upsert, message insert, job insert, plus the rare state changes
     (opt-out keywords, messages that arrive while opted out or paused)."""
-    conversations = await upsert_conversations(connection, inbounds)
+    started = utcnow()
+    conversations = await upsert_conversations(connection, inbounds, started)
     unique = _unique_by_provider_id(inbounds)
     new_ids = await insert_new_messages(
         connection, unique, [conversations[_key(i)].id for i in unique]
     )
+    if len(new_ids) < len(inbounds):
+        dropped = await _drop_unused_conversations(
+            connection, conversations, unique, new_ids, started
+        )
+        for key in dropped:
+            del conversations[key]
     opted_out = {key: bool(row.opted_out) for key, row in conversations.items()}
     not_answered: list[int] = []
     jobs: list[dict[str, Any]] = []
@@ -202,10 +288,38 @@ async def record_inbound(
     results = []
     for inbound in inbounds:
         message_id = new_ids.pop((inbound.channel.value, inbound.provider_message_id), None)
+        conversation = conversations.get(_key(inbound))
         results.append(
-            Recorded(conversations[_key(inbound)].id, message_id, message_id in enqueued)
+            Recorded(conversation and conversation.id, message_id, message_id in enqueued)
         )
     return results
+
+
+async def _drop_unused_conversations(
+    connection: AsyncConnection,
+    conversations: dict[ConversationKey, Any],
+    inbounds: Sequence[Inbound],
+    new_ids: dict[tuple[str, str], int],
+    created_at: dt.datetime,
+) -> list[ConversationKey]:
+    """Delete the conversations this transaction created that got no message (a redelivery
+    naming another From or To), so a duplicate never leaves an empty conversation behind.
+    Called only for batches with a duplicate: the common path pays nothing. Returns their keys."""
+    used = {_key(i) for i in inbounds if (i.channel.value, i.provider_message_id) in new_ids}
+    unused = {key: row.id for key, row in conversations.items() if key not in used}
+    if not unused:
+        return []
+    result = await connection.execute(
+        delete(Conversation)
+        .where(
+            Conversation.id.in_(unused.values()),
+            Conversation.created_at == created_at,  # created by this transaction, not found
+            ~exists().where(Message.conversation_id == Conversation.id),
+        )
+        .returning(Conversation.id)
+    )
+    dropped = set(result.scalars())
+    return [key for key, conversation_id in unused.items() if conversation_id in dropped]
 
 
 async def _apply_opt_changes(
@@ -235,7 +349,22 @@ async def update_delivery(
     error: str | None,
 ) -> bool:
     """Apply a provider's delivery report, forward only: a late `sent` never undoes
-    `delivered`. Returns whether a message moved."""
+    `delivered`. Returns whether a message moved; raises `StorageFailure` as the writer does.
+    The id and error are made storable here, the one door for every channel's reports."""
+    provider_message_id = storable.provider_id(provider_message_id)
+    with storage_errors():
+        return await _apply_delivery(
+            engine, channel, provider_message_id, status, storable.error(error)
+        )
+
+
+async def _apply_delivery(
+    engine: AsyncEngine,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> bool:
     earlier = [d.value for d, rank in DELIVERY_RANK.items() if rank < DELIVERY_RANK[status]]
     values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
     if error:
@@ -350,10 +479,14 @@ class InboundWriter:
         self._task = None
 
     async def record(self, inbound: Inbound) -> Recorded:
+        """Store one message once its batch commits. Every channel's message is made storable
+        here, before it can join a batch (`storable.Unstorable` when it cannot be); the
+        database's own refusal is `StoreRefused`, and its absence `StoreUnavailable`."""
         if self._task is None:
             raise RuntimeError("InboundWriter.start() was not called")
+        clean = storable.inbound(inbound)
         future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(inbound, future))
+        self._queue.put_nowait(_Pending(clean, future))
         return await asyncio.shield(future)  # a client hanging up must not undo the write
 
     async def _run(self) -> None:
@@ -371,12 +504,18 @@ class InboundWriter:
         try:
             results = await self._commit([p.inbound for p in batch])
         except Exception as exc:
+            failure = storage_failure(exc)
+            if isinstance(failure, StoreUnavailable):  # no row is to blame: fail them all now
+                for pending in batch:
+                    _settle(pending.future, StoreUnavailable(*failure.args))
+                return
             if len(batch) > 1:  # one bad row must not fail its neighbours: retry one by one
                 for pending in batch:
                     await self._write([pending])
                 return
-            log.exception("storing inbound message failed")
-            _settle(batch[0].future, exc)
+            if failure is None:  # not the database's doing: a bug, with its traceback
+                log.exception("storing inbound message failed")
+            _settle(batch[0].future, failure or exc)
             return
         for pending, result in zip(batch, results, strict=True):
             _settle(pending.future, result)

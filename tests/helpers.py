@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -125,3 +126,14 @@ async def settled(engine: AsyncEngine) -> bool:
     """No job queued or running: the worker has nothing left to do."""
     pending = await jobs(engine, ReplyJob.status.in_(["queued", "running"]))
     return not pending
+
+
+def one_warning(records: list[logging.LogRecord], containing: str) -> str:
+    """The one warning line a refused request logs: no other warning, no traceback."""
+    warnings = [r for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    [record] = warnings
+    message = record.getMessage()
+    assert record.exc_info is None and "\n" not in message, message
+    assert containing in message, message
+    return message

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,11 @@ REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")
 UNSUBSCRIBED_RECIPIENT = 21610
 CLOCK_SKEW = dt.timedelta(minutes=2)  # between our clock and Twilio's
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+# Twilio's message ids, exactly. The signature concatenates keys and values with no separator,
+# so a captured request re-cut at a key/value boundary (`MessageSid=SM…NumMedia0`) still
+# validates: only the id's exact shape tells the forgery from Twilio's request.
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
+SID_FIELDS = ("MessageSid", "SmsSid")
 
 # Twilio's MessageStatus values, mapped onto Parley's forward-only delivery states.
 TWILIO_STATUS = {
@@ -94,18 +100,26 @@ def to_e164(number: str) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
+def check_sids(form: Mapping[str, Any]) -> None:
+    """`MessageSid` and `SmsSid`, where present, must be Twilio's `SM…`/`MM…` + 32 hex digits."""
+    for name in SID_FIELDS:
+        if name in form and not MESSAGE_SID.fullmatch(form[name]):
+            raise InvalidWebhook(f"{name} is not a Twilio message sid (SM or MM + 32 hex digits)")
+
+
 def parse_inbound(form: Mapping[str, Any]) -> Inbound:
     missing = [name for name in REQUIRED_FIELDS if name not in form]
     if missing:
         raise InvalidWebhook(f"missing field(s): {', '.join(missing)}")
-    if not form["MessageSid"].strip() or not form["From"].strip() or not form["To"].strip():
-        raise InvalidWebhook("MessageSid, From and To must not be empty")
+    check_sids(form)
+    if not form["From"].strip() or not form["To"].strip():
+        raise InvalidWebhook("From and To must not be empty")
     media = [
         form[f"MediaUrl{i}"] for i in range(_int(form.get("NumMedia"))) if f"MediaUrl{i}" in form
     ]
     return Inbound(
         channel=Channel.SMS,
-        provider_message_id=form["MessageSid"].strip(),
+        provider_message_id=form["MessageSid"],
         remote_address=to_e164(form["From"]),
         local_address=to_e164(form["To"]),
         body=form["Body"],
@@ -129,13 +143,21 @@ class StatusUpdate:
 
 
 def parse_status(form: Mapping[str, Any]) -> StatusUpdate:
-    sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
+    check_sids(form)
+    sid = form.get("MessageSid") or form.get("SmsSid") or ""
     raw = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
     if not sid or raw not in TWILIO_STATUS:
         raise InvalidWebhook("a status callback needs MessageSid and a known MessageStatus")
-    code = form.get("ErrorCode")
-    error = f"Twilio error {code}" if code and code != "0" else None
-    return StatusUpdate(sid, TWILIO_STATUS[raw], error)
+    return StatusUpdate(sid, TWILIO_STATUS[raw], _error_of(form))
+
+
+def _error_of(form: Mapping[str, Any]) -> str | None:
+    """`Twilio error 30003`, with Twilio's `ErrorMessage` when it sends one (cleaned on store)."""
+    code = (form.get("ErrorCode") or "").strip()
+    if not code or code == "0":
+        return None
+    message = (form.get("ErrorMessage") or "").strip()
+    return f"Twilio error {code}" + (f": {message}" if message else "")
 
 
 # ---------------------------------------------------------------- outbound

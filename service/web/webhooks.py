@@ -14,10 +14,10 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import metrics
+from service import metrics, storable
 from service.channels import email, sms
 from service.settings import Settings
-from service.store import Recorded, update_delivery
+from service.store import Recorded, StorageFailure, update_delivery
 from service.types import Inbound
 from service.web.limits import BodyTooLarge, read_body
 
@@ -38,9 +38,17 @@ def _refuse(status: int, reason: str, started: float, path: str) -> Response:
     return Response(reason + "\n", status_code=status, media_type="text/plain")
 
 
-async def _store(request: Request, inbound: Inbound, started: float) -> None:
-    """Hand the message to the inbound writer and wait for its commit; count and log it."""
-    recorded: Recorded = await request.app.state.services.writer.record(inbound)
+async def _store(request: Request, inbound: Inbound, started: float) -> Response | None:
+    """Hand the message to the inbound writer and wait for its commit; count and log it.
+    Returns the refusal to send instead of the 2xx: 400 for what cannot be stored, 503 while
+    the database is unavailable."""
+    path = request.url.path
+    try:
+        recorded: Recorded = await request.app.state.services.writer.record(inbound)
+    except storable.Unstorable as exc:
+        return _refuse(400, str(exc), started, path)
+    except StorageFailure as exc:
+        return _refuse(exc.status, str(exc), started, path)
     metrics.count_inbound(inbound.channel.value, recorded.duplicate, recorded.enqueued)
     if recorded.duplicate:
         outcome = "duplicate"
@@ -49,11 +57,12 @@ async def _store(request: Request, inbound: Inbound, started: float) -> None:
     log.info(
         "webhook %s conversation=%s message=%s outcome=%s duration_ms=%d",
         inbound.channel,
-        recorded.conversation_id,
+        recorded.conversation_id or "-",
         recorded.message_id or "-",
         outcome,
         (time.perf_counter() - started) * 1000,
     )
+    return None
 
 
 def signed_url(request: Request, settings: Settings) -> str:
@@ -94,7 +103,10 @@ async def _twilio_form(request: Request, started: float) -> dict[str, str] | Res
         request.headers.get("x-twilio-webhooks-signature-settings"),
     ):
         return _refuse(403, "bad or missing X-Twilio-Signature", started, path)
-    return dict(pairs)
+    form = dict(pairs)
+    if settings.twilio_account_sid and form.get("AccountSid") != settings.twilio_account_sid:
+        return _refuse(403, "AccountSid is not TWILIO_ACCOUNT_SID", started, path)
+    return form
 
 
 async def twilio_sms(request: Request) -> Response:
@@ -106,8 +118,9 @@ async def twilio_sms(request: Request) -> Response:
         inbound = sms.parse_inbound(form)
     except sms.InvalidWebhook as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    await _store(request, inbound, started)
-    return Response(sms.EMPTY_TWIML, media_type="text/xml")
+    return await _store(request, inbound, started) or Response(
+        sms.EMPTY_TWIML, media_type="text/xml"
+    )
 
 
 async def twilio_status(request: Request) -> Response:
@@ -119,13 +132,16 @@ async def twilio_status(request: Request) -> Response:
         update = sms.parse_status(form)
     except sms.InvalidWebhook as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    moved = await update_delivery(
-        request.app.state.services.engine,
-        "sms",
-        update.provider_message_id,
-        update.status,
-        update.error,
-    )
+    try:
+        moved = await update_delivery(
+            request.app.state.services.engine,
+            "sms",
+            update.provider_message_id,
+            update.status,
+            update.error,
+        )
+    except StorageFailure as exc:
+        return _refuse(exc.status, str(exc), started, request.url.path)
     metrics.count_webhook(request.url.path, "applied" if moved else "ignored")
     log.info(
         "webhook status sid=%s status=%s applied=%s duration_ms=%d",
@@ -175,5 +191,4 @@ async def sendgrid_inbound(request: Request) -> Response:
         return _refuse(413, "email over MAX_EMAIL_BYTES", started, request.url.path)
     except email.InvalidInbound as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    await _store(request, inbound, started)
-    return Response("ok\n", media_type="text/plain")
+    return await _store(request, inbound, started) or Response("ok\n", media_type="text/plain")

@@ -1,0 +1,183 @@
+"""Storable text (SPEC §9): what `service.storable` makes of hostile values, and what the email
+channel stores through it on SQLite and PostgreSQL (the SMS side is in test_hostile_twilio).
+A value PostgreSQL refuses (NUL, an over-long id, a lone surrogate) must never become a 500."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import storable
+from service.channels.email import inbound_parse_fields
+from service.models import Message
+from service.types import Channel, Inbound
+from tests.conftest import SettingsFactory, running_app
+from tests.helpers import conversations, messages, one_warning, recorded_body, recording
+
+INBOUND = "/webhooks/sendgrid/inbound"
+GMAIL_ID = b"<CAF=first-alice@mail.gmail.com>"
+AUTHORIZATION = "Basic " + base64.b64encode(b"parley:inbound-secret").decode()
+
+
+# ------------------------------------------------------------------ the pure rules
+
+
+def test_bodies_keep_tab_and_line_breaks_and_lose_other_controls() -> None:
+    assert storable.text("a\tb\r\nc\n\x00d\x07\x1b\x7f\x85\x9fe") == "a\tb\r\nc\nde"
+
+
+def test_lone_surrogates_become_replacement_characters_and_split_pairs_join() -> None:
+    assert storable.text("a\ud800b\udfffc") == "a\ufffdb\ufffdc"
+    assert storable.text("smile \ud83d\ude00") == "smile \U0001f600"
+    assert storable.text("a\ud800b\udfffc").encode("utf-8")  # encodable at last
+
+
+def test_lines_lose_every_control_and_are_cut_at_a_space() -> None:
+    assert storable.line(" Re:\r\n\tHi\x00 there\x1b ", 100) == "Re: Hi there"
+    assert storable.line("one two three", 9) == "one two"
+    assert storable.line("x" * 20, 9) == "x" * 9
+
+
+def test_a_long_provider_id_is_a_stable_digest_and_a_short_one_is_kept() -> None:
+    long_id = "<" + "x" * 300 + "@mail.example.com>"
+    digest = storable.provider_id(long_id)
+    assert digest == "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()
+    assert storable.provider_id(long_id) == digest and len(digest) <= storable.MAX_PROVIDER_ID
+    assert storable.provider_id(" <a\x00b@c>\r\n") == "<ab@c>"
+    assert storable.provider_id("x" * 255) == "x" * 255
+
+
+def test_addresses_over_320_characters_or_empty_are_refused() -> None:
+    assert storable.address("+1555\x000001111", "From") == "+15550001111"
+    assert storable.address("a" * 320, "From") == "a" * 320
+    with pytest.raises(storable.Unstorable, match="From has 321 characters, more than 320"):
+        storable.address("a" * 321, "From")
+    with pytest.raises(storable.Unstorable, match="From is empty"):
+        storable.address("\x00\t", "From")
+
+
+def test_json_documents_hold_only_clean_strings_and_finite_numbers() -> None:
+    value = {"k\x00": ["a\r\nb", 3, math.nan, {"n": math.inf, "ok": True, "none": None}]}
+    assert storable.json_value(value) == {
+        "k": ["a b", 3, None, {"n": None, "ok": True, "none": None}]
+    }
+
+
+def test_an_inbound_is_made_storable_in_every_field() -> None:
+    message = Inbound(
+        channel=Channel.EMAIL,
+        provider_message_id="<" + "i" * 400 + "@x>",
+        remote_address="alice\x00@example.com",
+        local_address="assistant@parley.example.com\r\n",
+        body="hello\x00\r\nworld\ud800",
+        subject="Hi\r\n\x1bthere" + "s" * 2000,
+        headers={"Message-ID": "<a\r\nb@x>", "References": "<r1@x>\x00 <r2@x>"},
+        meta={"attachments": [{"name": "a\x00.png", "size": 3}]},
+    )
+    clean = storable.inbound(message)
+    assert clean.provider_message_id == storable.provider_id(message.provider_message_id)
+    assert (clean.remote_address, clean.local_address) == (
+        "alice@example.com",
+        "assistant@parley.example.com",
+    )
+    assert clean.body == "hello\r\nworld\ufffd"
+    assert clean.subject == ("Hi there" + "s" * 2000)[: storable.MAX_SUBJECT]
+    assert clean.headers == {"Message-ID": "<a b@x>", "References": "<r1@x> <r2@x>"}
+    assert clean.meta == {"attachments": [{"name": "a.png", "size": 3}]}
+
+
+# ------------------------------------------------------------------ through the email webhook
+
+
+def gmail_first(*replacements: tuple[bytes, bytes]) -> bytes:
+    body = recorded_body(recording("sendgrid/gmail_first.json"))
+    for old, new in replacements:
+        assert old in body, old
+        body = body.replace(old, new)
+    return body
+
+
+async def post_email(client: httpx.AsyncClient, body: bytes) -> httpx.Response:
+    headers = recording("sendgrid/gmail_first.json")["headers"]
+    return await client.post(
+        INBOUND, content=body, headers={k: v for k, v in headers.items() if k != "Content-Length"}
+    )
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING)
+    return caplog
+
+
+async def test_a_long_message_id_is_stored_as_its_digest_and_deduplicated(
+    make_settings: SettingsFactory, engine: AsyncEngine
+) -> None:
+    long_id = b"<" + b"x" * 300 + b"@mail.gmail.com>"
+    body = gmail_first((GMAIL_ID, long_id))
+    async with running_app(make_settings(embedded_worker=False)) as client:
+        responses = [await post_email(client, body) for _ in range(2)]
+
+    assert [r.status_code for r in responses] == [200, 200]
+    [message] = await messages(engine)
+    assert message.provider_message_id == "sha256:" + hashlib.sha256(long_id).hexdigest()
+    assert message.headers["Message-ID"] == long_id.decode()  # threading keeps the real id
+    assert len(await conversations(engine)) == 1
+
+
+async def test_nul_in_an_email_body_subject_and_message_id_is_removed(
+    make_settings: SettingsFactory, engine: AsyncEngine
+) -> None:
+    body = gmail_first(
+        (b"Subject: Hi\r\n", b"Subject: H\x00i\x1b\r\n"),
+        (GMAIL_ID, b"<CAF=first\x00-alice@mail.gmail.com>"),
+        (b"plan a weekend", b"plan a\x00 weekend"),
+    )
+    async with running_app(make_settings(embedded_worker=False)) as client:
+        response = await post_email(client, body)
+
+    assert response.status_code == 200, response.text
+    [message] = await messages(engine)
+    assert message.subject == "Hi"
+    assert message.provider_message_id == GMAIL_ID.decode()
+    assert "\x00" not in message.body and "plan a weekend" in message.body
+
+
+async def test_an_email_from_over_320_characters_is_400_and_nothing_stored(
+    make_settings: SettingsFactory, engine: AsyncEngine, logged: pytest.LogCaptureFixture
+) -> None:
+    body = gmail_first((b"alice@example.com", b"a" * 400 + b"@example.com"))
+    async with running_app(make_settings(embedded_worker=False)) as client:
+        logged.clear()
+        response = await post_email(client, body)
+
+    assert response.status_code == 400
+    one_warning(logged.records, "the sender address has 412 characters, more than 320")
+    assert await conversations(engine) == [] and await messages(engine) == []
+
+
+async def test_a_lone_surrogate_decoded_from_an_email_is_stored_as_a_replacement_character(
+    make_settings: SettingsFactory, engine: AsyncEngine
+) -> None:
+    fields = inbound_parse_fields(
+        "caf+AOk- +2AA- ok", "dave@example.org", "assistant@parley.example.com", "Hi", "<u7@x>"
+    )
+    fields["charsets"] = json.dumps({**json.loads(fields["charsets"]), "text": "utf-7"})
+    assert "\ud800" in b"caf+AOk- +2AA- ok".decode("utf-7")  # what Parley decodes
+    async with running_app(make_settings(embedded_worker=False)) as client:
+        response = await client.post(
+            INBOUND,
+            files={name: (None, value) for name, value in fields.items()},
+            headers={"Authorization": AUTHORIZATION},
+        )
+
+    assert response.status_code == 200, response.text
+    [message] = await messages(engine, Message.sender == "user")
+    assert message.body == "café \ufffd ok"
