@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service import metrics
+from service import metrics, storable
 from service.assistant import Completion, Model, ModelError
 from service.budget import ModelCallBudget
 from service.channels.base import ChannelClient, LookupUnsupported
@@ -339,7 +339,8 @@ class ReplyFlow:
                 status=Delivery.PENDING.value,
                 reply_to_id=last.id,
             )
-            for part in shape_reply(Channel(conversation.channel), text)
+            # A model may answer with NUL or stray control characters: PostgreSQL refuses NUL.
+            for part in shape_reply(Channel(conversation.channel), storable.text(text))
         ]
         async with self._sessions.begin() as session:
             claimed = await session.execute(

@@ -19,7 +19,18 @@ from service.channels.email import inbound_parse_fields
 from service.models import Message
 from service.types import Channel, Inbound
 from tests.conftest import SettingsFactory, running_app
-from tests.helpers import conversations, messages, one_warning, recorded_body, recording
+from tests.fakes import FakeProviders
+from tests.helpers import (
+    conversations,
+    eventually,
+    messages,
+    one_warning,
+    post_twilio,
+    recorded_body,
+    recording,
+    settled,
+    twilio_form,
+)
 
 INBOUND = "/webhooks/sendgrid/inbound"
 GMAIL_ID = b"<CAF=first-alice@mail.gmail.com>"
@@ -181,3 +192,18 @@ async def test_a_lone_surrogate_decoded_from_an_email_is_stored_as_a_replacement
     assert response.status_code == 200, response.text
     [message] = await messages(engine, Message.sender == "user")
     assert message.body == "café \ufffd ok"
+
+
+async def test_a_model_answer_with_nul_and_controls_is_stored_and_sent_clean(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """PostgreSQL refuses NUL: a model that answers with one must not fail the reply forever."""
+    providers.openai_reply = lambda _request: "Open\x00 at 9\x07, closes at 5.\nSee you!"
+    async with running_app(make_settings()) as client:
+        response = await post_twilio(client, twilio_form(Body="When do you open?"))
+        assert response.status_code == 200
+        await eventually(lambda: settled(engine))
+
+    [reply] = await messages(engine, Message.sender == "assistant")
+    assert (reply.body, reply.status) == ("Open at 9, closes at 5.\nSee you!", "queued")
+    assert [m["Body"] for m in providers.twilio_sent] == ["Open at 9, closes at 5.\nSee you!"]
