@@ -225,8 +225,11 @@ class _Fields:
 
 
 def bare_address(value: object) -> str:
-    """The address in a header value, lower-cased; control characters never survive."""
-    return parseaddr(header_text(str(value or "")))[1].strip().lower()
+    """The address in a header value, lower-cased. Line breaks (from a decoded display name)
+    are spaces; any other control character is kept, so `_usable` refuses it rather than
+    reading a different address."""
+    text = str(value or "").replace("\r", " ").replace("\n", " ")
+    return parseaddr(text)[1].strip().lower()
 
 
 def _usable(address: str, role: str) -> str:
