@@ -117,7 +117,7 @@ def _text_mail(text: str) -> Callable[[str], list[Field]]:
 
 def _many_parts(message_id: str) -> list[Field]:
     parts = b"".join(
-        b"--b\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i for i in range(10_000)
+        b"--b\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % i for i in range(30_000)
     )
     return raw_post(
         message_id,
@@ -177,7 +177,7 @@ HOSTILE: list[Hostile] = [
     ),
     ("header: Content-Type with 20,000 ';'", _semicolons),
     ("header: Subject of 20,000 encoded words", _encoded_subject),
-    ("mime: 10,000 parts", _many_parts),
+    ("mime: 30,000 parts", _many_parts),
     ("mime: 2,000 levels deep", _deep_nesting),
     ("mime: 19 levels, 1.7 million short lines", _nested_short_lines),
 ]

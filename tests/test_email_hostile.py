@@ -51,7 +51,7 @@ BODY_STARTS = {
     "text: 100 KB of 'On a a a ...' lines, no 'wrote:'": "On a a a",
     "header: Content-Type with 20,000 ';'": "Hello from a long Content-Type",
     "header: Subject of 20,000 encoded words": "Hello from a long subject",
-    "mime: 10,000 parts": "Hello from many parts",
+    "mime: 30,000 parts": "Hello from many parts",
     "mime: 2,000 levels deep": "",  # the text part is past the nesting cap
     "mime: 19 levels, 1.7 million short lines": "",  # past the deadline: no text was read
 }
@@ -72,17 +72,20 @@ def sent_mails(providers: FakeProviders) -> list[dict[str, Any]]:
 
 
 async def timed_with_healthz(client: httpx.AsyncClient, post: Any) -> tuple[Any, float, float]:
-    """Run `post` while polling `/healthz` on the same app; (result, seconds, worst latency)."""
+    """Run `post` while polling `/healthz` on the same app (the same event loop); returns
+    (result, seconds, worst wait). The wait counts from the previous answer, so a stalled
+    loop shows even when no request was in flight while it stalled."""
     worst = 0.0
     done = asyncio.Event()
 
     async def poll() -> None:
         nonlocal worst
+        last = time.perf_counter()
         while not done.is_set():
-            sent = time.perf_counter()
-            assert (await client.get("/healthz")).status_code == 200
-            worst = max(worst, time.perf_counter() - sent)
             await asyncio.sleep(0.01)
+            assert (await client.get("/healthz")).status_code == 200
+            now = time.perf_counter()
+            worst, last = max(worst, now - last - 0.01), now
 
     poller = asyncio.create_task(poll())
     started = time.perf_counter()
@@ -106,7 +109,7 @@ async def test_a_hostile_mail_is_stored_once_in_bounded_time_and_healthz_keeps_a
     print(f"{name}: webhook {seconds:.2f} s, /healthz at worst {healthz * 1000:.0f} ms")
 
     assert response.status_code == 200, response.text
-    assert seconds < 10 and healthz < 2.0
+    assert seconds < 5 and healthz < 2.0  # SPEC §9: 2 s and 250 ms; generous for slow hosts
     assert (await post_fields(app, fields)).status_code == 200  # SendGrid's retry
     [stored] = await messages(engine, Message.sender == "user")
     assert stored.provider_message_id == "<hostile@example.com>"
@@ -145,6 +148,16 @@ async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a
     )
     assert latest.body.startswith("Hi! Could you help me plan a weekend in Lisbon?")
     assert "-- \nAlice" not in latest.body  # stripped as ever
+
+
+async def test_mail_after_mail_reuses_one_warm_extraction_process(
+    app: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    extractor = app.app.state.services.extractor  # type: ignore[attr-defined]
+    for name in ("gmail_first", "html_only", "raw_gmail", "thunderbird_raw"):
+        assert (await post_fields(app, with_fields(name))).status_code == 200
+        assert extractor.running == 1
+    assert len(await messages(engine, Message.sender == "user")) == 4
 
 
 async def test_a_mail_with_unreadable_top_level_headers_is_one_warning_line(

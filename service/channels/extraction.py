@@ -288,7 +288,7 @@ class Extractor:
     ) -> None:
         self._budget_s = budget_s
         self._deadline_s = deadline_s
-        self._slots: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._slots: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()  # warm child first
         self._all = [_Slot() for _ in range(processes)]
         for slot in self._all:
             self._slots.put_nowait(slot)
