@@ -19,6 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.channels.email_limits import MAX_TEXT_CHARS
+from service.channels.extraction import Extractor, MailContent
 from service.models import Conversation, Message
 from tests.conftest import SettingsFactory, running_app
 from tests.email_posts import (
@@ -158,6 +159,40 @@ async def test_mail_after_mail_reuses_one_warm_extraction_process(
         assert (await post_fields(app, with_fields(name))).status_code == 200
         assert extractor.running == 1
     assert len(await messages(engine, Message.sender == "user")) == 4
+
+
+QUOTED = (
+    "Hello, is the shop open on Sunday?\n\n"
+    "On Tue, 24 Nov 2026, Parley <p@example.com> wrote:\n> Yes."
+)
+SLOW = "\n" + ("On " * 160 + "\n") * 60  # within every cap, still ~0.4 s of reply stripping
+
+
+@pytest.mark.parametrize(
+    ("content", "starts", "contains"),
+    [
+        (MailContent(plain=QUOTED + SLOW), "Hello, is the shop open", "> Yes."),
+        (MailContent(html=f"<p>Hello &amp; welcome</p><p>{SLOW}</p>"), "Hello & welcome", "On On"),
+    ],
+)
+async def test_past_its_deadline_a_mail_keeps_its_own_text_truncated_and_unstripped(
+    content: MailContent, starts: str, contains: str
+) -> None:
+    extractor = Extractor(budget_s=30, deadline_s=0.05)  # the app's is 1 s: see the test above
+    try:
+        started = time.perf_counter()
+        extracted = await extractor.extract(content)
+        seconds = time.perf_counter() - started
+        assert extractor.running == 0  # killed at its deadline
+        quick = await extractor.extract(MailContent(plain="Hi\n\n-- \nAlice"))
+    finally:
+        await extractor.close()
+
+    print(f"fell back after {seconds:.2f} s (child start included)")
+    assert extracted.problem and "stopped after" in extracted.problem
+    assert extracted.body.startswith(starts) and contains in extracted.body
+    assert "<p>" not in extracted.body
+    assert (quick.body, quick.problem) == ("Hi", None)  # a new child, stripping as ever
 
 
 async def test_a_mail_with_unreadable_top_level_headers_is_one_warning_line(

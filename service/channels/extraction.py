@@ -38,6 +38,7 @@ from service.channels.email_limits import (
     cap_text,
     decode_text,
     fallback_body,
+    header_text,
 )
 
 # The child's work on one mail, from handing it over to its last answer.
@@ -114,8 +115,8 @@ def _part_text(part: MIMEPart | None) -> str | None:
 def _attachments_of(message: EmailMessage) -> Attachments:
     return [
         {
-            "name": part.get_filename() or "",
-            "type": part.get_content_type(),
+            "name": header_text(part.get_filename() or ""),
+            "type": header_text(part.get_content_type()),
             "size": len(part.get_payload(decode=True) or b""),
         }
         for part in message.iter_attachments()
