@@ -173,7 +173,8 @@ def main() -> None:
             for answer in _answers(fields, mime):
                 _write(protocol, answer)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which falls back
-            _write(protocol, {"kind": "error", "error": f"{type(exc).__name__}: {exc}"[:300]})
+            error = header_text(f"{type(exc).__name__}: {exc}")[:300]  # one log line
+            _write(protocol, {"kind": "error", "error": error})
 
 
 # ---------------------------------------------------------------- in the serve process
