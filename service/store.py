@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service import storable
 from service.conversation import summary_of
-from service.db import utcnow
+from service.db import reader, utcnow
 from service.models import (
     Conversation,
     DeliveryReport,
@@ -534,3 +534,15 @@ def _settle(future: asyncio.Future[Recorded], outcome: Recorded | BaseException)
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str) -> bool:
+    """Whether this provider message is stored already: a webhook checks before any costly
+    parsing, so a redelivery costs one indexed read (the insert still dedupes races)."""
+    async with reader(engine).connect() as connection:
+        found = await connection.scalar(
+            select(Message.id)
+            .where(Message.channel == channel, Message.provider_message_id == provider_message_id)
+            .limit(1)
+        )
+    return found is not None

@@ -32,6 +32,7 @@ class Intent(enum.StrEnum):
     OPT_IN = "opt_in"  # START, YES, UNSTOP: replies resume, no answer to the keyword itself
     HELP = "help"  # HELP, INFO: the fixed help text
     NO_REPLY = "no_reply"  # stored but never answered (auto-replies, bounces, loops)
+    UNVERIFIED = "unverified"  # stored, never answered: the sender failed authentication
 
 
 class Delivery(enum.StrEnum):

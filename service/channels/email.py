@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import email
-import email.policy
 import hashlib
 import html
 import json
@@ -19,8 +17,9 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses, parseaddr
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,27 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from service.channels.base import LookupUnsupported
-from service.channels.email_text import html_to_text, latest_reply
+from service.channels.email_limits import (
+    BOUNDED,
+    MAX_ADDRESS_CHARS,
+    MAX_AUTH_FIELD_CHARS,
+    MAX_FORM_PART_HEADER_BYTES,
+    MAX_FORM_PARTS,
+    MAX_HEADER_BLOCK_BYTES,
+    MAX_HEADER_CHARS,
+    MAX_HTML_CHARS,
+    MAX_MESSAGE_ID_CHARS,
+    MAX_REFERENCES,
+    MAX_SUBJECT_CHARS,
+    MAX_TEXT_CHARS,
+    cap_header_block,
+    decode_text,
+    header_text,
+    header_token,
+    split_head,
+    storable,
+)
+from service.channels.extraction import Extracted, MailContent
 
 if TYPE_CHECKING:
     from service.channels.sendgrid_rest import SendGridRest
@@ -42,6 +61,8 @@ AUTO_REPLY = "auto-replied"
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 _SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
 _BULK_PRECEDENCE = {"bulk", "junk", "list"}
+_DKIM_RESULT = re.compile(r"@([^\s:,{}@]{1,253})\s{0,5}:\s{0,5}([a-z]{1,16})")
+MAX_JSON_FIELD_CHARS = 64 * 1024  # `envelope`, `charsets`: a few hundred bytes in practice
 
 
 class InvalidInbound(ValueError):
@@ -76,8 +97,9 @@ class Part:
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
     """Fields as raw bytes: SendGrid sends each text field in its own charset (see `charsets`),
-    so decoding must wait until that field is read."""
-    kind, options = parse_options_header(content_type)
+    so decoding must wait until that field is read. At most `MAX_FORM_PARTS` parts, each with
+    at most `MAX_FORM_PART_HEADER_BYTES` of part headers."""
+    kind, options = parse_options_header(content_type[:MAX_HEADER_CHARS])
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         raise InvalidInbound("expected multipart/form-data with a boundary")
@@ -85,14 +107,23 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
     current: dict[str, Any] = {}
 
     def on_part_begin() -> None:
+        if sum(len(parts) for parts in fields.values()) >= MAX_FORM_PARTS:
+            raise InvalidInbound(f"more than {MAX_FORM_PARTS} form parts")
         current.clear()
-        current.update(headers={}, chunks=[], name=b"", value=b"")
+        current.update(headers={}, chunks=[], name=b"", value=b"", header_bytes=0)
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        _count_header_bytes(end - start)
         current["name"] += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        _count_header_bytes(end - start)
         current["value"] += data[start:end]
+
+    def _count_header_bytes(size: int) -> None:
+        current["header_bytes"] += size
+        if current["header_bytes"] > MAX_FORM_PART_HEADER_BYTES:
+            raise InvalidInbound(f"form part headers over {MAX_FORM_PART_HEADER_BYTES} bytes")
 
     def on_header_end() -> None:
         current["headers"][current["name"].lower()] = current["value"]
@@ -128,7 +159,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
         },
     )
     try:
-        parser.write(body)
+        parser.write(crlf_framing(body, boundary))
         parser.finalize()
     except MultipartParseError as exc:
         raise InvalidInbound(f"malformed multipart body: {exc}") from exc
@@ -137,7 +168,27 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
     return fields
 
 
-# ---------------------------------------------------------------- fields to an Inbound
+def crlf_framing(body: bytes, boundary: bytes) -> bytes:
+    """The body with CRLF framing, which python-multipart requires (RFC 7578). SendGrid's own
+    sample sender (`sendgrid.helpers.inbound.send`) posts its sample files with bare LF line
+    ends; only the framing is rewritten (delimiter lines and part headers), values keep their
+    bytes. Linear: one split, one join."""
+    delimiter = b"--" + boundary
+    start = len(body) - len(body.lstrip(b"\r\n"))
+    if not body.startswith(delimiter + b"\n", start):
+        return body
+    framed = []
+    for section in body[start + len(delimiter) :].split(b"\n" + delimiter):
+        if section.startswith(b"--"):
+            framed.append(b"--\r\n")
+            break
+        head, _, value = section.removeprefix(b"\n").partition(b"\n\n")
+        head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        framed.append(b"\r\n" + head + b"\r\n\r\n" + value)
+    return delimiter + (b"\r\n" + delimiter).join(framed)
+
+
+# ---------------------------------------------------------------- fields to an Envelope
 
 
 class _Fields:
@@ -152,17 +203,20 @@ class _Fields:
         found = self.parts.get(name)
         return found[0].data if found else None
 
-    def text(self, name: str, charset: str | None = None) -> str | None:
+    def text(self, name: str, limit: int, charset: str | None = None) -> str | None:
+        """The field as text, cut to `limit` characters (its bytes first: a charset uses at
+        most 4 bytes a character), so no decoder or parser ever sees more."""
         data = self.raw(name)
         if data is None:
             return None
-        return _decode(data, charset or str(self.charsets.get(name) or "utf-8"))
+        charset = charset or str(self.charsets.get(name) or "utf-8")
+        return decode_text(data[: limit * 4], charset)[:limit]
 
     def _json(self, name: str, charset: str) -> Any:
-        value = self.text(name, charset)
+        value = self.text(name, MAX_JSON_FIELD_CHARS, charset)
         try:
             return json.loads(value) if value else None
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return None
 
     def envelope(self) -> dict[str, Any]:
@@ -170,80 +224,176 @@ class _Fields:
         return value if isinstance(value, dict) else {}
 
 
-def _decode(data: bytes, charset: str) -> str:
+def bare_address(value: object) -> str:
+    """The address in a header value, lower-cased. Line breaks (from a decoded display name)
+    are spaces; any other control character is kept, so `_usable` refuses it rather than
+    reading a different address."""
+    text = str(value or "").replace("\r", " ").replace("\n", " ")
+    return parseaddr(text)[1].strip().lower()
+
+
+def _usable(address: str, role: str) -> str:
+    """The address, or `InvalidInbound` if it could not be stored or written to."""
+    if len(address) > MAX_ADDRESS_CHARS:
+        raise InvalidInbound(f"{role} address over {MAX_ADDRESS_CHARS} characters")
+    if address != header_token(address):
+        raise InvalidInbound(f"{role} address contains spaces or control characters")
+    return address
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An Inbound Parse post read down to its headers: enough to deduplicate the mail and judge
+    its sender before its body, the costly part, is extracted (`extraction.Extractor`)."""
+
+    provider_message_id: str
+    remote_address: str
+    local_address: str
+    subject: str
+    headers: dict[str, str]
+    intent: Intent
+    content: MailContent
+    meta: dict[str, object] = field(default_factory=dict)
+    attachments: list[dict[str, object]] = field(default_factory=list)
+
+    def inbound(self, extracted: Extracted) -> Inbound:
+        attachments = self.attachments or extracted.attachments
+        return Inbound(
+            channel=Channel.EMAIL,
+            provider_message_id=self.provider_message_id,
+            remote_address=self.remote_address,
+            local_address=self.local_address,
+            body=storable(extracted.body),
+            intent=self.intent,
+            subject=self.subject,
+            headers=self.headers,
+            meta={**self.meta, **({"attachments": attachments} if attachments else {})},
+        )
+
+
+def read_envelope(body: bytes, content_type: str) -> Envelope:
+    """The header-level read of an Inbound Parse post; `InvalidInbound` for anything unusable.
+
+    Bounded work: the form is split in one pass and only the capped top-level header block
+    is parsed (`BOUNDED`); the body stays unread for `extraction`."""
+    fields = _Fields(parse_multipart(body, content_type))
     try:
-        return data.decode(charset, "replace")
-    except LookupError:  # an unknown charset name: better some text than none
-        return data.decode("utf-8", "replace")
-
-
-def bare_address(value: str | None) -> str:
-    return parseaddr(value or "")[1].strip().lower()
-
-
-def inbound_from_parts(parts: dict[str, list[Part]]) -> Inbound:
-    """The message in an Inbound Parse post; `InvalidInbound` for anything unusable."""
-    try:
-        return _inbound(_Fields(parts))
+        return _envelope(fields)
     except InvalidInbound:
         raise
-    except Exception as exc:  # a MIME oddity no rule above foresaw: a 4xx with a log, not a 500
-        log.exception("could not read an Inbound Parse post")
-        raise InvalidInbound(f"could not read the message: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # a header oddity no rule above foresaw: a 4xx, not a 500
+        detail = header_text(f"{type(exc).__name__}: {exc}")[:200]
+        raise InvalidInbound(f"could not read the message headers: {detail}") from exc
 
 
-def _inbound(fields: _Fields) -> Inbound:
+def _envelope(fields: _Fields) -> Envelope:
     raw_email = fields.raw("email")
     if raw_email is not None:
-        message = _parse_message(raw_email)
-        body = _body_of(message)
-        attachments = _attachments_of(message)
+        message = _parse_head(split_head(raw_email)[0])
+        content = MailContent(mime=raw_email)
+        attachments = []
     else:
-        message = _parse_message((fields.text("headers") or "").encode("utf-8") + b"\r\n\r\n")
-        text, page = fields.text("text"), fields.text("html")
-        body = text if text and text.strip() else html_to_text(page or "")
+        message = _parse_head((fields.text("headers", MAX_HEADER_BLOCK_BYTES) or "").encode())
+        content = MailContent(
+            plain=fields.text("text", MAX_TEXT_CHARS), html=fields.text("html", MAX_HTML_CHARS)
+        )
         attachments = _attachment_fields(fields)
-    sender = bare_address(message.get("From") or fields.text("from"))
+    sender = bare_address(message.get("From") or fields.text("from", MAX_HEADER_CHARS))
     if not sender:
-        sender = bare_address(str(fields.envelope().get("from") or ""))
+        sender = bare_address(fields.envelope().get("from"))
     if not sender or "@" not in sender:
         raise InvalidInbound("no sender address (From)")
     local = _local_address(fields, message)
     if not local:
         raise InvalidInbound("no recipient address (envelope to / To)")
-    subject = str(message.get("Subject") or fields.text("subject") or "")
-    message_id = str(message.get("Message-ID") or "").strip()
+    message_id, provider_id = _message_ids(message, fields)
     threading = {
         "Message-ID": message_id,  # a made-up id is for dedupe only, never for threading
-        "In-Reply-To": str(message.get("In-Reply-To") or "").strip(),
-        "References": " ".join(str(message.get("References") or "").split()),
+        "In-Reply-To": " ".join(_ids(message.get("In-Reply-To"))),
+        "References": " ".join(_ids(message.get("References"))[-MAX_REFERENCES:]),
     }
-    meta: dict[str, object] = {"attachments": attachments} if attachments else {}
-    return Inbound(
-        channel=Channel.EMAIL,
-        provider_message_id=message_id or _fallback_id(fields),
+    intent, meta = _judged(fields, message, _usable(sender, "sender"), _usable(local, "recipient"))
+    subject = message.get("Subject") or fields.text("subject", MAX_HEADER_CHARS)
+    return Envelope(
+        provider_message_id=provider_id,
         remote_address=sender,
         local_address=local,
-        body=latest_reply(body),
-        intent=Intent.NO_REPLY if is_automatic(message, sender, local) else Intent.MESSAGE,
-        subject=subject,
+        subject=header_text(str(subject or ""))[:MAX_SUBJECT_CHARS],
         headers={k: v for k, v in threading.items() if v},
+        intent=intent,
+        content=content,
         meta=meta,
+        attachments=attachments,
     )
 
 
-def _parse_message(data: bytes) -> EmailMessage:
-    message = email.message_from_bytes(data, policy=email.policy.default)
+def _parse_head(head: bytes) -> EmailMessage:
+    message = BytesHeaderParser(policy=BOUNDED).parsebytes(cap_header_block(head))
     assert isinstance(message, EmailMessage)
     return message
+
+
+def _ids(value: object) -> list[str]:
+    """Message ids in a threading header, each on one line and short enough to store."""
+    return [i for i in header_text(str(value or "")).split() if len(i) <= MAX_MESSAGE_ID_CHARS]
+
+
+def _message_ids(message: EmailMessage, fields: _Fields) -> tuple[str, str]:
+    """The Message-ID to thread by ("" if none or too long) and the id to deduplicate by: the
+    Message-ID, a digest of an over-long one, or a digest of the post without one."""
+    message_id = header_token(str(message.get("Message-ID") or ""))
+    if not message_id:
+        return "", _fallback_id(fields)
+    if len(message_id) > MAX_MESSAGE_ID_CHARS:
+        digest = hashlib.sha256(message_id.encode("utf-8", "replace")).hexdigest()[:40]
+        return "", f"<sha256-{digest}@parley.invalid>"
+    return message_id, message_id
+
+
+def _judged(
+    fields: _Fields, message: EmailMessage, sender: str, local: str
+) -> tuple[Intent, dict[str, object]]:
+    """Whether to answer: not a sender that failed authentication, nor automatic mail."""
+    reason = sender_doubt(
+        fields.text("SPF", MAX_HEADER_CHARS), fields.text("dkim", MAX_AUTH_FIELD_CHARS), sender
+    )
+    if reason:
+        return Intent.UNVERIFIED, {"not_answered_reason": reason}
+    if is_automatic(message, sender, local):
+        return Intent.NO_REPLY, {}
+    return Intent.MESSAGE, {}
+
+
+def sender_doubt(spf: str | None, dkim: str | None, sender: str) -> str | None:
+    """Why the From address is not believed, or None (SPEC §9).
+
+    SendGrid's `SPF` is one word (`pass`, `fail`, `softfail`, `neutral`, `none`, …); its `dkim`
+    lists each signature's domain and result: `{@example.com : pass, @mail.example : fail}`,
+    or `none`. A mail whose SPF is `fail` or `softfail` is believed only with a DKIM pass for
+    the From address's domain (or a parent or child of it, DMARC's relaxed alignment). Mail
+    without an `SPF` field is judged as before: not every setup posts it."""
+    words = (spf or "").split()
+    result = words[0].lower() if words else ""
+    if result not in ("fail", "softfail"):
+        return None
+    domain = sender.rpartition("@")[2]
+    passed = [d.lower().rstrip(".") for d, r in _DKIM_RESULT.findall(dkim or "") if r == "pass"]
+    if any(_aligned(signer, domain) for signer in passed):
+        return None
+    return f"sender not verified: SPF {result} and no DKIM pass for {domain}"
+
+
+def _aligned(signer: str, domain: str) -> bool:
+    return signer == domain or domain.endswith("." + signer) or signer.endswith("." + domain)
 
 
 def _local_address(fields: _Fields, message: EmailMessage) -> str:
     """The address the person wrote to: SendGrid's envelope recipient, else the first To."""
     envelope_to = fields.envelope().get("to")
     if isinstance(envelope_to, list) and envelope_to:
-        return bare_address(str(envelope_to[0]))
-    addresses = getaddresses([str(message.get("To") or fields.text("to") or "")])
+        return bare_address(envelope_to[0])
+    to = message.get("To") or fields.text("to", MAX_HEADER_CHARS) or ""
+    addresses = getaddresses([header_text(str(to))])
     return addresses[0][1].lower() if addresses else ""
 
 
@@ -255,39 +405,17 @@ def _fallback_id(fields: _Fields) -> str:
     return f"<sha256-{digest.hexdigest()[:40]}@parley.invalid>"
 
 
-def _body_of(message: EmailMessage) -> str:
-    """The message's text: its plain part, else its HTML as text; charsets per MIME part."""
-    part = message.get_body(preferencelist=("plain", "html"))
-    if part is None:
-        return ""
-    try:
-        content = part.get_content()
-        text = content if isinstance(content, str) else ""
-    except (LookupError, UnicodeError, ValueError):  # an unknown or lying charset declaration
-        payload = part.get_payload(decode=True)
-        raw = payload if isinstance(payload, bytes) else b""
-        text = _decode(raw, part.get_content_charset() or "utf-8")
-    return html_to_text(text) if part.get_content_subtype() == "html" else text
-
-
-def _attachments_of(message: EmailMessage) -> list[dict[str, object]]:
-    return [
-        {
-            "name": part.get_filename() or "",
-            "type": part.get_content_type(),
-            "size": len(part.get_payload(decode=True) or b""),
-        }
-        for part in message.iter_attachments()
-    ]
-
-
 def _attachment_fields(fields: _Fields) -> list[dict[str, object]]:
     found: list[dict[str, object]] = []
     for name, parts in sorted(fields.parts.items()):
         if name.startswith("attachment") and name[len("attachment") :].isdigit():
             part = parts[0]
             found.append(
-                {"name": part.filename or name, "type": part.content_type, "size": len(part.data)}
+                {
+                    "name": header_text(part.filename or name)[:MAX_HEADER_CHARS],
+                    "type": header_text(part.content_type or "")[:MAX_HEADER_CHARS] or None,
+                    "size": len(part.data),
+                }
             )
     return found
 
@@ -312,21 +440,23 @@ def is_automatic(message: EmailMessage, sender: str, local: str) -> bool:
 
 
 def reply_subject(subject: str | None) -> str:
-    """`Re: <subject>` once, whatever prefixes the subject already carries."""
-    stripped = _REPLY_PREFIX.sub("", subject or "").strip()
+    """`Re: <subject>` once, whatever prefixes the subject already carries; on one line, even
+    for a subject stored before inbound subjects were cleaned."""
+    stripped = _REPLY_PREFIX.sub("", header_text(subject or "")[:MAX_SUBJECT_CHARS]).strip()
     return f"Re: {stripped}" if stripped else "Re: your message"
 
 
 def reply_headers(inbound_headers: Mapping[str, str], local_address: str) -> dict[str, str]:
-    """Threading headers for a reply, and our own Message-ID for the next turn."""
-    domain = local_address.rpartition("@")[2] or "parley.invalid"
+    """Threading headers for a reply, and our own Message-ID for the next turn. Ids are re-read
+    from what was stored (one line each, short), so nothing unclean reaches a header."""
+    domain = header_token(local_address.rpartition("@")[2]) or "parley.invalid"
     headers = {
         "Message-ID": f"<parley-{secrets.token_hex(12)}@{domain}>",
         "Auto-Submitted": AUTO_REPLY,
     }
-    parent = inbound_headers.get("Message-ID", "")
-    if parent:
-        references = inbound_headers.get("References", "").split()
+    parent = header_token(inbound_headers.get("Message-ID", ""))
+    if parent and len(parent) <= MAX_MESSAGE_ID_CHARS:
+        references = _ids(inbound_headers.get("References", ""))[-MAX_REFERENCES:]
         headers["In-Reply-To"] = parent
         if parent not in references:
             references.append(parent)

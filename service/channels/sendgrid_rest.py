@@ -12,6 +12,7 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Header, Mail
 
 from service.channels.email import text_to_html
+from service.channels.email_limits import MAX_SUBJECT_CHARS, header_text, header_token
 from service.types import Delivery, Outbound, SendError, SendResult
 
 
@@ -43,16 +44,24 @@ class SendGridRest:
 
 
 def _mail(outbound: Outbound) -> Mail:
+    """The SDK's mail, every header on one line: the last guard, whatever was stored."""
     mail = Mail(
-        from_email=outbound.from_,
-        to_emails=outbound.to,
-        subject=outbound.subject or "Re: your message",
+        from_email=_address(outbound.from_),
+        to_emails=_address(outbound.to),
+        subject=header_text(outbound.subject or "")[:MAX_SUBJECT_CHARS] or "Re: your message",
         plain_text_content=outbound.body,
         html_content=text_to_html(outbound.body),
     )
     for name, value in outbound.headers.items():
-        mail.add_header(Header(name, value))
+        mail.add_header(Header(header_token(name), header_text(value)))
     return mail
+
+
+def _address(address: str) -> str:
+    """An address as it may go into a header, or a final refusal: never silently another one."""
+    if not address or address != header_token(address):
+        raise SendError(f"unsafe address {address[:80]!r}: not sent", retryable=False)
+    return address
 
 
 def _send_error(exc: HTTPError) -> SendError:

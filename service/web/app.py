@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route
 from service.assistant import Model, create_model
 from service.channels.base import ChannelClient
 from service.channels.email import SendGridEmail
+from service.channels.extraction import Extractor
 from service.channels.sms import TwilioSms
 from service.db import create_engine
 from service.migrate import upgrade
@@ -43,6 +44,7 @@ class Services:
     model: Model
     worker: Worker | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    extractor: Extractor = field(default_factory=Extractor)  # its processes start on first mail
 
 
 def status_callback_url(settings: Settings) -> str | None:
@@ -89,6 +91,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 async def _shutdown(services: Services) -> None:
     await services.writer.stop()
+    await services.extractor.close()
     if services.worker:
         await services.worker.stop()
     # The worker's loop ends by itself once stopped; cancel only what overstays.

@@ -79,6 +79,7 @@ _KEYWORDS = {
     Intent.OPT_OUT.value: "opt-out: no more replies",
     Intent.OPT_IN.value: "opted back in",
     Intent.NO_REPLY.value: "automatic mail: not answered",
+    Intent.UNVERIFIED.value: "sender not verified (SPF failed, no DKIM pass): not answered",
 }
 _DELIVERY = {
     Delivery.PENDING.value: ("pending", "warn"),

@@ -17,8 +17,8 @@ from starlette.responses import Response
 from service import metrics, storable
 from service.channels import email, sms
 from service.settings import Settings
-from service.store import Recorded, StorageFailure, update_delivery
-from service.types import Inbound
+from service.store import Recorded, StorageFailure, is_stored, update_delivery
+from service.types import Channel, Inbound
 from service.web.limits import BodyTooLarge, read_body
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,33 @@ def _email_credentials_refusal(request: Request, started: float) -> Response | N
     return response
 
 
-def _read_email(raw: bytes, content_type: str) -> Inbound:
-    return email.inbound_from_parts(email.parse_multipart(raw, content_type))
+async def _receive_mail(
+    request: Request, raw: bytes, content_type: str, started: float
+) -> Response | None:
+    """Header-level read, then the dedupe check, then body extraction, then the commit. A
+    redelivery of a stored mail stops at the second step: a retried hostile mail costs no
+    extraction. Raises `email.InvalidInbound` for a post that is not a usable mail; returns
+    the storage refusal to send instead of the 2xx, if any."""
+    services = request.app.state.services
+    # The form split and the capped header parse are linear, pure Python: a thread suffices.
+    envelope = await asyncio.to_thread(email.read_envelope, raw, content_type)
+    stored_id = storable.provider_id(envelope.provider_message_id)  # as the writer stores it
+    if await is_stored(services.engine, Channel.EMAIL.value, stored_id):
+        metrics.count_inbound(Channel.EMAIL.value, duplicate=True, enqueued=False)
+        log.info(
+            "webhook email message=%s outcome=duplicate duration_ms=%d",
+            envelope.provider_message_id[:80],
+            (time.perf_counter() - started) * 1000,
+        )
+        return None
+    extracted = await services.extractor.extract(envelope.content)
+    if extracted.problem:
+        log.warning(
+            "email %s: %s; using its truncated, unstripped text",
+            envelope.provider_message_id[:80],
+            extracted.problem,
+        )
+    return await _store(request, envelope.inbound(extracted), started)
 
 
 async def sendgrid_inbound(request: Request) -> Response:
@@ -185,10 +210,9 @@ async def sendgrid_inbound(request: Request) -> Response:
         return _refuse(400, "expected multipart/form-data", started, request.url.path)
     try:
         raw = await read_body(request, settings.max_email_bytes)
-        # MIME parsing and text extraction are CPU work on up to 30 MB: off the event loop.
-        inbound = await asyncio.to_thread(_read_email, raw, content_type)
+        refusal = await _receive_mail(request, raw, content_type, started)
     except BodyTooLarge:
         return _refuse(413, "email over MAX_EMAIL_BYTES", started, request.url.path)
     except email.InvalidInbound as exc:
         return _refuse(400, str(exc), started, request.url.path)
-    return await _store(request, inbound, started) or Response("ok\n", media_type="text/plain")
+    return refusal or Response("ok\n", media_type="text/plain")

@@ -1,0 +1,345 @@
+"""Mail body extraction (MIME parsing, HTML to text, quote and signature stripping) in a child
+process with a deadline, so that no mail, however built, can stall the serve process.
+
+Why a process: mail-parser-reply's regular expressions backtrack for seconds to minutes on some
+lines, and `re` holds the GIL while it does, so a thread stalls the event loop just as much
+(measured: 2000 times `On ` took 1.6 s in `asyncio.to_thread`; the loop stalled 1.6 s). A
+process can be killed at its deadline. It is long-lived (a round trip costs ~0.3 ms, a fresh
+process per mail ~100 ms), started on the first mail, never at idle, and it is the only place
+that imports mail-parser-reply and inscriptis (lxml), which keeps the serve process small.
+
+Past the budget Parley does not wait: it kills the busy child (the next mail starts a new one)
+and uses the text it has, truncated and unstripped (`email_limits.fallback_body`).
+
+The child is `python -m service.channels.extraction`; it speaks length-prefixed JSON frames on
+its stdin/stdout (a request frame is followed by a length-prefixed blob: the raw mail, if any).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage, MIMEPart
+from typing import IO, Any
+
+from service.channels.email_limits import (
+    BOUNDED,
+    cap_html,
+    cap_mime,
+    cap_text,
+    decode_text,
+    fallback_body,
+    header_text,
+)
+
+# The child's work on one mail, from handing it over to its last answer.
+EXTRACT_DEADLINE_S = 1.0
+# One mail in all: waiting for a free child, starting one, and its work. With the header-level
+# read and the commit this keeps the webhook's answer within SPEC §9's 2 s.
+EXTRACT_BUDGET_S = 1.5
+# Children at most (started one by one as mails overlap): one per core on a small host.
+EXTRACTION_PROCESSES = 2
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+_STOP_WAIT_S = 2.0
+
+Attachments = list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class MailContent:
+    """A mail's body as the webhook has it: parsed-mode text fields, or the raw MIME message."""
+
+    plain: str | None = None
+    html: str | None = None
+    mime: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Extracted:
+    body: str
+    attachments: Attachments = field(default_factory=list)
+    problem: str | None = None  # set when the fallback text was used, and why
+
+
+# ---------------------------------------------------------------- in the child
+
+
+def extract_body(plain: str | None, html: str | None) -> str:
+    """The text the model should see: the plain part (else the HTML as text), capped, then cut
+    to its newest reply. The one place that calls `email_text`."""
+    from service.channels.email_text import html_to_text, latest_reply
+
+    if plain and plain.strip():
+        text = cap_text(plain)
+    else:
+        text = cap_text(html_to_text(cap_html(html or "")))
+    return latest_reply(text)
+
+
+def read_mime(raw: bytes) -> tuple[str | None, str | None, Attachments]:
+    """The plain and HTML bodies and the attachment list of a raw mail, its structure and
+    headers capped first (`cap_mime`, `BOUNDED`)."""
+    message = email.message_from_bytes(cap_mime(raw), policy=BOUNDED)
+    assert isinstance(message, EmailMessage)
+    plain = _part_text(message.get_body(preferencelist=("plain",)))
+    page = _part_text(message.get_body(preferencelist=("html",)))
+    return (
+        cap_text(plain) if plain is not None else None,
+        cap_html(page) if page is not None else None,
+        _attachments_of(message),
+    )
+
+
+def _part_text(part: MIMEPart | None) -> str | None:
+    """A text part's content in its declared charset, as well as possible when that lies."""
+    if part is None:
+        return None
+    try:
+        content = part.get_content()
+        return content if isinstance(content, str) else ""
+    except (LookupError, UnicodeError, ValueError):
+        payload = part.get_payload(decode=True)
+        raw = payload if isinstance(payload, bytes) else b""
+        return decode_text(raw, part.get_content_charset() or "utf-8")
+
+
+def _attachments_of(message: EmailMessage) -> Attachments:
+    return [
+        {
+            "name": header_text(part.get_filename() or ""),
+            "type": header_text(part.get_content_type()),
+            "size": len(part.get_payload(decode=True) or b""),
+        }
+        for part in message.iter_attachments()
+    ]
+
+
+def _answers(request: dict[str, Any], mime: bytes) -> Iterator[dict[str, Any]]:
+    """A raw mail's MIME result first, so the parent has its text if stripping overruns."""
+    plain, page = request.get("plain"), request.get("html")
+    if mime:
+        plain, page, attachments = read_mime(mime)
+        yield {"kind": "mime", "plain": plain, "html": page, "attachments": attachments}
+    yield {"kind": "body", "body": extract_body(plain, page)}
+
+
+def _write(stream: IO[bytes], message: dict[str, Any], blob: bytes | None = None) -> None:
+    stream.write(frame(message, blob))
+    stream.flush()
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def _read_request(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
+    parts = []
+    for _ in range(2):
+        head = _read_exactly(stream, 4)
+        if head is None:
+            return None
+        data = _read_exactly(stream, int.from_bytes(head, "big"))
+        if data is None:
+            return None
+        parts.append(data)
+    return json.loads(parts[0]), parts[1]
+
+
+def main() -> None:
+    """The child's loop: one request at a time until its stdin closes."""
+    warnings.simplefilter("ignore")  # a library's warning must not clutter the server's log
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
+    # stops us by closing stdin (or by SIGKILL)
+    protocol = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the protocol
+    import inscriptis  # noqa: F401 - paid for at start, not by the first HTML mail
+
+    import service.channels.email_text  # noqa: F401
+
+    _write(protocol, {"kind": "ready"})
+    while (request := _read_request(sys.stdin.buffer)) is not None:
+        fields, mime = request
+        try:
+            for answer in _answers(fields, mime):
+                _write(protocol, answer)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which falls back
+            error = header_text(f"{type(exc).__name__}: {exc}")[:300]  # one log line
+            _write(protocol, {"kind": "error", "error": error})
+
+
+# ---------------------------------------------------------------- in the serve process
+
+
+def frame(message: dict[str, Any], blob: bytes | None = None) -> bytes:
+    """A length-prefixed JSON frame, and a length-prefixed blob after it when one is given."""
+    data = json.dumps(message).encode("utf-8")
+    framed = len(data).to_bytes(4, "big") + data
+    return framed if blob is None else framed + len(blob).to_bytes(4, "big") + blob
+
+
+class ChildFailed(Exception):
+    """The child went away or broke the protocol: it cannot be used again."""
+
+
+class ExtractionError(ChildFailed):
+    """The child reported an error for this mail; it is still fine for the next one."""
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        size = int.from_bytes(await reader.readexactly(4), "big")
+        if size > MAX_FRAME_BYTES:
+            raise ChildFailed(f"the extraction process sent a {size}-byte frame")
+        answer: dict[str, Any] = json.loads(await reader.readexactly(size))
+    except asyncio.IncompleteReadError as exc:
+        raise ChildFailed("the extraction process exited") from exc
+    return answer
+
+
+@dataclass
+class _Partial:
+    """What is known of a mail's text so far: the fallback if the child does not finish."""
+
+    plain: str | None
+    html: str | None
+    attachments: Attachments = field(default_factory=list)
+
+    def fallback(self, problem: str) -> Extracted:
+        return Extracted(fallback_body(self.plain, self.html), self.attachments, problem)
+
+
+class _Child:
+    """One running extraction process."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+
+    @classmethod
+    async def start(cls) -> _Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.channels.extraction",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        child = cls(process)
+        try:
+            if (await _read_frame(child._stdout)).get("kind") != "ready":
+                raise ChildFailed("the extraction process did not start")
+        except BaseException:
+            await child.kill()
+            raise
+        return child
+
+    async def run(self, content: MailContent, partial: _Partial) -> Extracted:
+        request = {"plain": content.plain, "html": content.html}
+        self._stdin.write(frame(request, content.mime or b""))
+        await self._stdin.drain()
+        while True:
+            answer = await _read_frame(self._stdout)
+            if answer["kind"] == "mime":
+                partial.plain, partial.html = answer["plain"], answer["html"]
+                partial.attachments = answer["attachments"]
+            elif answer["kind"] == "body":
+                return Extracted(answer["body"], partial.attachments)
+            else:
+                raise ExtractionError(str(answer.get("error", "unknown answer")))
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        await self._process.wait()
+
+    async def stop(self) -> None:
+        """Close its stdin (it exits at end of input); kill it if it does not."""
+        self._stdin.close()
+        try:
+            await asyncio.wait_for(self._process.wait(), _STOP_WAIT_S)
+        except TimeoutError:
+            await self.kill()
+
+
+@dataclass
+class _Slot:
+    child: _Child | None = None
+
+
+class Extractor:
+    """Up to `processes` extraction children, started as mails need them. `extract` never takes
+    much longer than `budget_s`, whatever the mail."""
+
+    def __init__(
+        self,
+        budget_s: float = EXTRACT_BUDGET_S,
+        deadline_s: float = EXTRACT_DEADLINE_S,
+        processes: int = EXTRACTION_PROCESSES,
+    ) -> None:
+        self._budget_s = budget_s
+        self._deadline_s = deadline_s
+        self._slots: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()  # warm child first
+        self._all = [_Slot() for _ in range(processes)]
+        for slot in self._all:
+            self._slots.put_nowait(slot)
+
+    @property
+    def running(self) -> int:
+        return sum(slot.child is not None for slot in self._all)
+
+    async def extract(self, content: MailContent) -> Extracted:
+        """The mail's text, or past the budget (or if the child fails) the text it has."""
+        partial = _Partial(content.plain, content.html)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._budget_s):
+                slot = await self._slots.get()
+                try:
+                    return await self._run(slot, content, partial)
+                finally:
+                    self._slots.put_nowait(slot)
+        except TimeoutError:
+            waited = time.monotonic() - started
+            return partial.fallback(f"body extraction stopped after {waited:.1f} s")
+        except ChildFailed as exc:
+            return partial.fallback(f"body extraction failed: {exc}")
+
+    async def _run(self, slot: _Slot, content: MailContent, partial: _Partial) -> Extracted:
+        if slot.child is None:
+            slot.child = await _Child.start()
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await slot.child.run(content, partial)
+        except ExtractionError:
+            raise
+        except BaseException:  # gone, over the deadline or cancelled mid-mail: not reusable
+            await self._discard(slot)
+            raise
+
+    @staticmethod
+    async def _discard(slot: _Slot) -> None:
+        child, slot.child = slot.child, None
+        if child is not None:
+            await child.kill()
+
+    async def close(self) -> None:
+        for slot in self._all:
+            child, slot.child = slot.child, None
+            if child is not None:
+                await child.stop()
+
+
+if __name__ == "__main__":
+    main()
