@@ -27,10 +27,10 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+from service import storable
 from service.channels.base import LookupUnsupported
 from service.channels.email_limits import (
     BOUNDED,
-    MAX_ADDRESS_CHARS,
     MAX_AUTH_FIELD_CHARS,
     MAX_FORM_PART_HEADER_BYTES,
     MAX_FORM_PARTS,
@@ -46,7 +46,6 @@ from service.channels.email_limits import (
     header_text,
     header_token,
     split_head,
-    storable,
 )
 from service.channels.extraction import Extracted, MailContent
 
@@ -234,8 +233,10 @@ def bare_address(value: object) -> str:
 
 def _usable(address: str, role: str) -> str:
     """The address, or `InvalidInbound` if it could not be stored or written to."""
-    if len(address) > MAX_ADDRESS_CHARS:
-        raise InvalidInbound(f"{role} address over {MAX_ADDRESS_CHARS} characters")
+    try:
+        storable.address(address, f"the {role} address")  # refused before any costly parsing
+    except storable.Unstorable as exc:
+        raise InvalidInbound(str(exc)) from exc
     if address != header_token(address):
         raise InvalidInbound(f"{role} address contains spaces or control characters")
     return address
@@ -263,7 +264,7 @@ class Envelope:
             provider_message_id=self.provider_message_id,
             remote_address=self.remote_address,
             local_address=self.local_address,
-            body=storable(extracted.body),
+            body=storable.text(extracted.body),
             intent=self.intent,
             subject=self.subject,
             headers=self.headers,
@@ -340,13 +341,13 @@ def _ids(value: object) -> list[str]:
 
 def _message_ids(message: EmailMessage, fields: _Fields) -> tuple[str, str]:
     """The Message-ID to thread by ("" if none or too long) and the id to deduplicate by: the
-    Message-ID, a digest of an over-long one, or a digest of the post without one."""
+    Message-ID (an over-long one is digested where every provider id is, `storable`), or a
+    digest of the post without one."""
     message_id = header_token(str(message.get("Message-ID") or ""))
     if not message_id:
         return "", _fallback_id(fields)
     if len(message_id) > MAX_MESSAGE_ID_CHARS:
-        digest = hashlib.sha256(message_id.encode("utf-8", "replace")).hexdigest()[:40]
-        return "", f"<sha256-{digest}@parley.invalid>"
+        return "", message_id
     return message_id, message_id
 
 

@@ -14,6 +14,8 @@ import html as html_lib
 import re
 from email.policy import EmailPolicy
 
+from service import storable
+
 # Text given to reply stripping and stored as the message body. The newest reply is at the top,
 # so the tail of a longer text is quoted history or a rare very long mail (SPEC §9: truncated).
 MAX_TEXT_CHARS = 32_000
@@ -45,23 +47,15 @@ MAX_MIME_BYTES = 10 * 1024 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line length
 MAX_MESSAGE_ID_CHARS = 255  # the provider id column; longer ids are digested, not threaded
 MAX_REFERENCES = 20
-MAX_ADDRESS_CHARS = 320  # RFC 5321: 64 + 1 + 255
 # The multipart/form-data request itself: parts, and the header bytes of one part.
 MAX_FORM_PARTS = 1_000
 MAX_FORM_PART_HEADER_BYTES = 8 * 1024
 # SendGrid's `dkim` field (one `@domain : result` per signature).
 MAX_AUTH_FIELD_CHARS = 4_000
 
-# Control characters as header text must never carry them (CR and LF above all): C0, DEL, C1,
-# and the Unicode line and paragraph separators. They become spaces, then runs collapse.
-_HEADER_CONTROLS = {
-    c: " " for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0xD800, 0xE000)]
-}
-# Control characters a stored body must not carry: all C0 but tab, LF and CR, and DEL.
-# Lone surrogates (from undecodable bytes) go too: PostgreSQL refuses them in text and JSON.
-_BODY_CONTROLS = dict.fromkeys(
-    c for c in [*range(0x20), 0x7F, *range(0xD800, 0xE000)] if c not in (0x09, 0x0A, 0x0D)
-)
+# Besides the control characters `storable` removes, the Unicode line and paragraph
+# separators must not reach a header line either: they become spaces, then runs collapse.
+_LINE_SEPARATORS = {0x2028: " ", 0x2029: " "}
 _TAG = re.compile(r"<[^<>]*>")  # linear: a `<` scans only to the next `<` or `>`
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _BOUNDARY_PARAM = re.compile(
@@ -71,13 +65,13 @@ _DELIMITER_LINE = re.compile(rb"^--([^\r\n]{1,104})", re.MULTILINE)
 
 
 def header_text(value: str) -> str:
-    """Header text on one line: control characters and whitespace runs become one space."""
-    return " ".join(value.translate(_HEADER_CONTROLS).split())
+    """Header text on one line: no control characters, whitespace runs as one space."""
+    return " ".join(storable.text(value).translate(_LINE_SEPARATORS).split())
 
 
 def header_token(value: str) -> str:
     """A token that has no spaces in it (a Message-ID, an address): all of them removed."""
-    return "".join(value.translate(_HEADER_CONTROLS).split())
+    return "".join(header_text(value).split())
 
 
 def decode_text(data: bytes, charset: str) -> str:
@@ -86,11 +80,6 @@ def decode_text(data: bytes, charset: str) -> str:
         return data.decode(charset, "replace")
     except LookupError:  # an unknown charset name: better some text than none
         return data.decode("utf-8", "replace")
-
-
-def storable(text: str) -> str:
-    """Body text without NUL and the other control characters a database may refuse."""
-    return text.translate(_BODY_CONTROLS)
 
 
 def cap_text(text: str) -> str:
