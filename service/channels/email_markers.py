@@ -16,6 +16,7 @@ WROTE_ENDINGS: tuple[str, ...] = (
     "a ecrit",
     "schrieb",
     "geschrieben",
+    "geschreven",
     "escribió",
     "escribio",
     "ha scritto",

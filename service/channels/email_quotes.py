@@ -236,7 +236,7 @@ def _attribution(lines: Sequence[str], i: int) -> Header | None:
         line = lines[j].strip()
         if not line or len(line) > MAX_LINE or is_quoted(line):
             return None
-        if _starts_like_header(line.lower()) and _attribution_kind(line) is not None:
+        if _starts_like_header(line.lower()) and _attribution_kind(line) is Kind.STRONG:
             return None  # the header starts on that line, not here
         parts.append(line)
         kind = _attribution_kind(" ".join(parts))

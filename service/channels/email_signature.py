@@ -1,7 +1,8 @@
 """Signatures: removed only from the end of the person's text, and only when they look like one.
 
-A line "Thanks, that fixed the login." or a dash list ("- yes please") is the person's words; a
-closing line ("Best regards,") followed by a few short name-like lines, a lone "-Bob", the
+A line "Thanks, that fixed the login." or a dash list ("- yes please") is the person's words, and
+so is a last "Thanks!" with nothing after it; a closing line ("Best regards,") followed by a few
+short name-like lines (or "Regards, Roman"), a lone "-Bob", the
 "-- " delimiter and a mobile footer ("Sent from my iPhone") at the very end are the signature.
 Everything is string operations on the last few lines: linear, and never a regular expression.
 """
@@ -49,15 +50,16 @@ def _signature_start(lines: list[str]) -> int | None:
     for index in range(max(0, len(lines) - _TAIL_LINES), len(lines)):
         if is_closing(lines[index]) and _stands_alone(lines, index):
             after = lines[index + 1 :]
-            if all(_looks_like_signature_line(line) for line in after):
+            signed = bool(after) or "," in lines[index].strip().rstrip(",")
+            if signed and all(_looks_like_signature_line(line) for line in after):
                 return index
     return None
 
 
 def is_mobile_footer(line: str) -> bool:
     low = line.strip().lower()
-    if not low or len(low) > 80:
-        return False
+    if not low or len(low) > 80 or low.endswith("?") or len(low.split()) > 10:
+        return False  # a sentence about the phone, not the phone's footer
     return low.startswith(MOBILE_FOOTERS) or low.endswith(MOBILE_FOOTER_ENDINGS)
 
 
