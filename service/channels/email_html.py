@@ -2,7 +2,8 @@
 text exists. Gmail (`div.gmail_quote`), Apple Mail and Thunderbird (`blockquote type=cite`,
 `.moz-cite-prefix`), Outlook (`#appendonsend`, `#divRplyFwdMsg`, the border-top header block and
 everything after them), Yahoo (`.yahoo_quoted`), ProtonMail, Zoho and any other `blockquote` are
-removed; a quote that starts a forwarded message is kept. Each removed quote leaves a
+removed; a quote that starts a forwarded message is kept, and so is all that follows it. Each
+removed quote leaves a
 placeholder line, so the text rules can drop the attribution line that sat above it.
 
 lxml (libxml2) is the parser inscriptis already uses, so the tree is parsed once and rendered
@@ -62,7 +63,7 @@ def remove_quotes(tree: HtmlElement) -> bool:
             continue  # comments, processing instructions
         role = _role(element)
         if role in ("quote", "cut") and _is_forward(element):
-            continue
+            return found  # the rest of the document is the forwarded message: kept
         if role == "signature":
             element.drop_tree()
         elif role == "quote":
@@ -102,8 +103,9 @@ def _is_outlook_header(element: HtmlElement) -> bool:
     return colon > 0 and start[:colon].strip(" *\xa0") in FROM_LABELS
 
 
-def _first_text(element: HtmlElement) -> str:
-    """The first few hundred characters of an element's text (lazily: big quotes are cheap)."""
+def _text_pieces(element: HtmlElement) -> list[str]:
+    """The first few hundred characters of an element's text, piece by piece (lazily: a big
+    quote costs no more than a small one)."""
     pieces: list[str] = []
     size = 0
     for piece in element.itertext():
@@ -111,14 +113,20 @@ def _first_text(element: HtmlElement) -> str:
         size += len(piece)
         if size >= _PEEK_CHARS:
             break
-    return "".join(pieces)[:_PEEK_CHARS]
+    return pieces
+
+
+def _first_text(element: HtmlElement) -> str:
+    return "".join(_text_pieces(element))[:_PEEK_CHARS]
 
 
 def _is_forward(element: HtmlElement) -> bool:
-    for line in _first_text(element).splitlines():
-        phrase = line.strip(" \t\xa0-–—_=*:>").lower()  # noqa: RUF001
-        if phrase:
-            return phrase in FORWARDED
+    """Does the element's first line of text say "Forwarded message" (in any language)?"""
+    for piece in _text_pieces(element):
+        for line in piece.splitlines():
+            phrase = line.strip(" \t\xa0-–—_=*:>").lower()  # noqa: RUF001
+            if phrase:
+                return phrase in FORWARDED
     return False
 
 

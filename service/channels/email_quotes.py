@@ -55,15 +55,16 @@ class Header:
 
 @dataclass(frozen=True)
 class Split:
-    """The person's own words, and the forwarded message they sent along (if any)."""
+    """The person's own words, and the forwarded message they sent along (if any), without
+    its marker line."""
 
     own_words: str
     forwarded: str = ""
 
 
 def is_quoted(line: str) -> bool:
-    stripped = line.lstrip()
-    return stripped.startswith(">") or stripped == QUOTE_PLACEHOLDER
+    stripped = line.strip()
+    return stripped.startswith(">") or (bool(stripped) and not stripped.strip(QUOTE_PLACEHOLDER))
 
 
 def split_new_text(
@@ -97,7 +98,7 @@ def split_new_text(
             kept.append(header.prefix)
             _drop_trailing_separator(kept)
             rest = lines[header.start if header.block else header.end :]
-            return Split("\n".join(kept), FORWARD_MARK + "\n" + "\n".join(rest))
+            return Split("\n".join(kept), "\n".join(rest))
         if follower < n and (is_quoted(lines[follower]) or own[follower]):
             kept.append(header.prefix)
             i = follower
@@ -256,8 +257,8 @@ def _attribution_kind(text: str) -> Kind | None:
     ending = _wrote_ending(low)
     if ending is not None:
         has_colon = ending
-        if (has_colon or dashed) and (has_address or (has_digit and _starts_like_header(low))):
-            return Kind.STRONG
+        if dashed or (has_colon and (has_address or (has_digit and _starts_like_header(low)))):
+            return Kind.STRONG  # "---- Bob wrote ----" is a client's line, never a person's
         return Kind.WEAK
     if low.endswith((">:", "):", ">：")) and has_address and has_digit:  # noqa: RUF001
         return Kind.STRONG  # "2014-10-17 11:28 GMT+03:00 X <x@y>:", "Op … schreef X <x@y>:"

@@ -20,7 +20,7 @@ from lxml.html import HtmlElement
 
 from service.channels import email_html
 from service.channels.email_own import OwnReplies
-from service.channels.email_quotes import QUOTE_PLACEHOLDER, split_new_text
+from service.channels.email_quotes import FORWARD_MARK, QUOTE_PLACEHOLDER, split_new_text
 from service.channels.email_signature import strip_signature
 
 MAX_TEXT_CHARS = 100_000
@@ -68,7 +68,10 @@ def _read(text: str, own: OwnReplies, *, structured: bool, forward: bool) -> str
         lines, own.mark(lines), cut_at_headers=not structured, subject_is_forward=forward
     )
     words = strip_signature(_tidy(split.own_words)) if split.own_words.strip() else ""
-    result = "\n\n".join(part for part in (words, _tidy(split.forwarded)) if part)
+    forwarded = _tidy(split.forwarded)
+    if forwarded or split.forwarded:
+        forwarded = FORWARD_MARK + "\n" + forwarded
+    result = "\n\n".join(part for part in (words, forwarded) if part)
     return result or _tidy(text)
 
 
@@ -80,14 +83,14 @@ def _normalise(text: str) -> str:
 def _tidy(text: str) -> str:
     """Trailing spaces off, placeholders out, no more than one blank line in a row, and the
     indentation every line shares (the renderer's) removed."""
-    lines = [line.rstrip().replace("\xa0", " ") for line in _normalise(text).split("\n")]
-    lines = [line for line in lines if line.strip() != QUOTE_PLACEHOLDER]
+    text = _normalise(text).replace(QUOTE_PLACEHOLDER, "").replace("\xa0", " ")
+    lines = [line.rstrip() for line in text.split("\n")]
     indent = min((len(line) - len(line.lstrip()) for line in lines if line), default=0)
     tidy: list[str] = []
     for line in lines:
         if line or (tidy and tidy[-1]):
             tidy.append(line[indent:])
-    return "\n".join(tidy).strip()
+    return "\n".join(tidy).strip("\n")
 
 
 def _render(tree: HtmlElement) -> str:
