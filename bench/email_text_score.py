@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.channels.email_text import html_to_text, new_text  # noqa: E402
-from tests.email_corpus import Case, Verdict, cases, judge  # noqa: E402
+from service.channels.email_text import html_to_text, new_text
+from tests.email_corpus import Case, Verdict, cases, judge
 
 Extractor = Callable[[Case], str]
 LANGUAGES = ["en", "fr", "de", "es", "it", "nl", "pt", "sv"]  # what Parley configured before
@@ -93,7 +93,7 @@ def extractors() -> dict[str, Extractor]:
 def _verdict(extract: Extractor, case: Case) -> Verdict:
     try:
         return judge(case, extract(case))
-    except Exception:  # a library that crashes on a case gets it wrong, the run goes on
+    except Exception:  # noqa: BLE001 - a library that crashes on a case gets it wrong
         return Verdict(exact=False, leaked=True, lost=True)
 
 

@@ -7,119 +7,69 @@ forms seen in the public reply-parser fixtures. Everything is lower-case.
 
 from __future__ import annotations
 
-# The last words of an attribution line ("On … Bob wrote:"), once the trailing colon is gone.
-WROTE_ENDINGS: tuple[str, ...] = (
-    "wrote",
-    "writes",
-    "sent",
-    "a écrit",
-    "a ecrit",
-    "schrieb",
-    "geschrieben",
-    "geschreven",
-    "escribió",
-    "escribio",
-    "ha scritto",
-    "scrisse",
-    "schreef",
-    "escreveu",
-    "skrev",
-    "napisał",
-    "napisała",
-    "napisał(a)",
-    "napisal",
-    "написал",
-    "написала",
-    "написал(а)",
-    "пишет",
-    "kirjoitti",
-    "írta",
-    "napsal",
-    "napsala",
-    "napsal(a)",
-    "yazdı",
-    "đã viết",
-    "viết",
-    "写道",
-    "のメッセージ",
-    "のメール",
-    "書きました",
+# The last word of an attribution line ("On … Bob wrote:"), once the trailing colon is gone.
+WROTE_WORDS: frozenset[str] = frozenset(
+    {
+        "wrote",  # en
+        "writes",
+        "sent",
+        "écrit",  # fr "a écrit"
+        "ecrit",
+        "schrieb",  # de
+        "geschrieben",
+        "escribió",  # es
+        "escribio",
+        "scritto",  # it "ha scritto"
+        "scrisse",
+        "schreef",  # nl
+        "geschreven",  # nl "heeft … het volgende geschreven"
+        "escreveu",  # pt
+        "skrev",  # sv, da, no
+        "napisał",  # pl
+        "napisała",
+        "napisał(a)",
+        "napisal",
+        "написал",  # ru
+        "написала",
+        "написал(а)",
+        "пишет",
+        "viết",  # vi "đã viết"
+        "kirjoitti",  # fi
+        "írta",  # hu
+        "napsal",  # cs
+        "napsala",
+        "napsal(a)",
+        "yazdı",  # tr
+    }
 )
+# Japanese and Chinese attributions end without a space before the verb.
+WROTE_CJK_ENDINGS: tuple[str, ...] = ("写道", "のメッセージ", "のメール", "書きました")
 
-# How an attribution line may begin; a header wrapped over two or three lines must begin so.
-HEADER_STARTS: tuple[str, ...] = (
-    "on ",  # en
-    "le ",  # fr
-    "am ",  # de
-    "el ",  # es
-    "il ",  # it
-    "op ",  # nl
-    "em ",  # pt
-    "den ",  # sv, da, no
-    "på ",  # no
-    "w dniu ",  # pl
-    "dnia ",  # pl
-    "dne ",  # cs
-    "в ",  # ru
-    "vào ",  # vi
-    "-",  # "---- On … wrote ----", "----- Bob wrote -----"
-    "*",  # "*On … wrote:*" from HTML bold
-    # weekday abbreviations Gmail puts first in several languages
-    "mon",
-    "tue",
-    "wed",
-    "thu",
-    "fri",
-    "sat",
-    "sun",
-    "lun",
-    "mar",
-    "mer",
-    "jeu",
-    "ven",
-    "sam",
-    "dim",
-    "mié",
-    "jue",
-    "vie",
-    "sáb",
-    "dom",
-    "gio",
-    "seg",
-    "ter",
-    "qua",
-    "qui",
-    "sex",
-    "pon",
-    "wt",
-    "śr",
-    "czw",
-    "pt",
-    "sob",
-    "ndz",
-    "пн",
-    "вт",
-    "ср",
-    "чт",
-    "пт",
-    "сб",
-    "вс",
-    "ma ",
-    "ti ",
-    "on.",
-    "to ",
-    "fr ",
-    "lø",
-    "sø",
-    "man",
-    "tir",
-    "ons",
-    "tor",
-    "fre",
-    "lör",
-    "sön",
-    "pe ",
-    "th ",
+# The first word of an attribution; a header wrapped over two or three lines must begin so.
+# (A date, "-" or "*" also do; "W dniu" is the one two-word start.)
+HEADER_START_WORDS: frozenset[str] = frozenset(
+    {
+        "on",  # en
+        "le",  # fr
+        "am",  # de
+        "el",  # es
+        "il",  # it
+        "op",  # nl
+        "em",  # pt
+        "den",  # sv, da, no
+        "på",  # no
+        "dnia",  # pl
+        "dne",  # cs
+        "в",  # ru
+        "vào",  # vi
+        # weekday abbreviations Gmail puts first (en fr es it pt pl ru da no sv fi vi)
+        *("mon", "tue", "wed", "thu", "fri", "sat", "sun"),
+        *("lun", "mar", "mer", "jeu", "ven", "sam", "dim", "mié", "jue", "vie", "sáb", "dom"),
+        *("gio", "seg", "ter", "qua", "qui", "sex", "pon", "wt", "śr", "czw", "pt", "sob", "ndz"),
+        *("пн", "вт", "ср", "чт", "пт", "сб", "вс"),
+        *("ma", "ti", "to", "fr", "lø", "sø", "man", "tir", "ons", "tor", "fre", "lör", "sön"),
+        *("pe", "th"),
+    }
 )
 
 # "-----Original Message-----" and its translations (the dashes and colons are stripped first).

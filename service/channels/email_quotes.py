@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from service.channels.email_markers import (
     FORWARDED,
     FROM_LABELS,
-    HEADER_STARTS,
+    HEADER_START_WORDS,
     ORIGINAL_MESSAGE,
     OTHER_LABELS,
-    WROTE_ENDINGS,
+    WROTE_CJK_ENDINGS,
+    WROTE_WORDS,
 )
 
 MAX_LINE = 1000  # longer lines are content: no header is that long
@@ -208,6 +209,8 @@ def _header_block_end(lines: Sequence[str], i: int) -> int:
     j, wrapped = i + 1, 0
     while j < len(lines) and j < i + 10 and lines[j].strip() and len(lines[j]) <= MAX_LINE:
         label = _label(lines[j])
+        if label in labels:
+            break  # a block names each field once: "From: a" 20,000 times is not one block
         if label in OTHER_LABELS or label in FROM_LABELS:
             labels.add(label)
             wrapped = 0
@@ -269,27 +272,26 @@ def _attribution_kind(text: str) -> Kind | None:
 
 def _wrote_ending(low: str) -> bool | None:
     """Whether the text ends with a "wrote"-like verb: True with a colon, False without one,
-    None when it does not end so."""
+    None when it does not end so. One set lookup of the last word (a suffix check only for
+    the CJK forms, written without a space)."""
     trimmed = low.rstrip(" \t-–—*")  # noqa: RUF001
     has_colon = trimmed.endswith((":", "："))  # noqa: RUF001
     trimmed = trimmed.rstrip(" \t:：")  # noqa: RUF001
-    for verb in WROTE_ENDINGS:
-        if trimmed.endswith(verb):
-            before = len(trimmed) - len(verb)
-            if before == 0 or not trimmed[before - 1].isalpha() or ord(verb[0]) >= 0x3000:
-                return has_colon
-    return None
+    if not trimmed:
+        return None
+    if ord(trimmed[-1]) >= 0x3000:
+        return has_colon if trimmed.endswith(WROTE_CJK_ENDINGS) else None
+    last_word = trimmed[-30:].rsplit(None, 1)[-1]
+    return has_colon if last_word in WROTE_WORDS else None
 
 
 def _starts_like_header(low: str) -> bool:
-    if low[:1].isdigit():
+    """Does the text begin as attributions do: a date, "On", "Le", "W dniu", a weekday?"""
+    if low[:1].isdigit() or low[:1] in "-*":
         return True
-    for start in HEADER_STARTS:
-        if low.startswith(start):
-            following = low[len(start) : len(start) + 1]
-            if start[-1] in " -*." or not following or not following.isalpha():
-                return True
-    return False
+    first = low[:16].split(None, 1)
+    word = first[0].rstrip(".,") if first else ""
+    return word in HEADER_START_WORDS or low.startswith("w dniu ")
 
 
 def _split_same_line(line: str) -> tuple[str, str]:

@@ -98,6 +98,8 @@ def _render(tree: HtmlElement) -> str:
     from inscriptis import Inscriptis
     from inscriptis.model.config import ParserConfig
 
+    if email_html.element_count(tree) > email_html.MAX_RENDERED_ELEMENTS:
+        return email_html.plain_render(tree)[:MAX_TEXT_CHARS]
     email_html.quiet_links(tree)
     text: str = Inscriptis(tree, ParserConfig(display_links=True)).get_text()
     return text[:MAX_TEXT_CHARS]
