@@ -33,7 +33,7 @@ _CUT_IDS = frozenset(
         "mail-editor-reference-message-container",
     }
 )
-_SIGNATURE_CLASSES = frozenset({"gmail_signature", "moz-signature"})
+_SIGNATURE_CLASSES = frozenset({"gmail_signature", "gmail_signature_prefix", "moz-signature"})
 _FORWARD_CLASSES = frozenset({"moz-forward-container"})
 
 

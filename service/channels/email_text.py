@@ -67,7 +67,7 @@ def _read(text: str, own: OwnReplies, *, structured: bool, forward: bool) -> str
     split = split_new_text(
         lines, own.mark(lines), cut_at_headers=not structured, subject_is_forward=forward
     )
-    words = strip_signature(_tidy(split.own_words)) if split.own_words.strip() else ""
+    words = _tidy(strip_signature(_tidy(split.own_words))) if split.own_words.strip() else ""
     forwarded = _tidy(split.forwarded)
     if forwarded or split.forwarded:
         forwarded = FORWARD_MARK + "\n" + forwarded
