@@ -29,7 +29,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from service.channels.base import LookupUnsupported
-from service.channels.email_text import html_to_text, latest_reply
+from service.channels.email_text import latest_reply, new_text
 
 if TYPE_CHECKING:
     from service.channels.sendgrid_rest import SendGridRest
@@ -201,7 +201,7 @@ def _inbound(fields: _Fields) -> Inbound:
     else:
         message = _parse_message((fields.text("headers") or "").encode("utf-8") + b"\r\n\r\n")
         text, page = fields.text("text"), fields.text("html")
-        body = text if text and text.strip() else html_to_text(page or "")
+        body = new_text(text, page)
         attachments = _attachment_fields(fields)
     sender = bare_address(message.get("From") or fields.text("from"))
     if not sender:
@@ -224,7 +224,7 @@ def _inbound(fields: _Fields) -> Inbound:
         provider_message_id=message_id or _fallback_id(fields),
         remote_address=sender,
         local_address=local,
-        body=latest_reply(body),
+        body=body,
         intent=Intent.NO_REPLY if is_automatic(message, sender, local) else Intent.MESSAGE,
         subject=subject,
         headers={k: v for k, v in threading.items() if v},
@@ -267,7 +267,7 @@ def _body_of(message: EmailMessage) -> str:
         payload = part.get_payload(decode=True)
         raw = payload if isinstance(payload, bytes) else b""
         text = _decode(raw, part.get_content_charset() or "utf-8")
-    return html_to_text(text) if part.get_content_subtype() == "html" else text
+    return new_text(None, text) if part.get_content_subtype() == "html" else latest_reply(text)
 
 
 def _attachments_of(message: EmailMessage) -> list[dict[str, object]]:
