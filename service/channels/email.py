@@ -201,7 +201,7 @@ def _inbound(fields: _Fields) -> Inbound:
     else:
         message = _parse_message((fields.text("headers") or "").encode("utf-8") + b"\r\n\r\n")
         text, page = fields.text("text"), fields.text("html")
-        body = new_text(text, page)
+        body = new_text(text, page, subject=str(message.get("Subject") or ""))
         attachments = _attachment_fields(fields)
     sender = bare_address(message.get("From") or fields.text("from"))
     if not sender:
