@@ -234,6 +234,13 @@ def test_a_gmail_html_forward_is_kept() -> None:
     assert new_text(None, html) == "Read this\n\n[forwarded message]\nFrom: Bob\nRent +4%."
 
 
+def test_a_mail_that_is_all_quote_is_read_rather_than_dropped() -> None:
+    assert new_text(None, "<blockquote>Is the offer still open?</blockquote>") == (
+        "Is the offer still open?"
+    )
+    assert new_text(None, "<!-- nothing -->") == ""
+
+
 def test_html_to_text_renders_everything() -> None:
     text = html_to_text("<p>Hi &amp; bye</p><blockquote>quoted</blockquote><script>x()</script>")
     assert text == "Hi & bye\n\nquoted"

@@ -45,8 +45,8 @@ def parse(html: str) -> HtmlElement | None:
         return None
     try:
         return document_fromstring(html)
-    except (ParserError, ValueError):
-        return document_fromstring("<pre>" + html.replace("<", "&lt;") + "</pre>")
+    except (ParserError, ValueError):  # nothing but a comment or a doctype: no text
+        return None
 
 
 _CANDIDATES = "//blockquote | //*[@class] | //*[@id] | //div[@style] | //*[@data-smartmail]"

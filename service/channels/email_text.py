@@ -41,14 +41,26 @@ def new_text(
     """
     own = OwnReplies(own_replies)
     forward = subject.strip().lower().startswith(_FORWARD_SUBJECTS)
+    has_plain = bool(plain and plain.strip())
     if html and html.strip():
-        tree = email_html.parse(html)
-        if tree is not None and email_html.remove_quotes(tree):
-            return _read(_render(tree), own, structured=True, forward=forward)
-        if not (plain and plain.strip()):
-            rendered = _render(tree) if tree is not None else ""
-            return _read(rendered, own, structured=False, forward=forward)
+        text = _from_html(html, own, forward=forward, has_plain=has_plain)
+        if text is not None:
+            return text
     return _read(plain or "", own, structured=False, forward=forward)
+
+
+def _from_html(html: str, own: OwnReplies, *, forward: bool, has_plain: bool) -> str | None:
+    """The text when the HTML decides (it marks its quotes, or it is all there is); None when
+    the plain part should be read instead (it is the sender's own rendering of the text)."""
+    tree = email_html.parse(html)
+    if tree is not None and email_html.remove_quotes(tree):
+        text = _read(_render(tree), own, structured=True, forward=forward)
+        if text or has_plain:
+            return text or None
+        tree = email_html.parse(html)  # all of it was quote: read it rather than nothing
+    if has_plain:
+        return None
+    return _read(_render(tree), own, structured=False, forward=forward) if tree is not None else ""
 
 
 def html_to_text(html: str) -> str:
