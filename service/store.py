@@ -546,3 +546,24 @@ async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str)
             .limit(1)
         )
     return found is not None
+
+
+async def recent_replies(
+    engine: AsyncEngine, channel: str, remote_address: str, local_address: str, limit: int = 5
+) -> list[str]:
+    """Parley's latest replies in this conversation, newest first: what a person's answer
+    usually quotes back, so the text extraction can remove those quotes wherever they sit."""
+    async with reader(engine).connect() as connection:
+        result = await connection.scalars(
+            select(Message.body)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Conversation.channel == channel,
+                Conversation.remote_address == remote_address,
+                Conversation.local_address == local_address,
+                Message.sender == Sender.ASSISTANT.value,
+            )
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+        return list(result)

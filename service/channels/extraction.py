@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, MIMEPart
 from typing import IO, Any
@@ -61,6 +61,8 @@ class MailContent:
     plain: str | None = None
     html: str | None = None
     mime: bytes | None = None
+    subject: str = ""  # a "Fwd:" subject tells a plain-text forward from a reply
+    own_replies: tuple[str, ...] = ()  # Parley's earlier replies, whose quoted copies go
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,20 @@ class Extracted:
 # ---------------------------------------------------------------- in the child
 
 
-def extract_body(plain: str | None, html: str | None) -> str:
-    """The text the model should see: the plain part (else the HTML as text), capped, then cut
-    to its newest reply. The one place that calls `email_text`."""
-    from service.channels.email_text import html_to_text, latest_reply
+def extract_body(
+    plain: str | None, html: str | None, subject: str = "", own_replies: Sequence[str] = ()
+) -> str:
+    """The text the model should see: the person's new words, no quote of the history nor of
+    Parley's own earlier replies (`email_text.new_text`), from capped input. The one place
+    that calls `email_text`."""
+    from service.channels.email_text import new_text
 
-    if plain and plain.strip():
-        text = cap_text(plain)
-    else:
-        text = cap_text(html_to_text(cap_html(html or "")))
-    return latest_reply(text)
+    return new_text(
+        cap_text(plain) if plain else None,
+        cap_html(html) if html else None,
+        own_replies=own_replies,
+        subject=subject,
+    )
 
 
 def read_mime(raw: bytes) -> tuple[str | None, str | None, Attachments]:
@@ -129,7 +135,8 @@ def _answers(request: dict[str, Any], mime: bytes) -> Iterator[dict[str, Any]]:
     if mime:
         plain, page, attachments = read_mime(mime)
         yield {"kind": "mime", "plain": plain, "html": page, "attachments": attachments}
-    yield {"kind": "body", "body": extract_body(plain, page)}
+    subject, own = str(request.get("subject") or ""), request.get("own_replies") or []
+    yield {"kind": "body", "body": extract_body(plain, page, subject, [str(r) for r in own])}
 
 
 def _write(stream: IO[bytes], message: dict[str, Any], blob: bytes | None = None) -> None:
@@ -246,7 +253,12 @@ class _Child:
         return child
 
     async def run(self, content: MailContent, partial: _Partial) -> Extracted:
-        request = {"plain": content.plain, "html": content.html}
+        request = {
+            "plain": content.plain,
+            "html": content.html,
+            "subject": content.subject,
+            "own_replies": list(content.own_replies),
+        }
         self._stdin.write(frame(request, content.mime or b""))
         await self._stdin.drain()
         while True:

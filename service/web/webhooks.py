@@ -7,6 +7,7 @@ the message and its reply job are committed, so an acknowledged message is never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from urllib.parse import parse_qsl
@@ -17,7 +18,7 @@ from starlette.responses import Response
 from service import metrics, storable
 from service.channels import email, sms
 from service.settings import Settings
-from service.store import Recorded, StorageFailure, is_stored, update_delivery
+from service.store import Recorded, StorageFailure, is_stored, recent_replies, update_delivery
 from service.types import Channel, Inbound
 from service.web.limits import BodyTooLarge, read_body
 
@@ -188,7 +189,14 @@ async def _receive_mail(
             (time.perf_counter() - started) * 1000,
         )
         return None
-    extracted = await services.extractor.extract(envelope.content)
+    own_replies = await recent_replies(
+        services.engine, Channel.EMAIL.value, envelope.remote_address, envelope.local_address
+    )
+    extracted = await services.extractor.extract(
+        dataclasses.replace(
+            envelope.content, subject=envelope.subject, own_replies=tuple(own_replies)
+        )
+    )
     if extracted.problem:
         log.warning(
             "email %s: %s; using its truncated, unstripped text",
