@@ -1,4 +1,4 @@
-"""The webhook fuzz suite (tests/test_fuzz_webhooks.py) with a long, random example budget.
+"""The webhook fuzz suite (tests/acceptance/test_fuzz_webhooks.py), with a long random budget.
 
 CI runs the same properties with a small fixed budget; this is the long run, for a session
 that changed parsing or storage:
@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("-k", default="", help="pytest -k expression to pick properties")
     args = parser.parse_args()
     env = {**os.environ, "PARLEY_FUZZ_EXAMPLES": str(args.examples), "PARLEY_FUZZ_RANDOM": "1"}
-    command = [sys.executable, "-m", "pytest", "tests/test_fuzz_webhooks.py", "-q",
+    command = [sys.executable, "-m", "pytest", "tests/acceptance/test_fuzz_webhooks.py", "-q",
                "--hypothesis-show-statistics", "-p", "no:cacheprovider"]  # fmt: skip
     if args.k:
         command += ["-k", args.k]

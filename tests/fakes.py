@@ -10,7 +10,7 @@ that the SDK silently ignores).  So tests run a small starlette app on
         ...  # drive the service
         fake.wait_for(lambda: len(fake.twilio_sent) == 1)
 
-How each SDK is pointed at ``fake.base_url`` (verified in tests/test_fakes.py):
+How each SDK is pointed at ``fake.base_url`` (verified in tests/integration/test_fakes.py):
 
 * twilio 9.x -- ``client = Client(sid, token, http_client=AsyncTwilioHttpClient())``
   then ``client.api.base_url = fake.base_url``.  ``client.messages`` is a

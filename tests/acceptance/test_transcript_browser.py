@@ -27,7 +27,7 @@ from tests.processes import parley_env, serving
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (412, 915)  # a common phone viewport in CSS pixels
-DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "transcript.png"
+DOCS_SCREENSHOT = Path(__file__).parents[2] / "docs" / "transcript.png"
 TOKEN = "s4mPle-Tr4nscript-t0ken-for-the-browser-test0"
 
 pytestmark = pytest.mark.skipif(

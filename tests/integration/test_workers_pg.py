@@ -61,7 +61,7 @@ from tests.fakes import FakeProviders, default_openai_reply
 from tests.helpers import eventually, jobs, post_twilio, settled, twilio_form
 from tests.processes import free_port, parley_env, start, stop, wait_healthy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BODY = re.compile(r"^sender-(\d+) message (\d+)$")
 LOG_SLACK_S = 0.1  # half the model delay of the test that uses it: a real overlap is longer
 JOB_LINE = re.compile(

@@ -23,10 +23,10 @@ from service.budget import window_start
 from service.db import utcnow
 from service.models import Message, ModelCallWindow
 from service.settings import SettingsError, load_settings
+from tests.acceptance.test_metrics import delta, scrape
 from tests.conftest import SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import eventually, messages, post_twilio, settled, twilio_form
-from tests.test_metrics import delta, scrape
 
 FAST: dict[str, Any] = {"worker_poll_s": 0.05, "reply_retry_base_s": 0.05}
 DAY = 86_400

@@ -28,7 +28,7 @@ from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN
 from tests.fakes import FakeProviders
 from tests.helpers import eventually, jobs, messages, post_twilio, settled, twilio_form
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 1.0  # REPLY_LEASE_S: how long a killed process's job stays claimed
 START_TIMEOUT_S = 30.0
 # SHUTDOWN_GRACE_S: how long running replies may finish on SIGTERM; the process must end
