@@ -35,7 +35,7 @@ from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN, SettingsFa
 from tests.fakes import FakeProviders
 from tests.helpers import eventually, form_of, settled
 
-EXAMPLES = int(os.environ.get("PARLEY_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("PARLEY_FUZZ_EXAMPLES", "150"))
 RANDOM = os.environ.get("PARLEY_FUZZ_RANDOM") == "1"
 FUZZ = settings(
     max_examples=EXAMPLES,
