@@ -56,9 +56,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/burst.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(ROOT))
 
-from service.channels.sms import inbound_form, sign  # noqa: E402
 from service.db import create_engine  # noqa: E402
 from service.models import AssistantCall, Conversation, Message, ReplyJob  # noqa: E402
+from service.testing import inbound_form, sign  # noqa: E402
 from tests.fakes import FakeProviders, default_openai_reply  # noqa: E402
 from tests.processes import free_port, parley_env, wait_healthy  # noqa: E402
 

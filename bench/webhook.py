@@ -26,9 +26,9 @@ from urllib.parse import urlencode
 import httpx
 from sqlalchemy import func, select
 
-from service.channels.sms import inbound_form, sign
 from service.db import create_engine
 from service.models import Message, ReplyJob
+from service.testing import inbound_form, sign
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token-0123456789abcdef"

@@ -23,7 +23,7 @@ import httpx
 from sqlalchemy import select
 from tqdm import tqdm
 
-from service.channels import email, sms
+from service import testing
 from service.db import create_engine, reader, session_factory
 from service.models import Message
 from service.settings import Settings, settings_or_exit
@@ -75,7 +75,7 @@ def cmd_sms(args: argparse.Namespace) -> int:
 
 async def _text_once(settings: Settings, args: argparse.Namespace, text: str) -> int:
     sid = "SM" + secrets.token_hex(16)
-    form = sms.inbound_form(
+    form = testing.inbound_form(
         text, args.from_, args.to, sid, settings.twilio_account_sid or "AC" + "0" * 32
     )
     path = "/webhooks/twilio/sms"
@@ -85,7 +85,9 @@ async def _text_once(settings: Settings, args: argparse.Namespace, text: str) ->
     }
     if settings.twilio_auth_tokens:
         signed_url = (settings.public_base_url or args.url.rstrip("/")) + path
-        headers["X-Twilio-Signature"] = sms.sign(settings.twilio_auth_tokens[0], signed_url, form)
+        headers["X-Twilio-Signature"] = testing.sign(
+            settings.twilio_auth_tokens[0], signed_url, form
+        )
     request = httpx.Request(
         "POST", args.url.rstrip("/") + path, content=urlencode(form), headers=headers
     )
@@ -98,7 +100,7 @@ def cmd_email(args: argparse.Namespace) -> int:
 
 async def _email_once(settings: Settings, args: argparse.Namespace) -> int:
     message_id = f"<cli-{secrets.token_hex(8)}@{args.from_.rpartition('@')[2] or 'localhost'}>"
-    fields = email.inbound_parse_fields(args.text, args.from_, args.to, args.subject, message_id)
+    fields = testing.inbound_parse_fields(args.text, args.from_, args.to, args.subject, message_id)
     headers = {"User-Agent": "Sendlib/1.0"}
     if settings.sendgrid_inbound_user and settings.sendgrid_inbound_password:
         pair = f"{settings.sendgrid_inbound_user}:{settings.sendgrid_inbound_password}"

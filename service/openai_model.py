@@ -8,6 +8,7 @@ from typing import Any
 import openai
 
 from service.assistant import Completion, ModelError
+from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 
 
@@ -60,21 +61,14 @@ def _model_error(exc: openai.APIError) -> ModelError:
         return ModelError(f"model unreachable: {exc}", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        retry_after = _retry_after(exc.response.headers.get("retry-after"))
-        retryable = status == 429 or status >= 500
+        retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
+        retryable = is_retryable_status(status)
         return ModelError(
             f"model answered {status}: {exc.message}",
             retryable=retryable,
             retry_after_s=retry_after,
         )
     return ModelError(str(exc), retryable=True)
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _ms_since(started: float) -> int:

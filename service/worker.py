@@ -13,7 +13,6 @@ import functools
 import hashlib
 import logging
 import os
-import random
 import secrets
 import socket
 import time
@@ -27,19 +26,11 @@ from service.jobs import Claim, JobQueue
 from service.models import LEASE_OWNER_CHARS
 from service.notify import listen_for_jobs
 from service.replies import GiveUp, ReplyFlow, RetryLater, Superseded
+from service.retry import backoff_s
 from service.settings import Settings
 from service.types import Channel
 
 log = logging.getLogger(__name__)
-
-MAX_BACKOFF_S = 600.0
-
-
-def backoff_s(attempt: int, base_s: float, retry_after_s: float | None = None) -> float:
-    """Exponential backoff with jitter; a provider's Retry-After is a floor."""
-    exponential: float = base_s * float(2 ** max(attempt - 1, 0))
-    delay = min(exponential, MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
-    return max(delay, retry_after_s or 0.0)
 
 
 def worker_id(host: str | None = None) -> str:

@@ -18,8 +18,8 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.channels.sms import sign
 from service.models import AssistantCall, Conversation, Message, ReplyJob
+from service.testing import sign
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TWILIO_TOKEN = "test-auth-token-0123456789abcdef"

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.utils import format_datetime, getaddresses, parseaddr
+from email.utils import getaddresses, parseaddr
 from typing import TYPE_CHECKING, Any
 
 from python_multipart import MultipartParser
@@ -503,33 +503,3 @@ class SendGridEmail:
 
     async def close(self) -> None:
         return None
-
-
-# ---------------------------------------------------------------- simulating SendGrid
-
-
-def inbound_parse_fields(
-    text: str, from_: str, to: str, subject: str, message_id: str
-) -> dict[str, str]:
-    """A parsed-mode Inbound Parse post with the fields SendGrid sends for a plain-text mail."""
-    date = format_datetime(dt.datetime.now(dt.UTC))
-    headers = (
-        f"Date: {date}\r\nFrom: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\n"
-        f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: text/plain; charset="UTF-8"\r\n'
-    )
-    return {
-        "headers": headers,
-        "dkim": "none",
-        "to": to,
-        "from": from_,
-        "text": text,
-        "sender_ip": "127.0.0.1",
-        "spam_report": "",
-        "envelope": json.dumps({"to": [to], "from": from_}),
-        "attachments": "0",
-        "subject": subject,
-        "spam_score": "0.0",
-        "charsets": json.dumps({k: "UTF-8" for k in ("to", "from", "subject", "text")}),
-        "SPF": "none",
-    }

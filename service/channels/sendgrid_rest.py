@@ -13,6 +13,7 @@ from sendgrid.helpers.mail import Header, Mail
 
 from service.channels.email import text_to_html
 from service.channels.email_limits import MAX_SUBJECT_CHARS, header_text, header_token
+from service.retry import is_retryable_status, retry_after_seconds
 from service.types import Delivery, Outbound, SendError, SendResult
 
 
@@ -69,12 +70,8 @@ def _send_error(exc: HTTPError) -> SendError:
     body = getattr(exc, "body", b"")
     detail = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
     text = f"SendGrid {status}: {detail[:300]}"
-    if status == 429 or status >= 500:
+    if is_retryable_status(status):
         headers = getattr(exc, "headers", None) or {}
         retry_after = headers.get("Retry-After") if hasattr(headers, "get") else None
-        try:
-            delay = float(retry_after) if retry_after else None
-        except ValueError:
-            delay = None
-        return SendError(text, retryable=True, retry_after_s=delay)
+        return SendError(text, retryable=True, retry_after_s=retry_after_seconds(retry_after))
     return SendError(text, retryable=False)

@@ -205,39 +205,3 @@ class TwilioSms:
     async def close(self) -> None:
         if self._rest is not None:
             await self._rest.close()
-
-
-# ---------------------------------------------------------------- simulating Twilio
-
-
-def inbound_form(
-    body: str, from_: str, to: str, message_sid: str, account_sid: str
-) -> dict[str, str]:
-    """An inbound-SMS webhook form with every field Twilio sends for a plain SMS."""
-    return {
-        "ToCountry": "US",
-        "ToState": "",
-        "SmsMessageSid": message_sid,
-        "NumMedia": "0",
-        "ToCity": "",
-        "FromZip": "",
-        "SmsSid": message_sid,
-        "FromState": "",
-        "SmsStatus": "received",
-        "FromCity": "",
-        "Body": body,
-        "FromCountry": "US",
-        "To": to,
-        "ToZip": "",
-        "NumSegments": str(max(1, (len(body) + 152) // 153)),
-        "ReferralNumMedia": "0",
-        "MessageSid": message_sid,
-        "AccountSid": account_sid,
-        "From": from_,
-        "ApiVersion": "2010-04-01",
-    }
-
-
-def sign(token: str, url: str, form: Mapping[str, str]) -> str:
-    """The `X-Twilio-Signature` Twilio would send for this form posted to `url`."""
-    return str(RequestValidator(token).compute_signature(url, dict(form)))

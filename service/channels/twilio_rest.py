@@ -15,6 +15,7 @@ from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
 from service.channels.sms import CLOCK_SKEW, TWILIO_STATUS, UNSUBSCRIBED_RECIPIENT
+from service.retry import is_retryable_status, retry_after_seconds
 from service.types import Delivery, Outbound, RecipientOptedOut, SendError, SendResult
 
 # The SDK's exception carries no headers; the HTTP client notes Retry-After for the task that
@@ -28,16 +29,9 @@ class _RetryAfterHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
     async def request(self, *args: Any, **kwargs: Any) -> TwilioResponse:
         response = await super().request(*args, **kwargs)
         _retry_after.set(
-            _seconds(response.headers.get("Retry-After")) if response.headers else None
+            retry_after_seconds(response.headers.get("Retry-After")) if response.headers else None
         )
         return response
-
-
-def _seconds(value: Any) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 class TwilioRest:
@@ -108,6 +102,6 @@ def _send_error(exc: TwilioRestException) -> SendError:
     text = f"Twilio {status}" + (f" error {code}" if code else "") + f": {exc.msg}"
     if code == UNSUBSCRIBED_RECIPIENT:
         return RecipientOptedOut(text, code=code)
-    if status == 429 or status >= 500:
+    if is_retryable_status(status):
         return SendError(text, retryable=True, retry_after_s=_retry_after.get(), code=code)
     return SendError(text, retryable=False, code=code)

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.channels.sms import sign
 from service.models import Conversation, Message
+from service.testing import sign
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import eventually, form_of, settled

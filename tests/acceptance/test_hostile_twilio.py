@@ -18,8 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from twilio.request_validator import RequestValidator
 
-from service.channels.sms import sign
 from service.models import DeliveryReport, Message
+from service.testing import sign
 from tests.conftest import (
     PUBLIC_BASE_URL,
     TWILIO_TOKEN,

@@ -169,7 +169,7 @@ async def test_bad_signature_is_refused_and_nothing_stored(
             client, form, signed_url="https://attacker.example.net/webhooks/twilio/sms"
         )
     else:
-        from service.channels.sms import sign
+        from service.testing import sign
         from tests.helpers import TWILIO_TOKEN
 
         signature = sign(TWILIO_TOKEN, PUBLIC_BASE_URL + "/webhooks/twilio/sms", form)

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.channels.email import inbound_parse_fields
 from service.models import Message
+from service.testing import inbound_parse_fields
 from tests.conftest import SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (

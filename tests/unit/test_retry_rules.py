@@ -1,12 +1,22 @@
-"""Backoff and the claim split: when a job is tried again, and which jobs are out of tries."""
+"""Retry rules (service/retry.py) and the claim split: when a job is tried again, and which
+jobs are out of tries."""
 
 from __future__ import annotations
 
+import datetime as dt
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service.jobs import Claim
-from service.worker import MAX_BACKOFF_S, backoff_s
+from service.retry import (
+    MAX_BACKOFF_S,
+    MAX_RETRY_AFTER_S,
+    backoff_s,
+    is_retryable_status,
+    retry_after_seconds,
+)
 
 
 def test_backoff_doubles_with_jitter_between_half_and_full() -> None:
@@ -51,3 +61,26 @@ def test_split_when_all_or_none_are_out_of_tries() -> None:
     assert _claim(1, 2).split(6) == (None, _claim(1, 2))
     done, left = _claim(6, 7).split(6)
     assert left is None and done is not None and done.job_ids == (100, 101)
+
+
+def test_only_429_and_5xx_are_worth_retrying() -> None:
+    assert [s for s in (400, 401, 404, 409, 422, 429, 500, 502, 503) if is_retryable_status(s)] == [
+        429,
+        500,
+        502,
+        503,
+    ]
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.UTC)
+    assert retry_after_seconds("30", now) == 30
+    assert retry_after_seconds(" 1.5 ", now) == 1.5
+    assert retry_after_seconds("Tue, 01 Dec 2026 12:00:45 GMT", now) == 45
+    assert retry_after_seconds("Tue, 01 Dec 2026 11:00:00 GMT", now) == 0  # in the past
+    assert retry_after_seconds("999999", now) == MAX_RETRY_AFTER_S
+
+
+@pytest.mark.parametrize("value", [None, "", "soon", "nan", "Tue, 99 Foo 2026"])
+def test_unreadable_retry_after_is_none(value: str | None) -> None:
+    assert retry_after_seconds(value) is None

@@ -1,0 +1,77 @@
+"""Provider-shaped requests, for the tests and for the CLI's `parley sms` / `parley email`:
+what Twilio and SendGrid would post, built and signed the way they do. Nothing here is on a
+request path of the service itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from email.utils import format_datetime
+
+from twilio.request_validator import RequestValidator
+
+# ---------------------------------------------------------------- Twilio
+
+
+def inbound_form(
+    body: str, from_: str, to: str, message_sid: str, account_sid: str
+) -> dict[str, str]:
+    """An inbound-SMS webhook form with every field Twilio sends for a plain SMS."""
+    return {
+        "ToCountry": "US",
+        "ToState": "",
+        "SmsMessageSid": message_sid,
+        "NumMedia": "0",
+        "ToCity": "",
+        "FromZip": "",
+        "SmsSid": message_sid,
+        "FromState": "",
+        "SmsStatus": "received",
+        "FromCity": "",
+        "Body": body,
+        "FromCountry": "US",
+        "To": to,
+        "ToZip": "",
+        "NumSegments": str(max(1, (len(body) + 152) // 153)),
+        "ReferralNumMedia": "0",
+        "MessageSid": message_sid,
+        "AccountSid": account_sid,
+        "From": from_,
+        "ApiVersion": "2010-04-01",
+    }
+
+
+def sign(token: str, url: str, form: Mapping[str, str]) -> str:
+    """The `X-Twilio-Signature` Twilio would send for this form posted to `url`."""
+    return str(RequestValidator(token).compute_signature(url, dict(form)))
+
+
+# ---------------------------------------------------------------- SendGrid
+
+
+def inbound_parse_fields(
+    text: str, from_: str, to: str, subject: str, message_id: str
+) -> dict[str, str]:
+    """A parsed-mode Inbound Parse post with the fields SendGrid sends for a plain-text mail."""
+    date = format_datetime(dt.datetime.now(dt.UTC))
+    headers = (
+        f"Date: {date}\r\nFrom: {from_}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: text/plain; charset="UTF-8"\r\n'
+    )
+    return {
+        "headers": headers,
+        "dkim": "none",
+        "to": to,
+        "from": from_,
+        "text": text,
+        "sender_ip": "127.0.0.1",
+        "spam_report": "",
+        "envelope": json.dumps({"to": [to], "from": from_}),
+        "attachments": "0",
+        "subject": subject,
+        "spam_score": "0.0",
+        "charsets": json.dumps({k: "UTF-8" for k in ("to", "from", "subject", "text")}),
+        "SPF": "none",
+    }
