@@ -4,7 +4,7 @@ address is written and what a channel is called."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from service.channels.base import BadAddress, ChannelPlugin, WebhookRoute
 from service.channels.sendgrid.email import SendGridEmail
@@ -12,8 +12,9 @@ from service.channels.twilio.sms import TwilioSms
 from service.settings import Settings
 from service.types import Channel
 
-# Asked in this order for an address (`normalise_address`): the first that claims it wins.
-PLUGINS: tuple[type[TwilioSms] | type[SendGridEmail], ...] = (TwilioSms, SendGridEmail)
+# Every channel Parley has, built in this order; asked in this order for an address
+# (`normalise_address`): the first that claims it wins.
+PLUGINS: tuple[Callable[[Settings], ChannelPlugin], ...] = (TwilioSms, SendGridEmail)
 
 
 class Channels(Mapping[Channel, ChannelPlugin]):

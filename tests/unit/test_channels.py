@@ -183,3 +183,12 @@ def test_an_inbound_form_is_read_for_the_channel_it_came_to() -> None:
     assert inbound.channel is Channel.SMS
     assert (inbound.remote_address, inbound.local_address) == ("+15550001111", "+15550002222")
     assert inbound.intent is Intent.OPT_OUT
+
+
+def test_the_inbound_addresses_are_read_by_the_channels_rule() -> None:
+    """A Twilio channel whose addresses are not bare numbers (`whatsapp:+1…`) keeps its form:
+    phonenumbers would read the digits out of it and merge it with the SMS conversation."""
+    form = {"MessageSid": SID, "From": "x:+1 555 000 1111", "To": "x:+15550002222", "Body": "hi"}
+    assert webhook.parse_inbound(form, Channel.SMS).remote_address == "+15550001111"
+    kept = webhook.parse_inbound(form, Channel.SMS, lambda raw: raw.replace(" ", ""))
+    assert (kept.remote_address, kept.local_address) == ("x:+15550001111", "x:+15550002222")

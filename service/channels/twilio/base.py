@@ -72,7 +72,7 @@ class TwilioChannel:
     async def _receive(self, request: Request, intake: Intake) -> Response:
         form = await webhook.read_form(request, self._settings)
         try:
-            inbound = webhook.parse_inbound(form, self.channel)
+            inbound = webhook.parse_inbound(form, self.channel, self.inbound_address)
         except InvalidWebhook as exc:
             raise Refused(400, str(exc)) from exc
         await intake.record(inbound)
@@ -86,6 +86,10 @@ class TwilioChannel:
             raise Refused(400, str(exc)) from exc
         await intake.update_delivery(update)
         return Response(status_code=204)
+
+    def inbound_address(self, raw: str) -> str:
+        """`From`/`To` of an inbound form as stored: one person is one conversation."""
+        return webhook.to_e164(raw)
 
     def normalise_address(self, text: str) -> str | None:
         raise NotImplementedError

@@ -10,7 +10,7 @@ import datetime as dt
 import functools
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -150,7 +150,11 @@ def check_sids(form: Mapping[str, Any]) -> None:
             raise InvalidWebhook(f"{name} is not a Twilio message sid (SM or MM + 32 hex digits)")
 
 
-def parse_inbound(form: Mapping[str, Any], channel: Channel) -> Inbound:
+def parse_inbound(
+    form: Mapping[str, Any], channel: Channel, address: Callable[[str], str] = to_e164
+) -> Inbound:
+    """The form as `channel`'s `Inbound`, `From` and `To` read by the channel's `address` rule
+    (E.164 for SMS)."""
     missing = [name for name in REQUIRED_FIELDS if name not in form]
     if missing:
         raise InvalidWebhook(f"missing field(s): {', '.join(missing)}")
@@ -163,8 +167,8 @@ def parse_inbound(form: Mapping[str, Any], channel: Channel) -> Inbound:
     return Inbound(
         channel=channel,
         provider_message_id=form["MessageSid"],
-        remote_address=to_e164(form["From"]),
-        local_address=to_e164(form["To"]),
+        remote_address=address(form["From"]),
+        local_address=address(form["To"]),
         body=form["Body"],
         intent=classify_sms(form["Body"], form.get("OptOutType")),
         meta={"media": media} if media else {},
