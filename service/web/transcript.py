@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from service import admin
 from service.models import Message
-from service.types import Author, Channel, Delivery, InboundState, Intent, Sender
+from service.types import Author, Delivery, InboundState, Intent, Sender
 
 if TYPE_CHECKING:
     import jinja2
@@ -147,7 +147,7 @@ def _entry(message: Message, remote: str) -> Entry:
         side=side,
         who=who,
         operator=operator,
-        subject=message.subject if message.channel == Channel.EMAIL.value else None,
+        subject=message.subject,  # only a channel with subjects (email) stores one
         body=message.body,
         at=moment(message.created_at),
         status=status,

@@ -1,6 +1,6 @@
 """The channel registry and the plugins' pure rules: addresses, status mapping, splitting,
-display names, and which plugin owns which webhook. No I/O: plugins built from settings open
-nothing until they send."""
+display names, and which plugin owns which webhook (the address cases of `parley forget` moved
+here from test_api). No I/O: plugins built from settings open nothing until they send."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def _settings(**overrides: object) -> Settings:
         "twilio_auth_token": None,
         "sendgrid_api_key": None,
         "public_base_url": None,
+        "_env_file": None,
     }
     return Settings(**{**values, **overrides})  # type: ignore[arg-type]
 
