@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.channels.email_text import html_to_text, new_text
+from service.channels.sendgrid.text import html_to_text, new_text
 from tests.email_corpus import Case, Verdict, cases, judge
 
 Extractor = Callable[[Case], str]

@@ -8,21 +8,18 @@ reported are taken inside the deleting transaction, after the conversations are 
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import phonenumbers
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.conversation import shape_reply
 from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message, ReplyJob
 from service.notify import notify_jobs
-from service.types import Author, Channel, Delivery, Intent, JobStatus, Sender
+from service.types import Author, Delivery, Intent, JobStatus, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -35,10 +32,6 @@ class NotFound(Exception):
 
 class OptedOut(Exception):
     """The person opted out: nothing may be sent to them."""
-
-
-class BadAddress(ValueError):
-    """Not a phone number or an email address."""
 
 
 @dataclass(frozen=True)
@@ -176,13 +169,15 @@ async def add_operator_message(
     engine: AsyncEngine,
     conversation_id: int,
     body: str,
-    envelope: tuple[str | None, dict[str, str]] | None = None,
+    envelope: tuple[str | None, dict[str, str]],
+    split: Callable[[str], list[str]],
 ) -> list[int]:
     """Store a human reply as pending `assistant` parts written by the operator, with a reply
     job, in one transaction: the worker sends it through the same durable, retried path as any
-    reply (paused or not). `envelope` is the channel's subject and threading headers.
+    reply (paused or not). `envelope` is the channel's subject and threading headers, `split`
+    its rule for the parts (`ChannelPlugin.split`).
     Returns the stored parts' ids."""
-    subject, headers = envelope or (None, {})
+    subject, headers = envelope
     now = utcnow()
     async with engine.begin() as connection:
         conversation = (
@@ -197,7 +192,7 @@ async def add_operator_message(
         if conversation.opted_out:
             raise OptedOut(conversation_id)
         ids = []
-        for part in shape_reply(Channel(conversation.channel), body):
+        for part in split(body):
             result = await connection.execute(
                 insert(Message).returning(Message.id),
                 {
@@ -281,26 +276,6 @@ async def forget(engine: AsyncEngine, address: str) -> Deleted:
     async with engine.begin() as connection:
         ids = await _ids_of(connection, address, lock=True)
         return await _delete(connection, ids)
-
-
-def normalise_address(text: str) -> str:
-    """A phone number as E.164, an email address bare and lower-cased."""
-    text = text.strip()
-    if "@" in text:
-        _name, bare = email.utils.parseaddr(text)
-        local, _, domain = bare.rpartition("@")
-        if not local or "." not in domain or " " in bare:
-            raise BadAddress(f"not an email address: {text!r}")
-        return bare.lower()
-    try:
-        parsed = phonenumbers.parse(text, None)
-    except phonenumbers.NumberParseException:
-        raise BadAddress(
-            f"not a phone number in international form (+15550001111): {text!r}"
-        ) from None
-    if not phonenumbers.is_possible_number(parsed):
-        raise BadAddress(f"not a possible phone number: {text!r}")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
 async def _ids_of(connection: AsyncConnection, address: str, *, lock: bool) -> list[int]:

@@ -14,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from service import admin
+from service.channels.base import BadAddress
+from service.channels.registry import build_channels
 from service.db import create_engine
 from service.settings import Settings, settings_or_exit
 
@@ -135,8 +137,8 @@ def format_table(items: Sequence[admin.Overview], base_url: str) -> str:
 def cmd_forget(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     try:
-        address = admin.normalise_address(args.address)
-    except admin.BadAddress as exc:
+        address = build_channels(settings).normalise_address(args.address)
+    except BadAddress as exc:
         print(f"parley forget: {exc}", file=sys.stderr)
         return 2
     try:

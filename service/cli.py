@@ -76,13 +76,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings) -> None:
     from service.assistant import create_model
-    from service.web.app import create_channels
+    from service.channels.registry import build_channels
     from service.worker import Worker
 
     engine = create_engine(settings.database_url)
     if settings.auto_migrate:
         await upgrade(engine)
-    channels = create_channels(settings)
+    channels = build_channels(settings)
     model = create_model(settings)
     worker = Worker(engine, settings, model, channels)
     loop = asyncio.get_running_loop()

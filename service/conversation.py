@@ -1,7 +1,8 @@
 """Parley's own conversation rules, free of providers, HTTP and SQL.
 
 What a message asks for (opt-out keywords), what the model is shown (history bounded by count
-and by tokens), and how a reply is cut to a channel's limits. Pure functions over `service.types`.
+and by tokens), and how a reply is cut to a channel's limit (the limit and the channel's style
+line are the channel plugin's). Pure functions over `service.types`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from service.types import Channel, Intent, Sender, Turn
+from service.types import Intent, Sender, Turn
 
 OPT_OUT_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
@@ -28,13 +29,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "say so when you do not know."
 )
 
-CHANNEL_STYLE = {
-    Channel.SMS: "This conversation is over SMS: answer briefly, in plain text, no Markdown.",
-    Channel.EMAIL: "This conversation is over email: answer as a short, plain-text email body, "
-    "without a subject line or signature.",
-}
-
-SMS_MAX_CHARS = 1600
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 
 
@@ -88,15 +82,16 @@ def bounded_history(
 
 def build_prompt(
     system_prompt: str | None,
-    channel: Channel,
+    style: str,
     history: Sequence[Turn],
     new: Sequence[Turn],
     *,
     max_messages: int,
     max_tokens: int,
 ) -> list[dict[str, str]]:
-    """Chat messages for the model: system prompt + channel style, history, then the new turns."""
-    system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{CHANNEL_STYLE[channel]}"
+    """Chat messages for the model: system prompt + the channel's `style` line, history, then
+    the new turns."""
+    system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{style}"
     turns = [*bounded_history(history, new, max_messages, max_tokens), *new]
     return [{"role": "system", "content": system}] + [
         {"role": "user" if t.sender is Sender.USER else "assistant", "content": t.body}
@@ -104,7 +99,7 @@ def build_prompt(
     ]
 
 
-def split_for_sms(text: str, limit: int = SMS_MAX_CHARS) -> list[str]:
+def split_at_words(text: str, limit: int) -> list[str]:
     """Cut a reply into parts of at most `limit` characters at word boundaries, in order.
 
     A single word longer than the limit (a URL, say) is cut hard: better than refusing it."""
@@ -121,11 +116,12 @@ def split_for_sms(text: str, limit: int = SMS_MAX_CHARS) -> list[str]:
     return parts
 
 
-def shape_reply(channel: Channel, text: str) -> list[str]:
-    """The parts a reply goes out as on this channel."""
-    if channel is Channel.SMS:
-        return split_for_sms(text)
-    return [text.strip()]
+def shape_reply(max_chars: int | None, text: str) -> list[str]:
+    """The parts a reply goes out as on a channel with parts of at most `max_chars` (None:
+    one part). The channel plugins' `split` (`ChannelPlugin.max_chars` says the limit)."""
+    if max_chars is None:
+        return [text.strip()]
+    return split_at_words(text, max_chars)
 
 
 def summary_of(body: str) -> str:

@@ -78,21 +78,15 @@ SEND_ERRORS = Counter(
 )
 
 
-def webhook_channel(path: str) -> tuple[str, str]:
-    """(channel, kind) of a webhook path."""
-    channel = "email" if "/sendgrid/" in path else "sms"
-    kind = "status" if path.rstrip("/").endswith("/status") else "message"
-    return channel, kind
-
-
 def refusal_result(status: int) -> str:
     return {400: "invalid", 401: "unauthorized", 403: "unauthorized", 413: "too_large"}.get(
         status, f"refused_{status}"
     )
 
 
-def count_webhook(path: str, result: str) -> None:
-    WEBHOOKS.labels(*webhook_channel(path), result).inc()
+def count_webhook(channel: str, kind: str, result: str) -> None:
+    """A webhook request, labelled by the plugin that owns its route."""
+    WEBHOOKS.labels(channel, kind, result).inc()
 
 
 def count_inbound(channel: str, duplicate: bool, enqueued: bool) -> None:

@@ -28,7 +28,7 @@ from service import metrics, storable
 from service.assistant import Completion, Model, ModelError
 from service.budget import ModelCallBudget
 from service.channels.base import ChannelClient, LookupUnsupported
-from service.conversation import HELP_TEXT, build_prompt, shape_reply
+from service.conversation import HELP_TEXT, build_prompt
 from service.db import reader, session_factory, utcnow
 from service.jobs import Claim
 from service.models import AssistantCall, Conversation, Message
@@ -257,7 +257,7 @@ class ReplyFlow:
         history = await self._history(conversation.id, [m.id for m in questions])
         prompt = build_prompt(
             self._settings.assistant_system_prompt,
-            Channel(conversation.channel),
+            self._channels[Channel(conversation.channel)].style,
             history,
             [Turn(Sender.USER, m.body) for m in questions],
             max_messages=self._settings.assistant_history_messages,
@@ -340,7 +340,7 @@ class ReplyFlow:
                 reply_to_id=last.id,
             )
             # A model may answer with NUL or stray control characters: PostgreSQL refuses NUL.
-            for part in shape_reply(Channel(conversation.channel), storable.text(text))
+            for part in channel.split(storable.text(text))
         ]
         async with self._sessions.begin() as session:
             claimed = await session.execute(

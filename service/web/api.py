@@ -24,10 +24,11 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import admin
+from service.channels.base import ChannelPlugin
 from service.models import Conversation
+from service.request_body import BodyTooLarge, read_body
 from service.settings import Settings
 from service.types import Channel
-from service.web.limits import BodyTooLarge, read_body
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +329,11 @@ async def operator_message(request: Request) -> Response:
     try:
         if conversation_id is None:
             raise admin.NotFound(conversation_id)
-        envelope = await _envelope(request, conversation_id)
+        conversation = await admin.get_conversation(services.engine, conversation_id)
+        channel = services.channels[Channel(conversation.channel)]
+        envelope = await _envelope(request, conversation, channel)
         ids = await admin.add_operator_message(
-            services.engine, conversation_id, body.body, envelope
+            services.engine, conversation_id, body.body, envelope, channel.split
         )
     except admin.NotFound:
         return _not_found(request)
@@ -343,13 +346,12 @@ async def operator_message(request: Request) -> Response:
     return _json(OperatorMessageOut(conversation_id=conversation_id, message_ids=ids), 202)
 
 
-async def _envelope(request: Request, conversation_id: int) -> tuple[str | None, dict[str, str]]:
+async def _envelope(
+    request: Request, conversation: Conversation, channel: ChannelPlugin
+) -> tuple[str | None, dict[str, str]]:
     """Subject and threading headers, as the channel builds them for any reply."""
-    services = request.app.state.services
-    conversation = await admin.get_conversation(services.engine, conversation_id)
-    last = await admin.last_inbound(services.engine, conversation_id)
-    channel = services.channels.get(Channel(conversation.channel))
-    if last is None or channel is None:
+    last = await admin.last_inbound(request.app.state.services.engine, conversation.id)
+    if last is None:
         return None, {}
     headers = {k: v for k, v in (last.headers or {}).items() if isinstance(v, str)}
     subject, reply_headers = channel.reply_envelope(

@@ -1,5 +1,5 @@
 """`create_app(settings)`: the Starlette app. Its lifespan owns the engine, the inbound writer,
-the provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker."""
+the channels' provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker."""
 
 from __future__ import annotations
 
@@ -16,15 +16,11 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from service.assistant import Model, create_model
-from service.channels.base import ChannelClient
-from service.channels.email import SendGridEmail
-from service.channels.extraction import Extractor
-from service.channels.sms import TwilioSms
+from service.channels.registry import Channels, build_channels
 from service.db import create_engine
 from service.migrate import upgrade
 from service.settings import Settings
 from service.store import InboundWriter
-from service.types import Channel
 from service.web import api, health, transcript, webhooks
 from service.worker import Worker
 
@@ -40,32 +36,10 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     writer: InboundWriter
-    channels: dict[Channel, ChannelClient]
+    channels: Channels
     model: Model
     worker: Worker | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    extractor: Extractor = field(default_factory=Extractor)  # its processes start on first mail
-
-
-def status_callback_url(settings: Settings) -> str | None:
-    if not settings.public_base_url:
-        return None
-    return f"{settings.public_base_url}/webhooks/twilio/status"
-
-
-def create_channels(settings: Settings) -> dict[Channel, ChannelClient]:
-    return {
-        Channel.SMS: TwilioSms(
-            settings.twilio_account_sid,
-            settings.twilio_auth_token and settings.twilio_auth_tokens[0],
-            settings.twilio_api_base_url,
-            status_callback_url(settings),
-            settings.provider_timeout_s,
-        ),
-        Channel.EMAIL: SendGridEmail(
-            settings.sendgrid_api_key, settings.sendgrid_api_base_url, settings.provider_timeout_s
-        ),
-    }
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +48,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     engine = create_engine(settings.database_url)
     if settings.auto_migrate:
         await upgrade(engine)
-    channels = create_channels(settings)
+    channels: Channels = app.state.channels
     model = create_model(settings)
     worker = Worker(engine, settings, model, channels) if settings.embedded_worker else None
     writer = InboundWriter(engine, on_commit=worker.wake if worker else lambda: None)
@@ -91,7 +65,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 async def _shutdown(services: Services) -> None:
     await services.writer.stop()
-    await services.extractor.close()
     if services.worker:
         await services.worker.stop()
     # The worker's loop ends by itself once stopped; cancel only what overstays.
@@ -100,32 +73,24 @@ async def _shutdown(services: Services) -> None:
         for task in late:
             task.cancel()
         await asyncio.gather(*services.tasks, return_exceptions=True)
-    for channel in services.channels.values():
-        await channel.close()
+    await services.channels.close()
     await services.model.close()
     await services.engine.dispose()
 
 
-def webhook(path: str, endpoint: Endpoint) -> list[Route]:
-    """A webhook at `path` and at `path/`, answered alike: providers do not follow redirects
-    (SendGrid drops the mail), and an operator may configure either form. The handler sees
-    the URL as requested, so Twilio's signature is checked against what Twilio signed."""
-    return [Route(p, endpoint, methods=["POST"]) for p in (path, f"{path}/")]
-
-
 def create_app(settings: Settings) -> Starlette:
+    channels = build_channels(settings)  # its routes are the webhooks; the lifespan uses it
     app = Starlette(
         routes=[
             Route("/healthz", health.healthz, methods=["GET"]),
             Route("/metrics", health.metrics, methods=["GET"]),
             Route("/c/{conversation_url}", transcript.page, methods=["GET"]),
             Mount("/api", app=api.create_api()),
-            *webhook("/webhooks/twilio/sms", webhooks.twilio_sms),
-            *webhook("/webhooks/twilio/status", webhooks.twilio_status),
-            *webhook("/webhooks/sendgrid/inbound", webhooks.sendgrid_inbound),
+            *webhooks.routes(channels),
         ],
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # never a 3xx: a path either exists or is a 404
     app.state.settings = settings
+    app.state.channels = channels
     return app

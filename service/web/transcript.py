@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from service import admin
 from service.models import Message
-from service.types import Author, Channel, Delivery, InboundState, Intent, Sender
+from service.types import Author, Delivery, InboundState, Intent, Sender
 
 if TYPE_CHECKING:
     import jinja2
@@ -65,7 +65,6 @@ HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
 }
-CHANNEL_NAMES = {Channel.SMS.value: "SMS", Channel.EMAIL.value: "Email"}
 
 # (label, tone) of each state; tone is "ok", "warn" or "bad".
 _INBOUND = {
@@ -148,7 +147,7 @@ def _entry(message: Message, remote: str) -> Entry:
         side=side,
         who=who,
         operator=operator,
-        subject=message.subject if message.channel == Channel.EMAIL.value else None,
+        subject=message.subject,  # only a channel with subjects (email) stores one
         body=message.body,
         at=moment(message.created_at),
         status=status,
@@ -157,11 +156,11 @@ def _entry(message: Message, remote: str) -> Entry:
     )
 
 
-def render(detail: admin.Detail) -> str:
+def render(detail: admin.Detail, channel_name: str) -> str:
     conversation = detail.conversation
     remote = mask_address(conversation.remote_address)
     return _template().render(
-        channel_name=CHANNEL_NAMES.get(conversation.channel, conversation.channel),
+        channel_name=channel_name,
         remote=remote,
         started=moment(conversation.created_at),
         opted_out=conversation.opted_out,
@@ -176,8 +175,10 @@ def not_found() -> Response:
 
 async def page(request: Request) -> Response:
     token = str(request.path_params["conversation_url"])
+    services = request.app.state.services
     try:
-        detail = await admin.transcript(request.app.state.services.engine, token)
+        detail = await admin.transcript(services.engine, token)
     except admin.NotFound:
         return not_found()
-    return HTMLResponse(render(detail), headers=HEADERS)
+    channel_name = services.channels.display_name(detail.conversation.channel)
+    return HTMLResponse(render(detail, channel_name), headers=HEADERS)

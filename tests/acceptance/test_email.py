@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.channels.email import reply_subject
+from service.channels.sendgrid.mime import reply_subject
 from service.models import Conversation, Message
 from tests.conftest import SettingsFactory, running_app
 from tests.email_posts import post_fields, with_fields

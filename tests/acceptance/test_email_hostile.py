@@ -19,9 +19,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.channels.email_limits import MAX_TEXT_CHARS
-from service.channels.extraction import Extractor, MailContent
+from service.channels.sendgrid.extraction import Extractor, MailContent
+from service.channels.sendgrid.limits import MAX_TEXT_CHARS
 from service.models import Conversation, Message
+from service.types import Channel
 from tests.conftest import SettingsFactory, running_app
 from tests.email_posts import (
     CREDENTIALS,
@@ -123,7 +124,7 @@ async def test_a_hostile_mail_is_stored_once_in_bounded_time_and_healthz_keeps_a
 async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a_retry_is_free(
     app: httpx.AsyncClient, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    extractor = app.app.state.services.extractor  # type: ignore[attr-defined]
+    extractor = app.app.state.channels[Channel.EMAIL].extractor  # type: ignore[attr-defined]
     assert extractor.running == 0  # no child process before the first mail
     _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
     fields = build("<slow@example.com>")
@@ -155,7 +156,7 @@ async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a
 async def test_mail_after_mail_reuses_one_warm_extraction_process(
     app: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
-    extractor = app.app.state.services.extractor  # type: ignore[attr-defined]
+    extractor = app.app.state.channels[Channel.EMAIL].extractor  # type: ignore[attr-defined]
     for name in ("gmail_first", "html_only", "raw_gmail", "thunderbird_raw"):
         assert (await post_fields(app, with_fields(name))).status_code == 200
         assert extractor.running == 1

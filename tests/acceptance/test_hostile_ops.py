@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.routing import Route
 
 from service.assistant import create_model
+from service.channels.registry import build_channels
 from service.models import Conversation, ReplyJob
-from service.web.app import create_channels
 from service.worker import Worker, worker_id
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
@@ -421,7 +421,7 @@ async def test_a_worker_on_a_host_with_a_253_character_name_answers(
     settings = make_settings(embedded_worker=False, **FAST)
     async with running_app(settings) as client:
         assert (await post_twilio(client, twilio_form(Body="hi", From=TEXTER))).status_code == 200
-    channels = create_channels(settings)
+    channels = build_channels(settings)
     model = create_model(settings)
     worker = Worker(engine, settings, model, channels, owner=worker_id(host=host))
     running = asyncio.create_task(worker.run())

@@ -6,16 +6,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.channels.twilio.sms import SMS_MAX_CHARS, TwilioSms
 from service.conversation import (
     bounded_history,
     build_prompt,
     classify_sms,
     estimate_tokens,
     keyword_of,
-    split_for_sms,
+    split_at_words,
     summary_of,
 )
-from service.types import Channel, Intent, Sender, Turn
+from service.types import Intent, Sender, Turn
 
 
 @pytest.mark.parametrize(
@@ -55,24 +56,24 @@ def test_keyword_strips_edge_punctuation_only() -> None:
 
 def test_split_keeps_words_whole_and_order() -> None:
     text = " ".join(f"word{i}" for i in range(800))
-    parts = split_for_sms(text)
+    parts = split_at_words(text, SMS_MAX_CHARS)
     assert all(len(p) <= 1600 for p in parts)
     assert " ".join(parts) == text
     assert len(parts) == 4  # 6,289 characters: no more parts than the words need
 
 
 def test_split_cuts_a_word_longer_than_the_limit_hard() -> None:
-    assert split_for_sms("x" * 25, limit=10) == ["x" * 10, "x" * 10, "x" * 5]
+    assert split_at_words("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]
 
 
 def test_split_of_a_short_or_empty_text() -> None:
-    assert split_for_sms("  hi  ") == ["hi"]
-    assert split_for_sms("   ") == []
+    assert split_at_words("  hi  ", SMS_MAX_CHARS) == ["hi"]
+    assert split_at_words("   ", SMS_MAX_CHARS) == []
 
 
 @given(st.text(max_size=5000), st.integers(min_value=1, max_value=200))
 def test_split_never_exceeds_the_limit_nor_loses_words(text: str, limit: int) -> None:
-    parts = split_for_sms(text, limit)
+    parts = split_at_words(text, limit)
     assert all(0 < len(p) <= limit for p in parts)
     assert "".join("".join(parts).split()) == "".join(text.split())
 
@@ -107,7 +108,7 @@ def test_no_history_when_the_count_is_zero() -> None:
 def test_prompt_carries_system_channel_style_history_then_new_turns() -> None:
     prompt = build_prompt(
         "Be brief.",
-        Channel.SMS,
+        TwilioSms.style,
         _turns("hello", "hi there"),
         [Turn(Sender.USER, "what now?")],
         max_messages=20,

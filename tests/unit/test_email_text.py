@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.channels.email_text import MAX_TEXT_CHARS, html_to_text, latest_reply, new_text
+from service.channels.sendgrid.text import MAX_TEXT_CHARS, html_to_text, latest_reply, new_text
 from tests.email_corpus import Case, cases, judge, normalised
 
 CORPUS = cases()

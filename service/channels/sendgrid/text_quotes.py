@@ -4,14 +4,14 @@ Everything here is linear in the input: lines are looked at with string methods 
 expression that could backtrack), a line longer than `MAX_LINE` chars is content and never a
 header, and a header is looked for over at most three lines. The rules keep the person's words:
 
-* `>` lines (and quoted copies of Parley's own replies, marked by `email_own`) are history
+* `>` lines (and quoted copies of Parley's own replies, marked by `text_own`) are history
   wherever they sit, so text above, between and below them stays (top, inline, bottom posting);
 * an attribution ("On … Bob wrote:", "Le … a écrit :", "2014-10-17 11:28 GMT+03:00 X <…>:") or
   an Outlook "From:/Sent:" block is dropped with the quote that follows it; when what follows is
   not marked as a quote, it is history to the end (Outlook and Android do not mark it). A weak
   attribution ("Bob wrote:", no date or address) counts only when a `>` quote follows it;
 * a forwarded message is kept, marked "[forwarded message]": the person sent it to be read;
-* the signature goes only from the end, and only when it looks like one (`email_signature`).
+* the signature goes only from the end, and only when it looks like one (`text_signature`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.channels.email_markers import (
+from service.channels.sendgrid.text_markers import (
     FORWARDED,
     FROM_LABELS,
     HEADER_START_WORDS,

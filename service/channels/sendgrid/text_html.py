@@ -16,8 +16,8 @@ from __future__ import annotations
 from lxml.etree import ParserError
 from lxml.html import HtmlElement, document_fromstring
 
-from service.channels.email_markers import FORWARDED, FROM_LABELS
-from service.channels.email_quotes import QUOTE_PLACEHOLDER
+from service.channels.sendgrid.text_markers import FORWARDED, FROM_LABELS
+from service.channels.sendgrid.text_quotes import QUOTE_PLACEHOLDER
 
 MAX_HTML_CHARS = 1_000_000
 _PEEK_CHARS = 300  # enough of a quote's first text to see "Forwarded message"

@@ -1,5 +1,5 @@
 """Twilio's REST API through the twilio SDK's asyncio client (aiohttp): sending an SMS and
-looking one up. Imported by `sms.TwilioSms` only when credentials are configured."""
+looking one up. Imported by `base.TwilioChannel` only when credentials are configured."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 
-from service.channels.sms import CLOCK_SKEW, TWILIO_STATUS, UNSUBSCRIBED_RECIPIENT
+from service.channels.twilio.webhook import CLOCK_SKEW, TWILIO_STATUS, UNSUBSCRIBED_RECIPIENT
 from service.retry import is_retryable_status, retry_after_seconds
 from service.types import Delivery, Outbound, RecipientOptedOut, SendError, SendResult
 

@@ -1,35 +1,31 @@
-"""SendGrid email: Inbound Parse (parsed and raw mode), charsets, loop detection, threading,
-and sending through the sendgrid SDK off the event loop.
-
-Everything SendGrid- and MIME-specific lives here and in `email_text`; the rest of Parley sees
-`Inbound`, `Outbound`, `SendResult` and `SendError`.
+"""SendGrid Inbound Parse (parsed and raw mode): HTTP Basic, the multipart body, charsets,
+and the header-level read of a post (`Envelope`): sender, recipient, ids, whether to answer.
+The body is extracted later, in a child process (`extraction`), once the mail is known new.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import hashlib
-import html
 import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, parseaddr
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from service import storable
-from service.channels.base import LookupUnsupported
-from service.channels.email_limits import (
+from service.channels.base import InvalidWebhook
+from service.channels.sendgrid.extraction import Extracted, MailContent
+from service.channels.sendgrid.limits import (
     BOUNDED,
     MAX_AUTH_FIELD_CHARS,
     MAX_FORM_PART_HEADER_BYTES,
@@ -47,24 +43,16 @@ from service.channels.email_limits import (
     header_token,
     split_head,
 )
-from service.channels.extraction import Extracted, MailContent
-
-if TYPE_CHECKING:
-    from service.channels.sendgrid_rest import SendGridRest
-
-from service.types import Channel, Inbound, Intent, Outbound, SendResult
+from service.channels.sendgrid.mime import is_automatic, message_ids
+from service.types import Channel, Inbound, Intent
 
 log = logging.getLogger(__name__)
 
-AUTO_REPLY = "auto-replied"
-_REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
-_SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
-_BULK_PRECEDENCE = {"bulk", "junk", "list"}
 _DKIM_RESULT = re.compile(r"@([^\s:,{}@]{1,253})\s{0,5}:\s{0,5}([a-z]{1,16})")
 MAX_JSON_FIELD_CHARS = 64 * 1024  # `envelope`, `charsets`: a few hundred bytes in practice
 
 
-class InvalidInbound(ValueError):
+class InvalidInbound(InvalidWebhook):
     """A request that is not a usable Inbound Parse post."""
 
 
@@ -310,8 +298,8 @@ def _envelope(fields: _Fields) -> Envelope:
     message_id, provider_id = _message_ids(message, fields)
     threading = {
         "Message-ID": message_id,  # a made-up id is for dedupe only, never for threading
-        "In-Reply-To": " ".join(_ids(message.get("In-Reply-To"))),
-        "References": " ".join(_ids(message.get("References"))[-MAX_REFERENCES:]),
+        "In-Reply-To": " ".join(message_ids(message.get("In-Reply-To"))),
+        "References": " ".join(message_ids(message.get("References"))[-MAX_REFERENCES:]),
     }
     intent, meta = _judged(fields, message, _usable(sender, "sender"), _usable(local, "recipient"))
     subject = message.get("Subject") or fields.text("subject", MAX_HEADER_CHARS)
@@ -332,11 +320,6 @@ def _parse_head(head: bytes) -> EmailMessage:
     message = BytesHeaderParser(policy=BOUNDED).parsebytes(cap_header_block(head))
     assert isinstance(message, EmailMessage)
     return message
-
-
-def _ids(value: object) -> list[str]:
-    """Message ids in a threading header, each on one line and short enough to store."""
-    return [i for i in header_text(str(value or "")).split() if len(i) <= MAX_MESSAGE_ID_CHARS]
 
 
 def _message_ids(message: EmailMessage, fields: _Fields) -> tuple[str, str]:
@@ -419,87 +402,3 @@ def _attachment_fields(fields: _Fields) -> list[dict[str, object]]:
                 }
             )
     return found
-
-
-def is_automatic(message: EmailMessage, sender: str, local: str) -> bool:
-    """Mail no one should answer: auto-replies, bounces, bulk and list mail, and our own.
-
-    Answering them is how mail loops start (RFC 3834)."""
-    auto_submitted = str(message.get("Auto-Submitted") or "no").strip().lower()
-    precedence = str(message.get("Precedence") or "").strip().lower()
-    return (
-        not auto_submitted.startswith("no")
-        or precedence in _BULK_PRECEDENCE
-        or any(message.get(h) is not None for h in ("X-Autoreply", "X-Autorespond", "List-Id"))
-        or message.get_content_type() == "multipart/report"
-        or sender.split("@")[0] in _SYSTEM_SENDERS
-        or sender == local
-    )
-
-
-# ---------------------------------------------------------------- replies
-
-
-def reply_subject(subject: str | None) -> str:
-    """`Re: <subject>` once, whatever prefixes the subject already carries; on one line, even
-    for a subject stored before inbound subjects were cleaned."""
-    stripped = _REPLY_PREFIX.sub("", header_text(subject or "")[:MAX_SUBJECT_CHARS]).strip()
-    return f"Re: {stripped}" if stripped else "Re: your message"
-
-
-def reply_headers(inbound_headers: Mapping[str, str], local_address: str) -> dict[str, str]:
-    """Threading headers for a reply, and our own Message-ID for the next turn. Ids are re-read
-    from what was stored (one line each, short), so nothing unclean reaches a header."""
-    domain = header_token(local_address.rpartition("@")[2]) or "parley.invalid"
-    headers = {
-        "Message-ID": f"<parley-{secrets.token_hex(12)}@{domain}>",
-        "Auto-Submitted": AUTO_REPLY,
-    }
-    parent = header_token(inbound_headers.get("Message-ID", ""))
-    if parent and len(parent) <= MAX_MESSAGE_ID_CHARS:
-        references = _ids(inbound_headers.get("References", ""))[-MAX_REFERENCES:]
-        headers["In-Reply-To"] = parent
-        if parent not in references:
-            references.append(parent)
-        headers["References"] = " ".join(references)
-    return headers
-
-
-def text_to_html(text: str) -> str:
-    paragraphs = [p for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
-    return "".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs)
-
-
-class SendGridEmail:
-    """The email channel. Sending goes through `sendgrid_rest`, imported only when an API key
-    is configured (the SDK is a large part of an idle process otherwise)."""
-
-    channel = Channel.EMAIL
-
-    def __init__(self, api_key: str | None, api_base_url: str, timeout_s: float = 15.0) -> None:
-        self._rest: SendGridRest | None = None
-        if api_key:
-            from service.channels.sendgrid_rest import SendGridRest
-
-            self._rest = SendGridRest(api_key, api_base_url, timeout_s)
-
-    @property
-    def can_send(self) -> bool:
-        return self._rest is not None
-
-    def reply_envelope(
-        self, subject: str | None, headers: dict[str, str], local_address: str
-    ) -> tuple[str | None, dict[str, str]]:
-        return reply_subject(subject), reply_headers(headers, local_address)
-
-    async def send(self, outbound: Outbound) -> SendResult:
-        assert self._rest is not None, "send() without credentials"
-        return await self._rest.send(outbound)
-
-    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
-        """SendGrid offers no cheap look-up; a resend carries the same Message-ID, which mail
-        clients use to drop the duplicate."""
-        raise LookupUnsupported
-
-    async def close(self) -> None:
-        return None

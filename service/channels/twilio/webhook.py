@@ -1,7 +1,7 @@
-"""Twilio SMS: webhook signatures, the inbound form, status callbacks, and sending.
-
-Everything Twilio-specific lives here; the rest of Parley sees `Inbound`, `Outbound`,
-`SendResult`, `SendError` and `Delivery`.
+"""Twilio's webhook side, for every Twilio channel: the signed form (read within limits,
+signature, AccountSid), the message sids, the inbound form as an `Inbound`, and status
+callbacks. A channel over Twilio (SMS, WhatsApp) differs only in its enum value and its
+address rules; everything here takes the channel it reads for.
 """
 
 from __future__ import annotations
@@ -10,25 +10,19 @@ import datetime as dt
 import functools
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qsl
 
 import phonenumbers
+from starlette.requests import Request
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
+from service.channels.base import BadAddress, InvalidWebhook, Refused, StatusUpdate
 from service.conversation import classify_sms
-
-if TYPE_CHECKING:
-    from service.channels.twilio_rest import TwilioRest
-
-from service.types import (
-    Channel,
-    Delivery,
-    Inbound,
-    Outbound,
-    SendResult,
-)
+from service.request_body import BodyTooLarge, read_body
+from service.settings import Settings
+from service.types import Channel, Delivery, Inbound
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +30,7 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")
 UNSUBSCRIBED_RECIPIENT = 21610
 CLOCK_SKEW = dt.timedelta(minutes=2)  # between our clock and Twilio's
+FORM_TYPE = "application/x-www-form-urlencoded"
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 # Twilio's message ids, exactly. The signature concatenates keys and values with no separator,
 # so a captured request re-cut at a key/value boundary (`MessageSid=SM…NumMedia0`) still
@@ -58,11 +53,44 @@ TWILIO_STATUS = {
 }
 
 
-class InvalidWebhook(ValueError):
-    """A signed request that is not a usable Twilio message."""
+# ---------------------------------------------------------------- the signed form
 
 
-# ---------------------------------------------------------------- inbound
+def signed_url(request: Request, settings: Settings) -> str:
+    """The URL Twilio signed: our public one behind proxies, else what this request says."""
+    if not settings.public_base_url:
+        return str(request.url)
+    query = f"?{request.url.query}" if request.url.query else ""
+    return f"{settings.public_base_url}{request.url.path}{query}"
+
+
+async def read_form(request: Request, settings: Settings) -> dict[str, str]:
+    """The signed form of a Twilio request; `Refused` for anything else."""
+    tokens = settings.twilio_auth_tokens
+    if not tokens and not settings.parley_dev:
+        raise Refused(403, "TWILIO_AUTH_TOKEN is not set: refusing unsigned traffic")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM_TYPE:
+        raise Refused(400, f"expected {FORM_TYPE}")
+    try:
+        raw = await read_body(request, MAX_WEBHOOK_BYTES)
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
+    except BodyTooLarge:
+        raise Refused(413, "request body over 64 KiB") from None
+    except UnicodeDecodeError:
+        raise Refused(400, "body is not UTF-8") from None
+    if tokens and not signature_is_valid(
+        tokens,
+        signed_url(request, settings),
+        pairs,
+        request.headers.get("x-twilio-signature"),
+        request.headers.get("x-twilio-webhooks-signature-settings"),
+    ):
+        raise Refused(403, "bad or missing X-Twilio-Signature")
+    form = dict(pairs)
+    if settings.twilio_account_sid and form.get("AccountSid") != settings.twilio_account_sid:
+        raise Refused(403, "AccountSid is not TWILIO_ACCOUNT_SID")
+    return form
 
 
 class _SignedParams(dict[str, list[str]]):
@@ -90,6 +118,21 @@ def signature_is_valid(
     return any(RequestValidator(t).validate(url, params, signature, algorithm) for t in tokens)
 
 
+def normalise_phone(text: str) -> str:
+    """A phone number typed by an operator (`parley forget`), as E.164; `BadAddress` unless it
+    is a possible number in international form."""
+    text = text.strip()
+    try:
+        parsed = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException:
+        raise BadAddress(
+            f"not a phone number in international form (+15550001111): {text!r}"
+        ) from None
+    if not phonenumbers.is_possible_number(parsed):
+        raise BadAddress(f"not a possible phone number: {text!r}")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
 @functools.lru_cache(maxsize=8192)  # the same few numbers text again and again
 def to_e164(number: str) -> str:
     """Twilio sends E.164 already; normalise anyway so one person is one conversation."""
@@ -107,7 +150,11 @@ def check_sids(form: Mapping[str, Any]) -> None:
             raise InvalidWebhook(f"{name} is not a Twilio message sid (SM or MM + 32 hex digits)")
 
 
-def parse_inbound(form: Mapping[str, Any]) -> Inbound:
+def parse_inbound(
+    form: Mapping[str, Any], channel: Channel, address: Callable[[str], str] = to_e164
+) -> Inbound:
+    """The form as `channel`'s `Inbound`, `From` and `To` read by the channel's `address` rule
+    (E.164 for SMS)."""
     missing = [name for name in REQUIRED_FIELDS if name not in form]
     if missing:
         raise InvalidWebhook(f"missing field(s): {', '.join(missing)}")
@@ -118,10 +165,10 @@ def parse_inbound(form: Mapping[str, Any]) -> Inbound:
         form[f"MediaUrl{i}"] for i in range(_int(form.get("NumMedia"))) if f"MediaUrl{i}" in form
     ]
     return Inbound(
-        channel=Channel.SMS,
+        channel=channel,
         provider_message_id=form["MessageSid"],
-        remote_address=to_e164(form["From"]),
-        local_address=to_e164(form["To"]),
+        remote_address=address(form["From"]),
+        local_address=address(form["To"]),
         body=form["Body"],
         intent=classify_sms(form["Body"], form.get("OptOutType")),
         meta={"media": media} if media else {},
@@ -133,13 +180,6 @@ def _int(value: str | None) -> int:
         return max(0, min(int(value or 0), 10))
     except ValueError:
         return 0
-
-
-@dataclass(frozen=True)
-class StatusUpdate:
-    provider_message_id: str
-    status: Delivery
-    error: str | None
 
 
 def parse_status(form: Mapping[str, Any]) -> StatusUpdate:
@@ -158,50 +198,3 @@ def _error_of(form: Mapping[str, Any]) -> str | None:
         return None
     message = (form.get("ErrorMessage") or "").strip()
     return f"Twilio error {code}" + (f": {message}" if message else "")
-
-
-# ---------------------------------------------------------------- outbound
-
-
-class TwilioSms:
-    """The SMS channel. Sending goes through `twilio_rest`, imported only when credentials are
-    configured: the REST client and aiohttp are a large part of an idle process otherwise."""
-
-    channel = Channel.SMS
-
-    def __init__(
-        self,
-        account_sid: str | None,
-        auth_token: str | None,
-        api_base_url: str,
-        status_callback_url: str | None,
-        timeout_s: float = 15.0,
-    ) -> None:
-        self._rest: TwilioRest | None = None
-        if account_sid and auth_token:
-            from service.channels.twilio_rest import TwilioRest
-
-            self._rest = TwilioRest(
-                account_sid, auth_token, api_base_url, status_callback_url, timeout_s
-            )
-
-    @property
-    def can_send(self) -> bool:
-        return self._rest is not None
-
-    async def send(self, outbound: Outbound) -> SendResult:
-        assert self._rest is not None, "send() without credentials"
-        return await self._rest.send(outbound)
-
-    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
-        assert self._rest is not None, "find_sent() without credentials"
-        return await self._rest.find_sent(outbound, since)
-
-    def reply_envelope(
-        self, subject: str | None, headers: dict[str, str], local_address: str
-    ) -> tuple[str | None, dict[str, str]]:
-        return None, {}
-
-    async def close(self) -> None:
-        if self._rest is not None:
-            await self._rest.close()

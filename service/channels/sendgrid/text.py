@@ -2,10 +2,10 @@
 nothing quoted.
 
 Structure before heuristics. HTML mail marks its quotes, so they are removed from the HTML tree
-(`email_html`) before the tree becomes text (inscriptis renders it: layout-aware, entities
+(`text_html`) before the tree becomes text (inscriptis renders it: layout-aware, entities
 decoded, no CSS or scripts). Plain-text mail, or HTML that marks nothing, goes through the text
-rules (`email_quotes`, `email_signature`). Quoted copies of Parley's own earlier replies are
-recognised by their words (`email_own`) wherever they sit, so bottom-posted and inline answers
+rules (`text_quotes`, `text_signature`). Quoted copies of Parley's own earlier replies are
+recognised by their words (`text_own`) wherever they sit, so bottom-posted and inline answers
 keep every line the person wrote. A forwarded message is kept, marked "[forwarded message]".
 
 Bounded (SPEC §9): the text is capped at `MAX_TEXT_CHARS`, the HTML before parsing, every rule
@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 from lxml.html import HtmlElement
 
-from service.channels import email_html
-from service.channels.email_own import OwnReplies
-from service.channels.email_quotes import FORWARD_MARK, QUOTE_PLACEHOLDER, split_new_text
-from service.channels.email_signature import strip_signature
+from service.channels.sendgrid import text_html
+from service.channels.sendgrid.text_own import OwnReplies
+from service.channels.sendgrid.text_quotes import FORWARD_MARK, QUOTE_PLACEHOLDER, split_new_text
+from service.channels.sendgrid.text_signature import strip_signature
 
 MAX_TEXT_CHARS = 100_000
 _FORWARD_SUBJECTS = ("fw:", "fwd:", "wg:", "tr:", "rv:", "i:", "vs:", "vb:", "doorst:", "enc:")
@@ -52,12 +52,12 @@ def new_text(
 def _from_html(html: str, own: OwnReplies, *, forward: bool, has_plain: bool) -> str | None:
     """The text when the HTML decides (it marks its quotes, or it is all there is); None when
     the plain part should be read instead (it is the sender's own rendering of the text)."""
-    tree = email_html.parse(html)
-    if tree is not None and email_html.remove_quotes(tree):
+    tree = text_html.parse(html)
+    if tree is not None and text_html.remove_quotes(tree):
         text = _read(_render(tree), own, structured=True, forward=forward)
         if text or has_plain:
             return text or None
-        tree = email_html.parse(html)  # all of it was quote: read it rather than nothing
+        tree = text_html.parse(html)  # all of it was quote: read it rather than nothing
     if has_plain:
         return None
     return _read(_render(tree), own, structured=False, forward=forward) if tree is not None else ""
@@ -65,7 +65,7 @@ def _from_html(html: str, own: OwnReplies, *, forward: bool, has_plain: bool) ->
 
 def html_to_text(html: str) -> str:
     """HTML as readable text, nothing removed (quotes included)."""
-    tree = email_html.parse(html)
+    tree = text_html.parse(html)
     return _tidy(_render(tree)) if tree is not None else ""
 
 
@@ -110,8 +110,8 @@ def _render(tree: HtmlElement) -> str:
     from inscriptis import Inscriptis
     from inscriptis.model.config import ParserConfig
 
-    if email_html.element_count(tree) > email_html.MAX_RENDERED_ELEMENTS:
-        return email_html.plain_render(tree)[:MAX_TEXT_CHARS]
-    email_html.quiet_links(tree)
+    if text_html.element_count(tree) > text_html.MAX_RENDERED_ELEMENTS:
+        return text_html.plain_render(tree)[:MAX_TEXT_CHARS]
+    text_html.quiet_links(tree)
     text: str = Inscriptis(tree, ParserConfig(display_links=True)).get_text()
     return text[:MAX_TEXT_CHARS]

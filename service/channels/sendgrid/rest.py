@@ -11,8 +11,8 @@ from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Header, Mail
 
-from service.channels.email import text_to_html
-from service.channels.email_limits import MAX_SUBJECT_CHARS, header_text, header_token
+from service.channels.sendgrid.limits import MAX_SUBJECT_CHARS, header_text, header_token
+from service.channels.sendgrid.mime import text_to_html
 from service.retry import is_retryable_status, retry_after_seconds
 from service.types import Delivery, Outbound, SendError, SendResult
 

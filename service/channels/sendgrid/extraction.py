@@ -9,10 +9,11 @@ process per mail ~100 ms), started on the first mail, never at idle, and it is t
 that imports mail-parser-reply and inscriptis (lxml), which keeps the serve process small.
 
 Past the budget Parley does not wait: it kills the busy child (the next mail starts a new one)
-and uses the text it has, truncated and unstripped (`email_limits.fallback_body`).
+and uses the text it has, truncated and unstripped (`limits.fallback_body`).
 
-The child is `python -m service.channels.extraction`; it speaks length-prefixed JSON frames on
-its stdin/stdout (a request frame is followed by a length-prefixed blob: the raw mail, if any).
+The child is `python -m service.channels.sendgrid.extraction`; it speaks length-prefixed JSON
+frames on its stdin/stdout (a request frame is followed by a length-prefixed blob: the raw
+mail, if any).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage, MIMEPart
 from typing import IO, Any
 
-from service.channels.email_limits import (
+from service.channels.sendgrid.limits import (
     BOUNDED,
     cap_html,
     cap_mime,
@@ -79,9 +80,9 @@ def extract_body(
     plain: str | None, html: str | None, subject: str = "", own_replies: Sequence[str] = ()
 ) -> str:
     """The text the model should see: the person's new words, no quote of the history nor of
-    Parley's own earlier replies (`email_text.new_text`), from capped input. The one place
-    that calls `email_text`."""
-    from service.channels.email_text import new_text
+    Parley's own earlier replies (`text.new_text`), from capped input. The one place
+    that calls `text`."""
+    from service.channels.sendgrid.text import new_text
 
     return new_text(
         cap_text(plain) if plain else None,
@@ -171,7 +172,7 @@ def main() -> None:
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the protocol
     import inscriptis  # noqa: F401 - paid for at start, not by the first HTML mail
 
-    import service.channels.email_text  # noqa: F401
+    import service.channels.sendgrid.text  # noqa: F401
 
     _write(protocol, {"kind": "ready"})
     while (request := _read_request(sys.stdin.buffer)) is not None:
@@ -239,7 +240,7 @@ class _Child:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "service.channels.extraction",
+            "service.channels.sendgrid.extraction",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )

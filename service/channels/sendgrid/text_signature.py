@@ -9,7 +9,7 @@ Everything is string operations on the last few lines: linear, and never a regul
 
 from __future__ import annotations
 
-from service.channels.email_markers import CLOSINGS, MOBILE_FOOTER_ENDINGS, MOBILE_FOOTERS
+from service.channels.sendgrid.text_markers import CLOSINGS, MOBILE_FOOTER_ENDINGS, MOBILE_FOOTERS
 
 _TAIL_LINES = 6  # a closing further up than this is the person's text
 _DELIMITED_LINES = 15  # more than this after "-- " is not a signature

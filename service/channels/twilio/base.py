@@ -1,0 +1,120 @@
+"""What every channel over Twilio shares: its two webhooks (messages and status callbacks,
+read by `webhook`) and sending through `rest`. A Twilio channel (SMS, WhatsApp) subclasses
+`TwilioChannel` with its enum value, paths, name, limits and address rule."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.channels.base import Intake, InvalidWebhook, Refused, WebhookRoute
+from service.channels.twilio import webhook
+from service.conversation import shape_reply
+from service.settings import Settings
+from service.types import Channel, Outbound, SendResult
+
+if TYPE_CHECKING:
+    from service.channels.twilio.rest import TwilioRest
+
+
+class TwilioChannel:
+    """A Twilio channel. Sending goes through `rest`, imported only when credentials are
+    configured: the REST client and aiohttp are a large part of an idle process otherwise."""
+
+    channel: Channel
+    display_name: str
+    max_chars: int | None
+    style: str
+    message_path: str
+    status_path: str
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._rest: TwilioRest | None = None
+        self._credentials = bool(settings.twilio_account_sid and settings.twilio_auth_tokens)
+        if self._credentials:
+            import service.channels.twilio.rest  # noqa: F401  (loaded at start, as a sender)
+
+    def _client(self) -> TwilioRest:
+        """The REST client, made on first use: its HTTP session belongs to the running loop,
+        and a registry built outside one (the app factory, the CLI) opens nothing."""
+        assert self._credentials, "send() without credentials"
+        if self._rest is None:
+            from service.channels.twilio.rest import TwilioRest
+
+            assert self._settings.twilio_account_sid is not None
+            self._rest = TwilioRest(
+                self._settings.twilio_account_sid,
+                self._settings.twilio_auth_tokens[0],
+                self._settings.twilio_api_base_url,
+                self.status_callback_url(),
+                self._settings.provider_timeout_s,
+            )
+        return self._rest
+
+    def status_callback_url(self) -> str | None:
+        """Where Twilio posts this channel's delivery reports (none without a public URL)."""
+        base = self._settings.public_base_url
+        return f"{base}{self.status_path}" if base else None
+
+    # ------------------------------------------------------------ inbound
+
+    def routes(self) -> Sequence[WebhookRoute]:
+        return (
+            WebhookRoute(self.message_path, self._receive),
+            WebhookRoute(self.status_path, self._status, kind="status"),
+        )
+
+    async def _receive(self, request: Request, intake: Intake) -> Response:
+        form = await webhook.read_form(request, self._settings)
+        try:
+            inbound = webhook.parse_inbound(form, self.channel, self.inbound_address)
+        except InvalidWebhook as exc:
+            raise Refused(400, str(exc)) from exc
+        await intake.record(inbound)
+        return Response(webhook.EMPTY_TWIML, media_type="text/xml")
+
+    async def _status(self, request: Request, intake: Intake) -> Response:
+        form = await webhook.read_form(request, self._settings)
+        try:
+            update = webhook.parse_status(form)
+        except InvalidWebhook as exc:
+            raise Refused(400, str(exc)) from exc
+        await intake.update_delivery(update)
+        return Response(status_code=204)
+
+    def inbound_address(self, raw: str) -> str:
+        """`From`/`To` of an inbound form as stored: one person is one conversation."""
+        return webhook.to_e164(raw)
+
+    def normalise_address(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ outbound
+
+    @property
+    def can_send(self) -> bool:
+        return self._credentials
+
+    def split(self, text: str) -> list[str]:
+        return shape_reply(self.max_chars, text)
+
+    def reply_envelope(
+        self, subject: str | None, headers: dict[str, str], local_address: str
+    ) -> tuple[str | None, dict[str, str]]:
+        return None, {}
+
+    async def send(self, outbound: Outbound) -> SendResult:
+        return await self._client().send(outbound)
+
+    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
+        return await self._client().find_sent(outbound, since)
+
+    async def close(self) -> None:
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            await rest.close()
