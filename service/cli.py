@@ -76,8 +76,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings) -> None:
     from service.assistant import create_model
+    from service.queue.worker import Worker
     from service.web.app import create_channels
-    from service.worker import Worker
 
     engine = create_engine(settings.database_url)
     if settings.auto_migrate:

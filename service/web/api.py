@@ -23,9 +23,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import admin
 from service.models import Conversation
 from service.settings import Settings
+from service.store import conversations as admin
 from service.types import Channel
 from service.web.limits import BodyTooLarge, read_body
 

@@ -22,11 +22,11 @@ from service.channels.extraction import Extractor
 from service.channels.sms import TwilioSms
 from service.db import create_engine
 from service.migrate import upgrade
+from service.queue.worker import Worker
 from service.settings import Settings
-from service.store import InboundWriter
+from service.store.inbound import InboundWriter
 from service.types import Channel
 from service.web import api, health, transcript, webhooks
-from service.worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,10 @@ from starlette.responses import Response
 from service import metrics, storable
 from service.channels import email, sms
 from service.settings import Settings
-from service.store import Recorded, StorageFailure, is_stored, recent_replies, update_delivery
+from service.store.conversations import is_stored, recent_replies
+from service.store.errors import StorageFailure
+from service.store.inbound import Recorded
+from service.store.outbox import update_delivery
 from service.types import Channel, Inbound
 from service.web.limits import BodyTooLarge, read_body
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import admin
 from service.models import AssistantCall, Conversation, Message, ReplyJob
+from service.store import conversations as admin
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (

@@ -15,14 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import phonenumbers
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.conversation import shape_reply
+from service.conversation import StoredTurn, shape_reply
 from service.db import reader, session_factory, utcnow
-from service.models import AssistantCall, Conversation, Message, ReplyJob
-from service.notify import notify_jobs
-from service.types import Author, Channel, Delivery, Intent, JobStatus, Sender
+from service.models import AssistantCall, Conversation, Message
+from service.queue.manager import NewJob, count_jobs, enqueue
+from service.store.outbox import str_headers
+from service.types import Author, Channel, Delivery, InboundState, Intent, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -79,6 +80,29 @@ class Deleted:
             f"{self.conversations} conversation(s), {self.messages} message(s), "
             f"{self.assistant_calls} assistant call record(s), {self.jobs} job(s)"
         )
+
+
+@dataclass(frozen=True)
+class ConversationView:
+    """What the reply flow reads of a conversation."""
+
+    id: int
+    channel: str
+    remote_address: str
+    local_address: str
+    opted_out: bool
+    paused: bool
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A user's message still waiting for its answer."""
+
+    id: int
+    intent: str
+    body: str
+    subject: str | None
+    headers: dict[str, str]
 
 
 def transcript_url(base_url: str, token: str) -> str:
@@ -157,6 +181,132 @@ async def transcript(engine: AsyncEngine, token: str) -> Detail:
     return await conversation_detail(engine, row.id)
 
 
+# ---------------------------------------------------------------- the reply flow's reads
+
+
+async def find_conversation(engine: AsyncEngine, conversation_id: int) -> ConversationView | None:
+    async with reader(engine).connect() as connection:
+        row = (
+            await connection.execute(
+                select(
+                    Conversation.id,
+                    Conversation.channel,
+                    Conversation.remote_address,
+                    Conversation.local_address,
+                    Conversation.opted_out,
+                    Conversation.paused,
+                ).where(Conversation.id == conversation_id)
+            )
+        ).first()
+    return None if row is None else ConversationView(**row._asdict())
+
+
+async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> list[Waiting]:
+    """The user's messages among these that are still `received`, oldest first."""
+    async with reader(engine).connect() as connection:
+        rows = await connection.execute(
+            select(Message.id, Message.intent, Message.body, Message.subject, Message.headers)
+            .where(
+                Message.id.in_(message_ids),
+                Message.sender == Sender.USER.value,
+                Message.status == InboundState.RECEIVED.value,
+            )
+            .order_by(Message.id)
+        )
+        return [Waiting(**{**row._asdict(), "headers": str_headers(row.headers)}) for row in rows]
+
+
+async def history_rows(
+    engine: AsyncEngine, conversation_id: int, new_ids: Sequence[int], max_rows: int
+) -> list[StoredTurn]:
+    """The newest `max_rows` stored turns before the new messages, oldest first: the user's
+    messages (not keywords) and the replies written by the model or an operator, one row per
+    part. A reply stored after a new message arrived (a burst) is still history, so it counts
+    by id but the new messages themselves do not. `conversation.select_history` trims them."""
+    if max_rows == 0:
+        return []
+    async with reader(engine).connect() as connection:
+        rows = await connection.execute(
+            select(Message.sender, Message.body, Message.reply_to_id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.id.not_in(new_ids),
+                or_(
+                    and_(
+                        Message.sender == Sender.USER.value,
+                        Message.intent == Intent.MESSAGE.value,
+                        Message.id < max(new_ids),
+                    ),
+                    and_(
+                        Message.sender == Sender.ASSISTANT.value,
+                        Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                        Message.status != Delivery.FAILED.value,
+                    ),
+                ),
+            )
+            .order_by(Message.id.desc())
+            .limit(max_rows)
+        )
+        return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
+
+
+async def is_own_address(engine: AsyncEngine, address: str) -> bool:
+    """Whether Parley itself receives at this address (any conversation's local side)."""
+    async with reader(engine).connect() as connection:
+        found = await connection.scalar(
+            select(Conversation.id).where(Conversation.local_address == address).limit(1)
+        )
+    return found is not None
+
+
+async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
+    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`)."""
+    async with reader(engine).connect() as connection:
+        count = await connection.scalar(
+            select(func.count())
+            .select_from(AssistantCall)
+            .where(
+                AssistantCall.conversation_id == conversation_id,
+                AssistantCall.status == "ok",
+                AssistantCall.created_at >= since,
+            )
+        )
+    return int(count or 0)
+
+
+async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str) -> bool:
+    """Whether this provider message is stored already: a webhook checks before any costly
+    parsing, so a redelivery costs one indexed read (the insert still dedupes races)."""
+    async with reader(engine).connect() as connection:
+        found = await connection.scalar(
+            select(Message.id)
+            .where(Message.channel == channel, Message.provider_message_id == provider_message_id)
+            .limit(1)
+        )
+    return found is not None
+
+
+async def recent_replies(
+    engine: AsyncEngine, channel: str, remote_address: str, local_address: str, limit: int = 5
+) -> list[str]:
+    """Parley's latest replies in this conversation, newest first: what a person's answer
+    usually quotes back, so the text extraction can remove those quotes wherever they sit."""
+    async with reader(engine).connect() as connection:
+        result = await connection.scalars(
+            select(Message.body)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Conversation.channel == channel,
+                Conversation.remote_address == remote_address,
+                Conversation.local_address == local_address,
+                Message.sender == Sender.ASSISTANT.value,
+            )
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+        return list(result)
+
+
 # ---------------------------------------------------------------- changing
 
 
@@ -216,21 +366,9 @@ async def add_operator_message(
             )
             ids.append(int(result.scalar_one()))
         await connection.execute(
-            insert(ReplyJob),
-            {
-                "conversation_id": conversation_id,
-                "message_id": ids[0],
-                "status": JobStatus.QUEUED.value,
-                "attempts": 0,
-                "run_after": now,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        await connection.execute(
             update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
         )
-        await notify_jobs(connection)
+        await enqueue(connection, [NewJob(conversation_id, ids[0])])
     return ids
 
 
@@ -314,14 +452,17 @@ async def _counts(connection: AsyncConnection, ids: Sequence[int]) -> Deleted:
     if not ids:
         return Deleted()
 
-    async def count(model: type[Message] | type[AssistantCall] | type[ReplyJob]) -> int:
+    async def count(model: type[Message] | type[AssistantCall]) -> int:
         result = await connection.execute(
             select(func.count()).select_from(model).where(model.conversation_id.in_(ids))
         )
         return int(result.scalar_one())
 
     return Deleted(
-        len(ids), await count(Message), await count(AssistantCall), await count(ReplyJob)
+        len(ids),
+        await count(Message),
+        await count(AssistantCall),
+        await count_jobs(connection, ids),
     )
 
 
