@@ -105,6 +105,17 @@ class Waiting:
     headers: dict[str, str]
 
 
+@dataclass(frozen=True)
+class ReplyTo:
+    """An inbound message's state and the parts of the reply that answered it."""
+
+    status: str
+    error: str | None
+    parts: list[str]
+    subject: str | None = None
+    part_status: str | None = None
+
+
 def transcript_url(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}/c/{token}"
 
@@ -305,6 +316,37 @@ async def recent_replies(
             .limit(limit)
         )
         return list(result)
+
+
+async def reply_to(engine: AsyncEngine, channel: str, provider_message_id: str) -> ReplyTo | None:
+    """What became of one inbound message (`parley sms` waits on it); None while unknown."""
+    async with reader(engine).connect() as connection:
+        inbound = (
+            await connection.execute(
+                select(Message.id, Message.conversation_id, Message.status, Message.error).where(
+                    Message.channel == channel,
+                    Message.provider_message_id == provider_message_id,
+                )
+            )
+        ).first()
+        if inbound is None:
+            return None
+        parts = (
+            await connection.execute(
+                select(Message.body, Message.subject, Message.status, Message.reply_to_id)
+                .where(
+                    Message.conversation_id == inbound.conversation_id,
+                    Message.sender == Sender.ASSISTANT.value,
+                    Message.reply_to_id >= inbound.id,
+                )
+                .order_by(Message.id)
+            )
+        ).all()
+    if not parts:
+        return ReplyTo(inbound.status, inbound.error, [])
+    first = parts[0]
+    bodies = [p.body for p in parts if p.reply_to_id == first.reply_to_id]
+    return ReplyTo(inbound.status, inbound.error, bodies, first.subject, first.status)
 
 
 # ---------------------------------------------------------------- changing

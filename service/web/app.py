@@ -1,5 +1,6 @@
 """`create_app(settings)`: the Starlette app. Its lifespan owns the engine, the inbound writer,
-the provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker."""
+the provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker, set up by
+`service.runtime`."""
 
 from __future__ import annotations
 
@@ -15,13 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from service.assistant import Model, create_model
+from service import runtime
+from service.assistant import Model
 from service.channels.base import ChannelClient
-from service.channels.email import SendGridEmail
 from service.channels.extraction import Extractor
-from service.channels.sms import TwilioSms
-from service.db import create_engine
-from service.migrate import upgrade
 from service.queue.worker import Worker
 from service.settings import Settings
 from service.store.inbound import InboundWriter
@@ -47,46 +45,21 @@ class Services:
     extractor: Extractor = field(default_factory=Extractor)  # its processes start on first mail
 
 
-def status_callback_url(settings: Settings) -> str | None:
-    if not settings.public_base_url:
-        return None
-    return f"{settings.public_base_url}/webhooks/twilio/status"
-
-
-def create_channels(settings: Settings) -> dict[Channel, ChannelClient]:
-    return {
-        Channel.SMS: TwilioSms(
-            settings.twilio_account_sid,
-            settings.twilio_auth_token and settings.twilio_auth_tokens[0],
-            settings.twilio_api_base_url,
-            status_callback_url(settings),
-            settings.provider_timeout_s,
-        ),
-        Channel.EMAIL: SendGridEmail(
-            settings.sendgrid_api_key, settings.sendgrid_api_base_url, settings.provider_timeout_s
-        ),
-    }
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = create_engine(settings.database_url)
-    if settings.auto_migrate:
-        await upgrade(engine)
-    channels = create_channels(settings)
-    model = create_model(settings)
-    worker = Worker(engine, settings, model, channels) if settings.embedded_worker else None
-    writer = InboundWriter(engine, on_commit=worker.wake if worker else lambda: None)
-    writer.start()
-    services = Services(settings, engine, writer, channels, model, worker)
-    if worker:
-        services.tasks.append(asyncio.create_task(worker.run(), name="parley-worker"))
-    app.state.services = services
-    try:
-        yield
-    finally:
-        await _shutdown(services)
+    async with runtime.started(settings, with_worker=settings.embedded_worker) as ready:
+        worker = ready.worker
+        writer = InboundWriter(ready.engine, on_commit=worker.wake if worker else lambda: None)
+        writer.start()
+        services = Services(settings, ready.engine, writer, ready.channels, ready.model, worker)
+        if worker:
+            services.tasks.append(asyncio.create_task(worker.run(), name="parley-worker"))
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await _shutdown(services)
 
 
 async def _shutdown(services: Services) -> None:
@@ -100,10 +73,6 @@ async def _shutdown(services: Services) -> None:
         for task in late:
             task.cancel()
         await asyncio.gather(*services.tasks, return_exceptions=True)
-    for channel in services.channels.values():
-        await channel.close()
-    await services.model.close()
-    await services.engine.dispose()
 
 
 def webhook(path: str, endpoint: Endpoint) -> list[Route]:
