@@ -135,7 +135,9 @@ class Claim:
         )
 
 
-class JobQueue:
+class JobManager:
+    """One worker's hand on the queue: what it claims carries its name (`owner`) and a lease."""
+
     def __init__(self, engine: AsyncEngine, owner: str, lease_s: float = 30.0) -> None:
         self._engine = engine
         self.owner = owner

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.assistant import Model
 from service.channels.base import ChannelClient
 from service.models import LEASE_OWNER_CHARS
-from service.queue.manager import Claim, JobQueue
+from service.queue.manager import Claim, JobManager
 from service.queue.notify import listen_for_jobs
 from service.reply.flow import GiveUp, Outcome, ReplyFlow, RetryLater, Superseded
 from service.retry import backoff_s
@@ -55,7 +55,7 @@ class Worker:
         channels: Mapping[Channel, ChannelClient],
         owner: str | None = None,
     ) -> None:
-        self.queue = JobQueue(engine, owner or worker_id(), settings.reply_lease_s)
+        self.queue = JobManager(engine, owner or worker_id(), settings.reply_lease_s)
         self.flow = ReplyFlow(engine, settings, model, channels)
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s

@@ -10,8 +10,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from service import metrics, storable
 from service.assistant import Completion, Model, ModelError
 from service.channels.base import ChannelClient
@@ -19,7 +17,7 @@ from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join
 from service.db import utcnow
 from service.reply.flow import GiveUp, Outcome, RetryLater, Superseded
 from service.settings import Settings
-from service.store import conversations, outbox
+from service.store import AsyncEngine, conversations, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
 from service.types import Author, Channel, InboundState, Intent, Sender, Turn

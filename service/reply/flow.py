@@ -17,14 +17,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from service import metrics
 from service.assistant import Model
 from service.channels.base import ChannelClient
 from service.queue.manager import Claim
 from service.settings import Settings
-from service.store import conversations, outbox
+from service.store import AsyncEngine, conversations, outbox
 from service.store.conversations import ConversationView
 from service.types import Channel, InboundState
 

@@ -9,12 +9,10 @@ import logging
 import time
 from collections.abc import Mapping
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from service import metrics
 from service.channels.base import ChannelClient, LookupUnsupported
 from service.reply.flow import GiveUp, Outcome, RetryLater, Withheld
-from service.store import conversations, outbox
+from service.store import AsyncEngine, conversations, outbox
 from service.store.conversations import ConversationView
 from service.store.outbox import Part
 from service.types import Author, Channel, Delivery, Outbound, RecipientOptedOut, SendError

@@ -7,3 +7,7 @@ except the few that are steps of a caller's transaction, which take an `AsyncCon
 (`inbound.record_inbound`, the job insert it calls, `outbox` helpers named `*_in`). Reads for
 the reply flow return small frozen dataclasses, never ORM rows, so no caller holds a session.
 """
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["AsyncConnection", "AsyncEngine"]  # so callers (`reply/`) need no SQLAlchemy import

@@ -388,29 +388,45 @@ async def add_operator_message(
             raise NotFound(conversation_id)
         if conversation.opted_out:
             raise OptedOut(conversation_id)
-        ids = []
-        for part in shape_reply(Channel(conversation.channel), body):
-            result = await connection.execute(
-                insert(Message).returning(Message.id),
-                {
-                    "conversation_id": conversation_id,
-                    "created_at": now,
-                    "updated_at": now,
-                    "channel": conversation.channel,
-                    "sender": Sender.ASSISTANT.value,
-                    "author": Author.OPERATOR.value,
-                    "intent": Intent.MESSAGE.value,
-                    "body": part,
-                    "subject": subject,
-                    "headers": headers or None,
-                    "status": Delivery.PENDING.value,
-                },
-            )
-            ids.append(int(result.scalar_one()))
+        ids = await _insert_operator_parts(
+            connection, conversation_id, conversation.channel, body, (subject, headers), now
+        )
         await connection.execute(
             update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
         )
         await enqueue(connection, [NewJob(conversation_id, ids[0])])
+    return ids
+
+
+async def _insert_operator_parts(
+    connection: AsyncConnection,
+    conversation_id: int,
+    channel: str,
+    body: str,
+    envelope: tuple[str | None, dict[str, str]],
+    now: dt.datetime,
+) -> list[int]:
+    """The operator's reply as pending parts cut to the channel's limits; returns their ids."""
+    subject, headers = envelope
+    ids = []
+    for part in shape_reply(Channel(channel), body):
+        result = await connection.execute(
+            insert(Message).returning(Message.id),
+            {
+                "conversation_id": conversation_id,
+                "created_at": now,
+                "updated_at": now,
+                "channel": channel,
+                "sender": Sender.ASSISTANT.value,
+                "author": Author.OPERATOR.value,
+                "intent": Intent.MESSAGE.value,
+                "body": part,
+                "subject": subject,
+                "headers": headers or None,
+                "status": Delivery.PENDING.value,
+            },
+        )
+        ids.append(int(result.scalar_one()))
     return ids
 
 

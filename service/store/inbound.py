@@ -171,19 +171,7 @@ async def record_inbound(
         for key in dropped:
             del conversations[key]
     opted_out = {key: bool(row.opted_out) for key, row in conversations.items()}
-    not_answered: list[int] = []
-    jobs: list[NewJob] = []
-    for inbound in unique:  # in arrival order: STOP then "hi" leaves "hi" unanswered
-        message_id = new_ids.get((inbound.channel.value, inbound.provider_message_id))
-        if message_id is None:
-            continue
-        key = _key(inbound)
-        if inbound.intent in (Intent.OPT_OUT, Intent.OPT_IN):
-            opted_out[key] = inbound.intent is Intent.OPT_OUT
-        if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
-            not_answered.append(message_id)
-            continue
-        jobs.append(NewJob(conversations[key].id, message_id))
+    jobs, not_answered = _route(unique, new_ids, conversations, opted_out)
     await _apply_opt_changes(connection, conversations, opted_out)
     if not_answered:
         await connection.execute(
@@ -201,6 +189,30 @@ async def record_inbound(
             Recorded(conversation and conversation.id, message_id, message_id in enqueued)
         )
     return results
+
+
+def _route(
+    inbounds: Sequence[Inbound],
+    new_ids: dict[tuple[str, str], int],
+    conversations: dict[ConversationKey, Any],
+    opted_out: dict[ConversationKey, bool],
+) -> tuple[list[NewJob], list[int]]:
+    """(the jobs to enqueue, the new messages not to answer), in arrival order: STOP then "hi"
+    leaves "hi" unanswered. Updates `opted_out` with the batch's keywords."""
+    jobs: list[NewJob] = []
+    not_answered: list[int] = []
+    for inbound in inbounds:
+        message_id = new_ids.get((inbound.channel.value, inbound.provider_message_id))
+        if message_id is None:
+            continue
+        key = _key(inbound)
+        if inbound.intent in (Intent.OPT_OUT, Intent.OPT_IN):
+            opted_out[key] = inbound.intent is Intent.OPT_OUT
+        if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
+            not_answered.append(message_id)
+        else:
+            jobs.append(NewJob(conversations[key].id, message_id))
+    return jobs, not_answered
 
 
 async def _drop_unused_conversations(
