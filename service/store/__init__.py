@@ -4,8 +4,10 @@ delivery reports and the model-call budget.
 The one convention for the database handle: a store function takes an `AsyncEngine` and opens
 its own unit of work (reads through `db.reader`, which never waits for SQLite's write lock),
 except the few that are steps of a caller's transaction, which take an `AsyncConnection`
-(`inbound.record_inbound`, the job insert it calls, `outbox` helpers named `*_in`). Reads for
-the reply flow return small frozen dataclasses, never ORM rows, so no caller holds a session.
+(`inbound.record_inbound` and its parts, run by `InboundWriter`'s batch transaction; the queue's
+`enqueue` and `count_jobs`, run inside the transaction that stores or deletes the messages).
+Reads for the reply flow return small frozen dataclasses, never ORM rows, so no caller holds a
+session.
 """
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
