@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from service.types import Intent, Sender, Turn
 
@@ -78,6 +79,38 @@ def bounded_history(
         kept.append(turn)
     kept.reverse()
     return kept
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    """One stored message as history reads it: a reply split into parts is several rows."""
+
+    sender: Sender
+    body: str
+    reply_to_id: int | None
+
+
+def history_rows_for(max_messages: int) -> int:
+    """How many stored rows to read for `max_messages` turns: a reply may be several parts."""
+    return max_messages * 4
+
+
+def join_parts(rows: Sequence[StoredTurn]) -> list[Turn]:
+    """Consecutive parts of one split reply become one turn again."""
+    turns: list[Turn] = []
+    previous_reply_to: object = object()
+    for row in rows:
+        if (
+            row.sender is Sender.ASSISTANT
+            and turns
+            and turns[-1].sender is row.sender
+            and row.reply_to_id == previous_reply_to
+        ):
+            turns[-1] = Turn(row.sender, f"{turns[-1].body} {row.body}")
+        else:
+            turns.append(Turn(row.sender, row.body))
+        previous_reply_to = row.reply_to_id
+    return turns
 
 
 def build_prompt(

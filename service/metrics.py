@@ -10,9 +10,6 @@ values: take `max` of them, not `sum`.
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import dataclass
-
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -23,12 +20,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import reader, utcnow
-from service.models import ReplyJob
-from service.types import JobStatus
+from service.queue.manager import QueueState, queue_state
 
 __all__ = ["CONTENT_TYPE_LATEST", "exposition"]
 
@@ -124,39 +118,6 @@ def observe_send(channel: str, seconds: float, error_retryable: bool | None = No
     SEND_LATENCY.labels(channel).observe(seconds)
     if error_retryable is not None:
         SEND_ERRORS.labels(channel, "true" if error_retryable else "false").inc()
-
-
-@dataclass(frozen=True)
-class QueueState:
-    queued: int
-    due: int
-    running: int
-    oldest_due_age_s: float
-
-
-async def queue_state(engine: AsyncEngine, now: dt.datetime | None = None) -> QueueState:
-    now = now or utcnow()
-    queued = ReplyJob.status == JobStatus.QUEUED.value
-    async with reader(engine).connect() as connection:
-        row = (
-            await connection.execute(
-                select(
-                    func.count().filter(queued),
-                    func.count().filter(queued, ReplyJob.run_after <= now),
-                    func.count().filter(ReplyJob.status == JobStatus.RUNNING.value),
-                    func.min(ReplyJob.run_after).filter(queued, ReplyJob.run_after <= now),
-                )
-            )
-        ).one()
-    oldest: dt.datetime | None = row[3]
-    if oldest is not None and oldest.tzinfo is None:  # an aggregate may skip the type's decoding
-        oldest = oldest.replace(tzinfo=dt.UTC)
-    return QueueState(
-        queued=int(row[0]),
-        due=int(row[1]),
-        running=int(row[2]),
-        oldest_due_age_s=max((now - oldest).total_seconds(), 0.0) if oldest else 0.0,
-    )
 
 
 def _queue_exposition(state: QueueState) -> bytes:

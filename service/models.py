@@ -206,7 +206,7 @@ class ReplyJob(Base):
 
 class ModelCallWindow(Base):
     """`MODEL_CALLS_LIMIT`'s ledger: model calls started in one fixed window, deployment-wide.
-    Every process takes its place by one conditional UPDATE of this row (see service/budget.py),
+    Every process takes its place by one conditional UPDATE of this row (service/store/budget.py),
     so the count is exact across processes. Keyed by the window's length too, so a changed
     limit starts its own windows."""
 

@@ -145,6 +145,3 @@ class ChannelPlugin(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-ChannelClient = ChannelPlugin  # the outbound side's former name (replies.py, worker.py)

@@ -23,11 +23,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import admin
 from service.channels.base import ChannelPlugin
 from service.models import Conversation
 from service.request_body import BodyTooLarge, read_body
 from service.settings import Settings
+from service.store import conversations as admin
 from service.types import Channel
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
 """`create_app(settings)`: the Starlette app. Its lifespan owns the engine, the inbound writer,
-the channels' provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker."""
+the channels' provider clients and (unless `EMBEDDED_WORKER=false`) the reply worker, set up
+by `service.runtime`."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from service.assistant import Model, create_model
+from service import runtime
+from service.assistant import Model
 from service.channels.registry import Channels, build_channels
-from service.db import create_engine
-from service.migrate import upgrade
+from service.queue.worker import Worker
 from service.settings import Settings
-from service.store import InboundWriter
+from service.store.inbound import InboundWriter
 from service.web import api, health, transcript, webhooks
-from service.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,20 @@ class Services:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = create_engine(settings.database_url)
-    if settings.auto_migrate:
-        await upgrade(engine)
-    channels: Channels = app.state.channels
-    model = create_model(settings)
-    worker = Worker(engine, settings, model, channels) if settings.embedded_worker else None
-    writer = InboundWriter(engine, on_commit=worker.wake if worker else lambda: None)
-    writer.start()
-    services = Services(settings, engine, writer, channels, model, worker)
-    if worker:
-        services.tasks.append(asyncio.create_task(worker.run(), name="parley-worker"))
-    app.state.services = services
-    try:
-        yield
-    finally:
-        await _shutdown(services)
+    async with runtime.started(
+        settings, app.state.channels, with_worker=settings.embedded_worker
+    ) as ready:
+        worker = ready.worker
+        writer = InboundWriter(ready.engine, on_commit=worker.wake if worker else lambda: None)
+        writer.start()
+        services = Services(settings, ready.engine, writer, ready.channels, ready.model, worker)
+        if worker:
+            services.tasks.append(asyncio.create_task(worker.run(), name="parley-worker"))
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await _shutdown(services)
 
 
 async def _shutdown(services: Services) -> None:
@@ -73,9 +71,6 @@ async def _shutdown(services: Services) -> None:
         for task in late:
             task.cancel()
         await asyncio.gather(*services.tasks, return_exceptions=True)
-    await services.channels.close()
-    await services.model.close()
-    await services.engine.dispose()
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
-from service import admin
 from service.models import Message
+from service.store import conversations as admin
 from service.types import Author, Delivery, InboundState, Intent, Sender
 
 if TYPE_CHECKING:

@@ -20,7 +20,10 @@ from starlette.routing import Route
 from service import metrics, storable
 from service.channels.base import ChannelPlugin, Refused, StatusUpdate, WebhookRoute
 from service.channels.registry import Channels
-from service.store import Recorded, StorageFailure, is_stored, recent_replies, update_delivery
+from service.store.conversations import is_stored, recent_replies
+from service.store.errors import StorageFailure
+from service.store.inbound import Recorded
+from service.store.outbox import update_delivery
 from service.types import Inbound
 
 log = logging.getLogger(__name__)

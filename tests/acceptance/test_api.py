@@ -12,10 +12,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import admin
 from service.channels.registry import build_channels
 from service.models import AssistantCall, Conversation, Message, ReplyJob
 from service.settings import Settings
+from service.store import conversations as admin
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (

@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.budget import window_start
 from service.db import utcnow
 from service.models import Message, ModelCallWindow
 from service.settings import SettingsError, load_settings
+from service.store.budget import window_start
 from tests.acceptance.test_metrics import delta, scrape
 from tests.conftest import SettingsFactory, running_app
 from tests.fakes import FakeProviders

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from service.assistant import create_model
 from service.channels.registry import build_channels
 from service.models import Conversation, ReplyJob
-from service.worker import Worker, worker_id
+from service.queue.worker import Worker, worker_id
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.jobs import Claim
+from service.queue.manager import Claim
 from service.retry import (
     MAX_BACKOFF_S,
     MAX_RETRY_AFTER_S,

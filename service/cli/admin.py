@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from service import admin
 from service.channels.base import BadAddress
 from service.channels.registry import build_channels
 from service.db import create_engine
 from service.settings import Settings, settings_or_exit
+from service.store import conversations as admin
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 SUMMARY_CHARS = 32

@@ -20,14 +20,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from sqlalchemy import select
 from tqdm import tqdm
 
 from service import testing
-from service.db import create_engine, reader, session_factory
-from service.models import Message
+from service.db import create_engine
 from service.settings import Settings, settings_or_exit
-from service.types import Delivery, InboundState, Sender
+from service.store.conversations import ReplyTo, reply_to
+from service.types import Delivery, InboundState
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 REPLY_WAIT_S = 60.0
@@ -140,13 +139,11 @@ async def wait_for_reply(
 ) -> str | None:
     """Watch the database for the reply to one inbound message; None if none comes."""
     engine = create_engine(settings.database_url)
-    sessions = session_factory(reader(engine))
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            async with sessions() as session:
-                reply = await _reply_text(session, channel, provider_message_id)
-            if reply is not None:
+            found = await reply_to(engine, channel, provider_message_id)
+            if found is not None and (reply := _reply_text(found)) is not None:
                 return reply
             await asyncio.sleep(0.2)
         return None
@@ -154,39 +151,20 @@ async def wait_for_reply(
         await engine.dispose()
 
 
-async def _reply_text(session: Any, channel: str, provider_message_id: str) -> str | None:
-    inbound = await session.scalar(
-        select(Message).where(
-            Message.channel == channel,
-            Message.provider_message_id == provider_message_id,
-        )
-    )
-    if inbound is None or inbound.status == InboundState.RECEIVED.value:
+def _reply_text(found: ReplyTo) -> str | None:
+    if found.status == InboundState.RECEIVED.value:
         return None
-    if inbound.status != InboundState.ANSWERED.value:
-        return (
-            f"(no reply: message {inbound.status}{': ' + inbound.error if inbound.error else ''})"
-        )
-    parts = list(
-        await session.scalars(
-            select(Message)
-            .where(
-                Message.conversation_id == inbound.conversation_id,
-                Message.sender == Sender.ASSISTANT.value,
-                Message.reply_to_id >= inbound.id,
-            )
-            .order_by(Message.id)
-        )
-    )
-    if not parts:
+    if found.status != InboundState.ANSWERED.value:
+        return f"(no reply: message {found.status}{': ' + found.error if found.error else ''})"
+    if not found.parts:
         return None
-    first = parts[0].reply_to_id
-    text = "\n".join(p.body for p in parts if p.reply_to_id == first)
-    if parts[0].subject:
-        text = f"[{parts[0].subject}] {text}"
-    status = parts[0].status
+    text = "\n".join(found.parts)
+    if found.subject:
+        text = f"[{found.subject}] {text}"
     return text + (
-        "  [not sent: no provider credentials]" if status == Delivery.NOT_SENT.value else ""
+        "  [not sent: no provider credentials]"
+        if found.part_status == Delivery.NOT_SENT.value
+        else ""
     )
 
 

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.assistant import Model
-from service.channels.base import ChannelClient
-from service.jobs import Claim, JobQueue
+from service.channels.base import ChannelPlugin
 from service.models import LEASE_OWNER_CHARS
-from service.notify import listen_for_jobs
-from service.replies import GiveUp, ReplyFlow, RetryLater, Superseded
+from service.queue.manager import Claim, JobManager
+from service.queue.notify import listen_for_jobs
+from service.reply.flow import GiveUp, Outcome, ReplyFlow, RetryLater, Superseded
 from service.retry import backoff_s
 from service.settings import Settings
 from service.types import Channel
@@ -52,10 +52,10 @@ class Worker:
         engine: AsyncEngine,
         settings: Settings,
         model: Model,
-        channels: Mapping[Channel, ChannelClient],
+        channels: Mapping[Channel, ChannelPlugin],
         owner: str | None = None,
     ) -> None:
-        self.queue = JobQueue(engine, owner or worker_id(), settings.reply_lease_s)
+        self.queue = JobManager(engine, owner or worker_id(), settings.reply_lease_s)
         self.flow = ReplyFlow(engine, settings, model, channels)
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s
@@ -147,23 +147,23 @@ class Worker:
 
     async def _handle(self, claim: Claim) -> None:
         started = time.perf_counter()
-        outcome = "error"
+        outcome: Outcome = Outcome.ERROR
         try:
             outcome = await self.flow.run(claim)
             await self.queue.finish(claim.job_ids)
         except asyncio.CancelledError:
-            outcome = "released"
+            outcome = Outcome.RELEASED
             await asyncio.shield(self.queue.release(claim.job_ids))
             raise
         except RetryLater as exc:
             outcome = await self._retry_or_fail(claim, str(exc), exc.retry_after_s)
         except GiveUp as exc:
-            outcome = "failed"
+            outcome = Outcome.FAILED
             await self._fail(claim, str(exc))
         except Superseded as exc:
             # The messages were answered elsewhere. Where this worker still holds the jobs,
             # they are done; where the other worker holds them, `finish` leaves them alone.
-            outcome = "superseded"
+            outcome = Outcome.SUPERSEDED
             log.warning("conversation %s: %s", claim.conversation_id, exc)
             await self.queue.finish(claim.job_ids)
         except Exception as exc:
@@ -179,12 +179,14 @@ class Worker:
                 (time.perf_counter() - started) * 1000,
             )
 
-    async def _retry_or_fail(self, claim: Claim, error: str, retry_after_s: float | None) -> str:
+    async def _retry_or_fail(
+        self, claim: Claim, error: str, retry_after_s: float | None
+    ) -> Outcome:
         exhausted, remaining = claim.split(self._settings.reply_max_attempts)
         if exhausted is not None:
             await self._fail(exhausted, error)
         if remaining is None:
-            return "failed"
+            return Outcome.FAILED
         claim = remaining
         delay = backoff_s(claim.attempts, self._settings.reply_retry_base_s, retry_after_s)
         log.warning(
@@ -195,7 +197,7 @@ class Worker:
             delay,
         )
         await self.queue.retry(claim.job_ids, error, delay)
-        return "retry"
+        return Outcome.RETRY
 
     async def _fail(self, claim: Claim, error: str) -> None:
         log.error("conversation %s: giving up: %s", claim.conversation_id, error)

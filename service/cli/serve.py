@@ -1,4 +1,4 @@
-"""`parley`: serve, worker, migrate, and the tools that talk to a running server."""
+"""`parley serve`, `parley worker`, `parley migrate`: running Parley."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
 
 import uvicorn
 
@@ -75,26 +74,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 async def _run_worker(settings: Settings) -> None:
-    from service.assistant import create_model
-    from service.channels.registry import build_channels
-    from service.worker import Worker
+    from service import runtime
 
-    engine = create_engine(settings.database_url)
-    if settings.auto_migrate:
-        await upgrade(engine)
-    channels = build_channels(settings)
-    model = create_model(settings)
-    worker = Worker(engine, settings, model, channels)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(worker.stop()))
-    try:
+    async with runtime.started(settings, with_worker=True) as ready:
+        worker = ready.worker
+        assert worker is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(worker.stop()))
         await worker.run()
-    finally:
-        for channel in channels.values():
-            await channel.close()
-        await model.close()
-        await engine.dispose()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -111,37 +99,3 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     asyncio.run(run())
     print("database is at the latest revision")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from service import admin_cli, client
-
-    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    serve = commands.add_parser("serve", help="run the web app (and the reply worker)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--dev", action="store_true", help="laptop mode: accept unsigned webhooks")
-    serve.set_defaults(func=cmd_serve)
-
-    worker = commands.add_parser("worker", help="run a reply worker without the web app")
-    worker.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve this worker's Prometheus metrics on this port (all interfaces)",
-    )
-    worker.set_defaults(func=cmd_worker)
-
-    migrate = commands.add_parser("migrate", help="alembic upgrade head on DATABASE_URL")
-    migrate.set_defaults(func=cmd_migrate)
-
-    client.add_commands(commands)
-    admin_cli.add_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)

@@ -7,7 +7,7 @@ from typing import Any
 
 import openai
 
-from service.assistant import Completion, ModelError
+from service.assistant.base import Completion, ModelError
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 

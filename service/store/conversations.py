@@ -13,13 +13,15 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.conversation import StoredTurn
 from service.db import reader, session_factory, utcnow
-from service.models import AssistantCall, Conversation, Message, ReplyJob
-from service.notify import notify_jobs
-from service.types import Author, Delivery, Intent, JobStatus, Sender
+from service.models import AssistantCall, Conversation, Message
+from service.queue.manager import NewJob, count_jobs, enqueue
+from service.store.outbox import str_headers
+from service.types import Author, Delivery, InboundState, Intent, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -72,6 +74,40 @@ class Deleted:
             f"{self.conversations} conversation(s), {self.messages} message(s), "
             f"{self.assistant_calls} assistant call record(s), {self.jobs} job(s)"
         )
+
+
+@dataclass(frozen=True)
+class ConversationView:
+    """What the reply flow reads of a conversation."""
+
+    id: int
+    channel: str
+    remote_address: str
+    local_address: str
+    opted_out: bool
+    paused: bool
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A user's message still waiting for its answer."""
+
+    id: int
+    intent: str
+    body: str
+    subject: str | None
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """An inbound message's state and the parts of the reply that answered it."""
+
+    status: str
+    error: str | None
+    parts: list[str]
+    subject: str | None = None
+    part_status: str | None = None
 
 
 def transcript_url(base_url: str, token: str) -> str:
@@ -150,6 +186,163 @@ async def transcript(engine: AsyncEngine, token: str) -> Detail:
     return await conversation_detail(engine, row.id)
 
 
+# ---------------------------------------------------------------- the reply flow's reads
+
+
+async def find_conversation(engine: AsyncEngine, conversation_id: int) -> ConversationView | None:
+    async with reader(engine).connect() as connection:
+        row = (
+            await connection.execute(
+                select(
+                    Conversation.id,
+                    Conversation.channel,
+                    Conversation.remote_address,
+                    Conversation.local_address,
+                    Conversation.opted_out,
+                    Conversation.paused,
+                ).where(Conversation.id == conversation_id)
+            )
+        ).first()
+    return None if row is None else ConversationView(**row._asdict())
+
+
+async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> list[Waiting]:
+    """The user's messages among these that are still `received`, oldest first."""
+    async with reader(engine).connect() as connection:
+        rows = await connection.execute(
+            select(Message.id, Message.intent, Message.body, Message.subject, Message.headers)
+            .where(
+                Message.id.in_(message_ids),
+                Message.sender == Sender.USER.value,
+                Message.status == InboundState.RECEIVED.value,
+            )
+            .order_by(Message.id)
+        )
+        return [Waiting(**{**row._asdict(), "headers": str_headers(row.headers)}) for row in rows]
+
+
+async def history_rows(
+    engine: AsyncEngine, conversation_id: int, new_ids: Sequence[int], max_rows: int
+) -> list[StoredTurn]:
+    """The newest `max_rows` stored turns before the new messages, oldest first: the user's
+    messages (not keywords) and the replies written by the model or an operator, one row per
+    part. A reply stored after a new message arrived (a burst) is still history, so it counts
+    by id but the new messages themselves do not. `conversation.select_history` trims them."""
+    if max_rows == 0:
+        return []
+    async with reader(engine).connect() as connection:
+        rows = await connection.execute(
+            select(Message.sender, Message.body, Message.reply_to_id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.id.not_in(new_ids),
+                or_(
+                    and_(
+                        Message.sender == Sender.USER.value,
+                        Message.intent == Intent.MESSAGE.value,
+                        Message.id < max(new_ids),
+                    ),
+                    and_(
+                        Message.sender == Sender.ASSISTANT.value,
+                        Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                        Message.status != Delivery.FAILED.value,
+                    ),
+                ),
+            )
+            .order_by(Message.id.desc())
+            .limit(max_rows)
+        )
+        return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
+
+
+async def is_own_address(engine: AsyncEngine, address: str) -> bool:
+    """Whether Parley itself receives at this address (any conversation's local side)."""
+    async with reader(engine).connect() as connection:
+        found = await connection.scalar(
+            select(Conversation.id).where(Conversation.local_address == address).limit(1)
+        )
+    return found is not None
+
+
+async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
+    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`)."""
+    async with reader(engine).connect() as connection:
+        count = await connection.scalar(
+            select(func.count())
+            .select_from(AssistantCall)
+            .where(
+                AssistantCall.conversation_id == conversation_id,
+                AssistantCall.status == "ok",
+                AssistantCall.created_at >= since,
+            )
+        )
+    return int(count or 0)
+
+
+async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str) -> bool:
+    """Whether this provider message is stored already: a webhook checks before any costly
+    parsing, so a redelivery costs one indexed read (the insert still dedupes races)."""
+    async with reader(engine).connect() as connection:
+        found = await connection.scalar(
+            select(Message.id)
+            .where(Message.channel == channel, Message.provider_message_id == provider_message_id)
+            .limit(1)
+        )
+    return found is not None
+
+
+async def recent_replies(
+    engine: AsyncEngine, channel: str, remote_address: str, local_address: str, limit: int = 5
+) -> list[str]:
+    """Parley's latest replies in this conversation, newest first: what a person's answer
+    usually quotes back, so the text extraction can remove those quotes wherever they sit."""
+    async with reader(engine).connect() as connection:
+        result = await connection.scalars(
+            select(Message.body)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Conversation.channel == channel,
+                Conversation.remote_address == remote_address,
+                Conversation.local_address == local_address,
+                Message.sender == Sender.ASSISTANT.value,
+            )
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+        return list(result)
+
+
+async def reply_to(engine: AsyncEngine, channel: str, provider_message_id: str) -> ReplyTo | None:
+    """What became of one inbound message (`parley sms` waits on it); None while unknown."""
+    async with reader(engine).connect() as connection:
+        inbound = (
+            await connection.execute(
+                select(Message.id, Message.conversation_id, Message.status, Message.error).where(
+                    Message.channel == channel,
+                    Message.provider_message_id == provider_message_id,
+                )
+            )
+        ).first()
+        if inbound is None:
+            return None
+        parts = (
+            await connection.execute(
+                select(Message.body, Message.subject, Message.status, Message.reply_to_id)
+                .where(
+                    Message.conversation_id == inbound.conversation_id,
+                    Message.sender == Sender.ASSISTANT.value,
+                    Message.reply_to_id >= inbound.id,
+                )
+                .order_by(Message.id)
+            )
+        ).all()
+    if not parts:
+        return ReplyTo(inbound.status, inbound.error, [])
+    first = parts[0]
+    bodies = [p.body for p in parts if p.reply_to_id == first.reply_to_id]
+    return ReplyTo(inbound.status, inbound.error, bodies, first.subject, first.status)
+
+
 # ---------------------------------------------------------------- changing
 
 
@@ -191,41 +384,46 @@ async def add_operator_message(
             raise NotFound(conversation_id)
         if conversation.opted_out:
             raise OptedOut(conversation_id)
-        ids = []
-        for part in split(body):
-            result = await connection.execute(
-                insert(Message).returning(Message.id),
-                {
-                    "conversation_id": conversation_id,
-                    "created_at": now,
-                    "updated_at": now,
-                    "channel": conversation.channel,
-                    "sender": Sender.ASSISTANT.value,
-                    "author": Author.OPERATOR.value,
-                    "intent": Intent.MESSAGE.value,
-                    "body": part,
-                    "subject": subject,
-                    "headers": headers or None,
-                    "status": Delivery.PENDING.value,
-                },
-            )
-            ids.append(int(result.scalar_one()))
-        await connection.execute(
-            insert(ReplyJob),
-            {
-                "conversation_id": conversation_id,
-                "message_id": ids[0],
-                "status": JobStatus.QUEUED.value,
-                "attempts": 0,
-                "run_after": now,
-                "created_at": now,
-                "updated_at": now,
-            },
+        ids = await _insert_operator_parts(
+            connection, conversation_id, conversation.channel, split(body), (subject, headers), now
         )
         await connection.execute(
             update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
         )
-        await notify_jobs(connection)
+        await enqueue(connection, [NewJob(conversation_id, ids[0])])
+    return ids
+
+
+async def _insert_operator_parts(
+    connection: AsyncConnection,
+    conversation_id: int,
+    channel: str,
+    parts: list[str],
+    envelope: tuple[str | None, dict[str, str]],
+    now: dt.datetime,
+) -> list[int]:
+    """The operator's reply as pending parts, already cut to the channel's limits; returns
+    their ids."""
+    subject, headers = envelope
+    ids = []
+    for part in parts:
+        result = await connection.execute(
+            insert(Message).returning(Message.id),
+            {
+                "conversation_id": conversation_id,
+                "created_at": now,
+                "updated_at": now,
+                "channel": channel,
+                "sender": Sender.ASSISTANT.value,
+                "author": Author.OPERATOR.value,
+                "intent": Intent.MESSAGE.value,
+                "body": part,
+                "subject": subject,
+                "headers": headers or None,
+                "status": Delivery.PENDING.value,
+            },
+        )
+        ids.append(int(result.scalar_one()))
     return ids
 
 
@@ -289,14 +487,17 @@ async def _counts(connection: AsyncConnection, ids: Sequence[int]) -> Deleted:
     if not ids:
         return Deleted()
 
-    async def count(model: type[Message] | type[AssistantCall] | type[ReplyJob]) -> int:
+    async def count(model: type[Message] | type[AssistantCall]) -> int:
         result = await connection.execute(
             select(func.count()).select_from(model).where(model.conversation_id.in_(ids))
         )
         return int(result.scalar_one())
 
     return Deleted(
-        len(ids), await count(Message), await count(AssistantCall), await count(ReplyJob)
+        len(ids),
+        await count(Message),
+        await count(AssistantCall),
+        await count_jobs(connection, ids),
     )
 
 

@@ -9,112 +9,33 @@ commits at once. Every request gets its 2xx only after its rows are durable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, and_, delete, exists, select, update
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import Insert, delete, exists, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import reader, utcnow
+from service.db import utcnow
 from service.models import (
     Conversation,
-    DeliveryReport,
     Message,
-    ReplyJob,
     new_conversation_url,
 )
-from service.notify import notify_jobs
-from service.types import DELIVERY_RANK, Delivery, Inbound, InboundState, Intent, Sender
+from service.queue.manager import NewJob, enqueue
+from service.store.errors import StoreUnavailable, storage_failure
+from service.types import Inbound, InboundState, Intent, Sender
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is someone else's
 ConversationKey = tuple[str, str, str]
-
-
-class StorageFailure(Exception):
-    """Storing failed; `status` is what the webhook answers."""
-
-    status = 500
-
-
-class StoreRefused(StorageFailure):
-    """The database refused this request's values. `storable` should make that impossible, so
-    it is a bug to report, but never a 5xx: the provider would retry the same bytes for days."""
-
-    status = 400
-
-
-class StoreUnavailable(StorageFailure):
-    """The database cannot be reached or cannot commit now: the provider should retry."""
-
-    status = 503
-
-
-# SQLSTATE classes about the values of a statement: 22 data exception (NUL, too long, bad
-# encoding), 23 integrity constraint violation. Any other database error is the database's state.
-_VALUE_SQLSTATE_CLASSES = ("22", "23")
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """asyncpg's SQLSTATE (SQLAlchemy wraps asyncpg's DataError as a bare `DBAPIError`)."""
-    for candidate in (exc, getattr(exc, "orig", None)):
-        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(state, str):
-            return state
-    return None
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """The driver's own exception under SQLAlchemy's wrappers (it names what happened; the
-    message is not logged, as it can quote the values)."""
-    inner = getattr(exc, "orig", None) or exc
-    while inner.__cause__ is not None:
-        inner = inner.__cause__
-    return inner
-
-
-def storage_failure(exc: BaseException) -> StorageFailure | None:
-    """What a database exception means for the request; None for anything else (a bug).
-
-    Refused (400): SQLAlchemy's `DataError` and `IntegrityError` (sqlite3), SQLSTATE classes 22
-    and 23 (asyncpg), a string the driver cannot encode (sqlite3 raises `UnicodeEncodeError`
-    unwrapped) and a parameter SQLAlchemy cannot bind (`StatementError`). Unavailable (503):
-    every other database error (`OperationalError` such as "database is locked" or "unable to
-    open database file", `InterfaceError`, a lost connection, an unmigrated schema), a pool
-    timeout, and the OS errors of connecting (refused, unreachable, unknown host)."""
-    state = _sqlstate(exc)
-    detail = type(_innermost(exc)).__name__ + (f", SQLSTATE {state}" if state else "")
-    if (
-        isinstance(exc, sa_exc.DataError | sa_exc.IntegrityError | UnicodeError)
-        or (state is not None and state[:2] in _VALUE_SQLSTATE_CLASSES)
-        or (isinstance(exc, sa_exc.StatementError) and not isinstance(exc, sa_exc.DBAPIError))
-    ):
-        return StoreRefused(f"the database refused a value ({detail})")
-    if isinstance(exc, sa_exc.DBAPIError | sa_exc.TimeoutError | OSError | TimeoutError) or state:
-        return StoreUnavailable(f"the database is unavailable ({detail})")
-    return None
-
-
-@contextlib.contextmanager
-def storage_errors() -> Iterator[None]:
-    """Raise database exceptions as the `StorageFailure` they mean; others unchanged."""
-    try:
-        yield
-    except Exception as exc:
-        failure = storage_failure(exc)
-        if failure is None:
-            raise
-        raise failure from exc
 
 
 @dataclass(frozen=True)
@@ -250,30 +171,7 @@ async def record_inbound(
         for key in dropped:
             del conversations[key]
     opted_out = {key: bool(row.opted_out) for key, row in conversations.items()}
-    not_answered: list[int] = []
-    jobs: list[dict[str, Any]] = []
-    now = utcnow()
-    for inbound in unique:  # in arrival order: STOP then "hi" leaves "hi" unanswered
-        message_id = new_ids.get((inbound.channel.value, inbound.provider_message_id))
-        if message_id is None:
-            continue
-        key = _key(inbound)
-        if inbound.intent in (Intent.OPT_OUT, Intent.OPT_IN):
-            opted_out[key] = inbound.intent is Intent.OPT_OUT
-        if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
-            not_answered.append(message_id)
-            continue
-        jobs.append(
-            {
-                "conversation_id": conversations[key].id,
-                "message_id": message_id,
-                "status": "queued",
-                "attempts": 0,
-                "run_after": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
+    jobs, not_answered = _route(unique, new_ids, conversations, opted_out)
     await _apply_opt_changes(connection, conversations, opted_out)
     if not_answered:
         await connection.execute(
@@ -281,10 +179,8 @@ async def record_inbound(
             .where(Message.id.in_(not_answered))
             .values(status=InboundState.NOT_ANSWERED.value)
         )
-    if jobs:
-        await connection.execute(_insert(connection, ReplyJob.__table__), jobs)
-        await notify_jobs(connection)
-    enqueued = {job["message_id"] for job in jobs}
+    await enqueue(connection, jobs)
+    enqueued = {job.message_id for job in jobs}
     results = []
     for inbound in inbounds:
         message_id = new_ids.pop((inbound.channel.value, inbound.provider_message_id), None)
@@ -293,6 +189,30 @@ async def record_inbound(
             Recorded(conversation and conversation.id, message_id, message_id in enqueued)
         )
     return results
+
+
+def _route(
+    inbounds: Sequence[Inbound],
+    new_ids: dict[tuple[str, str], int],
+    conversations: dict[ConversationKey, Any],
+    opted_out: dict[ConversationKey, bool],
+) -> tuple[list[NewJob], list[int]]:
+    """(the jobs to enqueue, the new messages not to answer), in arrival order: STOP then "hi"
+    leaves "hi" unanswered. Updates `opted_out` with the batch's keywords."""
+    jobs: list[NewJob] = []
+    not_answered: list[int] = []
+    for inbound in inbounds:
+        message_id = new_ids.get((inbound.channel.value, inbound.provider_message_id))
+        if message_id is None:
+            continue
+        key = _key(inbound)
+        if inbound.intent in (Intent.OPT_OUT, Intent.OPT_IN):
+            opted_out[key] = inbound.intent is Intent.OPT_OUT
+        if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
+            not_answered.append(message_id)
+        else:
+            jobs.append(NewJob(conversations[key].id, message_id))
+    return jobs, not_answered
 
 
 async def _drop_unused_conversations(
@@ -339,116 +259,6 @@ async def _apply_opt_changes(
                 row.id,
                 "opted out" if opted_out[key] else "opted back in",
             )
-
-
-async def update_delivery(
-    engine: AsyncEngine,
-    channel: str,
-    provider_message_id: str,
-    status: Delivery,
-    error: str | None,
-) -> bool:
-    """Apply a provider's delivery report, forward only: a late `sent` never undoes
-    `delivered`. Returns whether a message moved; raises `StorageFailure` as the writer does.
-    The id and error are made storable here, the one door for every channel's reports."""
-    provider_message_id = storable.provider_id(provider_message_id)
-    with storage_errors():
-        return await _apply_delivery(
-            engine, channel, provider_message_id, status, storable.error(error)
-        )
-
-
-async def _apply_delivery(
-    engine: AsyncEngine,
-    channel: str,
-    provider_message_id: str,
-    status: Delivery,
-    error: str | None,
-) -> bool:
-    earlier = [d.value for d, rank in DELIVERY_RANK.items() if rank < DELIVERY_RANK[status]]
-    values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
-    if error:
-        values["error"] = error
-    async with engine.begin() as connection:
-        result = await connection.execute(
-            update(Message)
-            .where(
-                and_(
-                    Message.channel == channel,
-                    Message.provider_message_id == provider_message_id,
-                    Message.sender == Sender.ASSISTANT.value,
-                    Message.status.in_(earlier),
-                )
-            )
-            .values(**values)
-        )
-        if result.rowcount:
-            return True
-        known = await connection.scalar(
-            select(Message.id).where(
-                Message.channel == channel, Message.provider_message_id == provider_message_id
-            )
-        )
-        if known is None:  # the callback beat the send's own answer: keep it for then
-            await _keep_report(connection, channel, provider_message_id, status, error)
-    return False
-
-
-async def _keep_report(
-    connection: AsyncConnection,
-    channel: str,
-    provider_message_id: str,
-    status: Delivery,
-    error: str | None,
-) -> None:
-    now = utcnow()
-    await connection.execute(
-        delete(DeliveryReport).where(DeliveryReport.created_at < now - REPORT_TTL)
-    )
-    await connection.execute(
-        _insert(connection, DeliveryReport.__table__),
-        [
-            {
-                "created_at": now,
-                "channel": channel,
-                "provider_message_id": provider_message_id,
-                "status": status.value,
-                "error": error,
-            }
-        ],
-    )
-
-
-async def record_sent(
-    session: AsyncSession,
-    message_id: int,
-    channel: str,
-    provider_message_id: str,
-    status: Delivery,
-) -> None:
-    """Store a send's provider id and status, merged with any callback that came first."""
-    reports = list(
-        await session.scalars(
-            select(DeliveryReport).where(
-                DeliveryReport.channel == channel,
-                DeliveryReport.provider_message_id == provider_message_id,
-            )
-        )
-    )
-    error = None
-    for report in reports:
-        reported = Delivery(report.status)
-        if DELIVERY_RANK[reported] > DELIVERY_RANK[status]:
-            status, error = reported, report.error or error
-        await session.delete(report)
-    values: dict[str, Any] = {
-        "status": status.value,
-        "provider_message_id": provider_message_id,
-        "updated_at": utcnow(),
-    }
-    if error:
-        values["error"] = error
-    await session.execute(update(Message).where(Message.id == message_id).values(**values))
 
 
 @dataclass
@@ -534,36 +344,3 @@ def _settle(future: asyncio.Future[Recorded], outcome: Recorded | BaseException)
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
-
-
-async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str) -> bool:
-    """Whether this provider message is stored already: a webhook checks before any costly
-    parsing, so a redelivery costs one indexed read (the insert still dedupes races)."""
-    async with reader(engine).connect() as connection:
-        found = await connection.scalar(
-            select(Message.id)
-            .where(Message.channel == channel, Message.provider_message_id == provider_message_id)
-            .limit(1)
-        )
-    return found is not None
-
-
-async def recent_replies(
-    engine: AsyncEngine, channel: str, remote_address: str, local_address: str, limit: int = 5
-) -> list[str]:
-    """Parley's latest replies in this conversation, newest first: what a person's answer
-    usually quotes back, so the text extraction can remove those quotes wherever they sit."""
-    async with reader(engine).connect() as connection:
-        result = await connection.scalars(
-            select(Message.body)
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(
-                Conversation.channel == channel,
-                Conversation.remote_address == remote_address,
-                Conversation.local_address == local_address,
-                Message.sender == Sender.ASSISTANT.value,
-            )
-            .order_by(Message.id.desc())
-            .limit(limit)
-        )
-        return list(result)

@@ -1,4 +1,5 @@
-"""The reply-job queue's database manager: claim, renew, finish, retry, fail.
+"""The reply-job queue's database manager, the only code that touches the `reply_job` table:
+enqueue, claim, renew, finish, retry, fail, release, and the queue state `/metrics` shows.
 
 A job row is the only truth about pending work. The unit of work is a conversation: a claim
 takes every due job of a conversation that has none running, so a burst of messages is answered
@@ -17,14 +18,91 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, select, text, update
+from sqlalchemy import and_, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import utcnow
+from service.db import reader, utcnow
 from service.models import ReplyJob
+from service.queue.notify import notify_jobs
 from service.types import JobStatus
 
 CLAIM_LOCK_KEY = 0x70726C79636C6D  # "prlyclm"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A reply owed in a conversation, for the message (or first stored part) `message_id`."""
+
+    conversation_id: int
+    message_id: int
+
+
+async def enqueue(connection: AsyncConnection, jobs: Sequence[NewJob]) -> None:
+    """Queue these jobs inside the caller's transaction (the one that stored their messages),
+    and wake the workers of other processes once it commits."""
+    if not jobs:
+        return
+    now = utcnow()
+    await connection.execute(
+        insert(ReplyJob),
+        [
+            {
+                "conversation_id": job.conversation_id,
+                "message_id": job.message_id,
+                "status": JobStatus.QUEUED.value,
+                "attempts": 0,
+                "run_after": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for job in jobs
+        ],
+    )
+    await notify_jobs(connection)
+
+
+async def count_jobs(connection: AsyncConnection, conversation_ids: Sequence[int]) -> int:
+    """How many jobs these conversations hold (what `forget` reports deleting with them)."""
+    result = await connection.execute(
+        select(func.count())
+        .select_from(ReplyJob)
+        .where(ReplyJob.conversation_id.in_(conversation_ids))
+    )
+    return int(result.scalar_one())
+
+
+@dataclass(frozen=True)
+class QueueState:
+    queued: int
+    due: int
+    running: int
+    oldest_due_age_s: float
+
+
+async def queue_state(engine: AsyncEngine, now: dt.datetime | None = None) -> QueueState:
+    """The queue's depth by state and the wait of its oldest due job, for `/metrics`."""
+    now = now or utcnow()
+    queued = ReplyJob.status == JobStatus.QUEUED.value
+    async with reader(engine).connect() as connection:
+        row = (
+            await connection.execute(
+                select(
+                    func.count().filter(queued),
+                    func.count().filter(queued, ReplyJob.run_after <= now),
+                    func.count().filter(ReplyJob.status == JobStatus.RUNNING.value),
+                    func.min(ReplyJob.run_after).filter(queued, ReplyJob.run_after <= now),
+                )
+            )
+        ).one()
+    oldest: dt.datetime | None = row[3]
+    if oldest is not None and oldest.tzinfo is None:  # an aggregate may skip the type's decoding
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    return QueueState(
+        queued=int(row[0]),
+        due=int(row[1]),
+        running=int(row[2]),
+        oldest_due_age_s=max((now - oldest).total_seconds(), 0.0) if oldest else 0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -57,7 +135,9 @@ class Claim:
         )
 
 
-class JobQueue:
+class JobManager:
+    """One worker's hand on the queue: what it claims carries its name (`owner`) and a lease."""
+
     def __init__(self, engine: AsyncEngine, owner: str, lease_s: float = 30.0) -> None:
         self._engine = engine
         self.owner = owner

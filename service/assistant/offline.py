@@ -1,0 +1,31 @@
+"""The offline assistant: Parley's default without `OPENAI_API_KEY`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.assistant.base import Completion
+
+OFFLINE_MODEL_NAME = "parley-offline"
+
+
+class OfflineModel:
+    """Answers at once, deterministically, and says it is offline: the laptop default, so a
+    newcomer sees the whole loop without an account."""
+
+    def __init__(self) -> None:
+        self.name = OFFLINE_MODEL_NAME
+        self.params: dict[str, Any] = {}
+
+    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        earlier = sum(1 for m in messages if m["role"] != "system") - 1
+        text = (
+            f'[offline assistant] You said: "{users[-1] if users else ""}". '
+            f"I remember {earlier} earlier message(s) of this conversation. "
+            "Set OPENAI_API_KEY for real answers."
+        )
+        return Completion(text=text, model=self.name, params=self.params)
+
+    async def close(self) -> None:
+        return None

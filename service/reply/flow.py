@@ -1,0 +1,133 @@
+"""One conversation's reply job, step by step, each step recorded before the next.
+
+1. Send whatever this conversation still owes (a reply stored before a crash, an operator's
+   message, a fixed text), in order.
+2. Answer the claimed messages still waiting: HELP with the fixed text, the rest with one model
+   call over the bounded history. The answer is stored, cut to the channel's limits, *before*
+   anything is sent, so a failed send never asks the model again.
+3. Send it. Each part goes `pending -> sending` by compare-and-set before the provider is
+   called, so two processes never send one part, and a part found in `sending` after a crash
+   is looked up at the provider before it is sent again.
+
+Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from service import metrics
+from service.assistant import Model
+from service.channels.base import ChannelPlugin
+from service.queue.manager import Claim
+from service.settings import Settings
+from service.store import AsyncEngine, conversations, outbox
+from service.store.conversations import ConversationView
+from service.types import Channel, InboundState
+
+
+class Outcome(enum.StrEnum):
+    """How a reply job ended, as the worker's log line says it."""
+
+    SENT = "sent"
+    ANSWERED = "answered"
+    RATE_LIMITED = "rate_limited"
+    DELETED = "deleted"
+    OPTED_OUT = "opted_out"
+    WITHHELD = "withheld"
+    PAUSED = "paused"
+    OWN_ADDRESS = "own_address"
+    # the worker's own
+    RETRY = "retry"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    RELEASED = "released"
+    ERROR = "error"
+
+
+class RetryLater(Exception):
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GiveUp(Exception):
+    """A definite refusal: trying again cannot help."""
+
+
+class Superseded(Exception):
+    """This worker lost its claim (stalled past its lease) and another one did the work."""
+
+
+class Withheld(Exception):
+    """The conversation no longer allows this reply (opted out, or paused for the model's)."""
+
+    def __init__(self, reason: str, *, model_only: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.model_only = model_only
+
+
+class ReplyFlow:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: Settings,
+        model: Model,
+        channels: Mapping[Channel, ChannelPlugin],
+    ) -> None:
+        from service.reply.answer import Answerer  # they raise this module's exceptions
+        from service.reply.send import PartSender
+
+        self._engine = engine
+        self._answerer = Answerer(engine, settings, model, channels)
+        self._sender = PartSender(engine, channels)
+
+    async def run(self, claim: Claim) -> Outcome:
+        """Do the claim's work; returns the outcome for the log line."""
+        conversation = await conversations.find_conversation(self._engine, claim.conversation_id)
+        if conversation is None:
+            return Outcome.DELETED
+        if conversation.opted_out:
+            await self._fail(claim, "recipient opted out", InboundState.NOT_ANSWERED)
+            return Outcome.OPTED_OUT
+        if stopped := await self._sender.send_unsent(conversation):
+            # Opted out or paused meanwhile: the claimed messages will not be answered.
+            await self._not_answered(claim)
+            return stopped
+        return await self._answer_and_send(claim, conversation)
+
+    async def _answer_and_send(self, claim: Claim, conversation: ConversationView) -> Outcome:
+        waiting = await conversations.waiting_messages(self._engine, claim.message_ids)
+        if not waiting:
+            return Outcome.SENT
+        if conversation.paused:
+            await self._not_answered(claim)
+            return Outcome.PAUSED
+        if await conversations.is_own_address(self._engine, conversation.remote_address):
+            await self._not_answered(claim)
+            return Outcome.OWN_ADDRESS  # answering ourselves is a loop
+        outcome = await self._answerer.answer(conversation, waiting)
+        return await self._sender.send_unsent(conversation) or outcome
+
+    async def give_up(self, claim: Claim, error: str) -> None:
+        """After the last try: the waiting messages and anything unsent are marked failed."""
+        await self._fail(claim, error, InboundState.FAILED)
+
+    async def _fail(self, claim: Claim, error: str, waiting_state: InboundState) -> None:
+        moved, failed = await outbox.fail_unsent(
+            self._engine,
+            claim.conversation_id,
+            error,
+            waiting_ids=claim.message_ids,
+            waiting_state=waiting_state,
+        )
+        if waiting_state is InboundState.FAILED:
+            metrics.count_replies("failed", moved)
+        metrics.count_replies("failed", failed)
+
+    async def _not_answered(self, claim: Claim) -> None:
+        await outbox.mark_inbound(
+            self._engine, claim.message_ids, InboundState.NOT_ANSWERED, only_waiting=True
+        )

@@ -1,0 +1,49 @@
+"""What a Parley process runs on, set up and torn down once: the engine (migrated when
+`AUTO_MIGRATE`), the provider clients, the model and, when wanted, the reply worker. The web
+app's lifespan and `parley worker` both use `started`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.assistant import Model, create_model
+from service.channels.registry import Channels, build_channels
+from service.db import create_engine
+from service.migrate import upgrade
+from service.queue.worker import Worker
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Runtime:
+    engine: AsyncEngine
+    channels: Channels
+    model: Model
+    worker: Worker | None
+
+
+@contextlib.asynccontextmanager
+async def started(
+    settings: Settings, channels: Channels | None = None, *, with_worker: bool
+) -> AsyncIterator[Runtime]:
+    """The process's engine, channels (the web app passes the registry whose routes it
+    mounted), model and (`with_worker`) worker; closed on exit, after the caller has stopped
+    the worker."""
+    engine = create_engine(settings.database_url)
+    try:
+        if settings.auto_migrate:
+            await upgrade(engine)
+        channels = channels if channels is not None else build_channels(settings)
+        model = create_model(settings)
+        try:
+            worker = Worker(engine, settings, model, channels) if with_worker else None
+            yield Runtime(engine, channels, model, worker)
+        finally:
+            await channels.close()
+            await model.close()
+    finally:
+        await engine.dispose()

@@ -1,0 +1,424 @@
+"""Reply parts, from stored answer to delivery report: store an answer with its assistant-call
+record, the `pending -> sending` compare-and-set, record a send (merged with a delivery report
+that came first), apply delivery callbacks, fail what can no longer be sent.
+
+Each function is one short transaction of its own (it takes the `AsyncEngine`), so the reply
+flow records every step before it takes the next.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service import storable
+from service.db import reader, utcnow
+from service.models import AssistantCall, Conversation, DeliveryReport, Message
+from service.store.errors import storage_errors
+from service.types import DELIVERY_RANK, Author, Delivery, InboundState, Intent, Sender
+
+REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is someone else's
+UNSENT = (Delivery.PENDING.value, Delivery.SENDING.value)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored part of a reply that is still to go out."""
+
+    id: int
+    conversation_id: int
+    channel: str
+    author: str | None
+    body: str
+    subject: str | None
+    headers: dict[str, str]
+    status: str
+    attempted_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A reply to store: its parts (already cut to the channel), what it answers, its envelope."""
+
+    conversation_id: int
+    channel: str
+    answered_ids: Sequence[int]
+    parts: Sequence[str]
+    author: Author
+    subject: str | None
+    headers: dict[str, str]
+    call_id: int | None = None
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One model call as `assistant_call` keeps it, answered or failed."""
+
+    conversation_id: int
+    model: str
+    generation_params: dict[str, Any]
+    processing_time: int
+    ok: bool
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    error: str | None = None
+
+
+def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
+    return {k: v for k, v in (headers or {}).items() if isinstance(v, str)}
+
+
+# ---------------------------------------------------------------- storing an answer
+
+
+async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
+    """Store a model call's record; returns its id (linked to the reply's first part later)."""
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            insert(AssistantCall).returning(AssistantCall.id),
+            {
+                "conversation_id": call.conversation_id,
+                "model": call.model,
+                "generation_params": call.generation_params,
+                "processing_time": call.processing_time,
+                "status": "ok" if call.ok else "error",
+                "prompt_tokens": call.prompt_tokens,
+                "completion_tokens": call.completion_tokens,
+                "total_tokens": call.total_tokens,
+                "error": call.error,
+                "created_at": utcnow(),
+            },
+        )
+        return int(result.scalar_one())
+
+
+async def store_answer(engine: AsyncEngine, answer: Answer) -> bool:
+    """The reply's parts and the answered messages' new state, in one transaction. False (and
+    nothing stored) when the messages were no longer waiting: another worker answered them
+    while this one was stalled past its lease."""
+    try:
+        async with engine.begin() as connection:
+            claimed = await connection.execute(
+                update(Message)
+                .where(
+                    Message.id.in_(answer.answered_ids),
+                    Message.status == InboundState.RECEIVED.value,
+                )
+                .values(status=InboundState.ANSWERED.value, updated_at=utcnow())
+            )
+            if claimed.rowcount != len(answer.answered_ids):
+                raise _AnsweredElsewhere  # rolls the transaction back
+            first_id = await _insert_parts(connection, answer)
+            if answer.call_id is not None and first_id is not None:
+                await connection.execute(
+                    update(AssistantCall)
+                    .where(AssistantCall.id == answer.call_id)
+                    .values(message_id=first_id)
+                )
+    except _AnsweredElsewhere:
+        return False
+    return True
+
+
+class _AnsweredElsewhere(Exception):
+    pass
+
+
+async def _insert_parts(connection: AsyncConnection, answer: Answer) -> int | None:
+    """Insert the parts in order; returns the first one's id (None for an empty reply)."""
+    now = utcnow()
+    first_id = None
+    for body in answer.parts:
+        result = await connection.execute(
+            insert(Message).returning(Message.id),
+            {
+                "conversation_id": answer.conversation_id,
+                "created_at": now,
+                "updated_at": now,
+                "channel": answer.channel,
+                "sender": Sender.ASSISTANT.value,
+                "author": answer.author.value,
+                "intent": Intent.MESSAGE.value,
+                "body": body,
+                "subject": answer.subject,
+                "headers": answer.headers or None,
+                "status": Delivery.PENDING.value,
+                "reply_to_id": answer.answered_ids[-1],
+            },
+        )
+        first_id = first_id or int(result.scalar_one())
+    return first_id
+
+
+async def mark_inbound(
+    engine: AsyncEngine,
+    message_ids: Sequence[int],
+    state: InboundState,
+    *,
+    error: str | None = None,
+    only_waiting: bool = False,
+) -> int:
+    """Set the user's messages' state (`only_waiting`: those still `received`); returns how many."""
+    query = update(Message).where(Message.id.in_(message_ids))
+    if only_waiting:
+        query = query.where(Message.status == InboundState.RECEIVED.value)
+    values: dict[str, Any] = {"status": state.value, "updated_at": utcnow()}
+    if error is not None:
+        values["error"] = error
+    async with engine.begin() as connection:
+        result = await connection.execute(query.values(**values))
+    return int(result.rowcount)
+
+
+# ---------------------------------------------------------------- sending
+
+
+async def unsent_parts(engine: AsyncEngine, conversation_id: int) -> list[Part]:
+    """The conversation's parts still `pending` or `sending`, in the order they go out."""
+    async with reader(engine).connect() as connection:
+        rows = await connection.execute(
+            select(
+                Message.id,
+                Message.conversation_id,
+                Message.channel,
+                Message.author,
+                Message.body,
+                Message.subject,
+                Message.headers,
+                Message.status,
+                Message.attempted_at,
+            )
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.sender == Sender.ASSISTANT.value,
+                Message.status.in_(UNSENT),
+            )
+            .order_by(Message.id)
+        )
+        return [Part(**{**row._asdict(), "headers": str_headers(row.headers)}) for row in rows]
+
+
+async def start_sending(engine: AsyncEngine, part: Part) -> bool:
+    """`pending -> sending` by compare-and-set, only while the person has not opted out and,
+    for the model's replies, the conversation is not paused: both may change during a model
+    call. True for the one caller that moved it."""
+    sendable = select(Conversation.id).where(
+        Conversation.id == part.conversation_id, Conversation.opted_out.is_(False)
+    )
+    if part.author == Author.MODEL.value:
+        sendable = sendable.where(Conversation.paused.is_(False))
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            update(Message)
+            .where(
+                Message.id == part.id,
+                Message.status == Delivery.PENDING.value,
+                Message.conversation_id.in_(sendable),
+            )
+            .values(status=Delivery.SENDING.value, attempted_at=utcnow(), updated_at=utcnow())
+        )
+    return bool(result.rowcount)
+
+
+async def set_status(engine: AsyncEngine, message_id: int, status: Delivery) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(
+            update(Message)
+            .where(Message.id == message_id)
+            .values(status=status.value, updated_at=utcnow())
+        )
+
+
+async def first_unrecorded(
+    engine: AsyncEngine, channel: str, candidates: Sequence[str]
+) -> str | None:
+    """The oldest candidate no stored message claims: an identical earlier reply is not ours."""
+    if not candidates:
+        return None
+    async with reader(engine).connect() as connection:
+        known = set(
+            await connection.scalars(
+                select(Message.provider_message_id).where(
+                    Message.channel == channel, Message.provider_message_id.in_(candidates)
+                )
+            )
+        )
+    return next((sid for sid in candidates if sid not in known), None)
+
+
+async def record_sent(
+    engine: AsyncEngine,
+    message_id: int,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+) -> None:
+    """Store a send's provider id and status, merged with any callback that came first."""
+    async with engine.begin() as connection:
+        reports = (
+            await connection.execute(
+                delete(DeliveryReport)
+                .where(
+                    DeliveryReport.channel == channel,
+                    DeliveryReport.provider_message_id == provider_message_id,
+                )
+                .returning(DeliveryReport.status, DeliveryReport.error)
+            )
+        ).all()
+        error = None
+        for report in reports:
+            reported = Delivery(report.status)
+            if DELIVERY_RANK[reported] > DELIVERY_RANK[status]:
+                status, error = reported, report.error or error
+        values: dict[str, Any] = {
+            "status": status.value,
+            "provider_message_id": provider_message_id,
+            "updated_at": utcnow(),
+        }
+        if error:
+            values["error"] = error
+        await connection.execute(update(Message).where(Message.id == message_id).values(**values))
+
+
+# ---------------------------------------------------------------- failing
+
+
+async def fail_unsent(
+    engine: AsyncEngine,
+    conversation_id: int,
+    error: str,
+    *,
+    model_only: bool = False,
+    opted_out: bool = False,
+    waiting_ids: Sequence[int] = (),
+    waiting_state: InboundState = InboundState.FAILED,
+) -> tuple[int, int]:
+    """In one transaction: fail the conversation's unsent parts (`model_only`: the model's
+    only), move its claimed messages still waiting (`waiting_ids`) to `waiting_state`, and
+    mark the conversation opted out when the provider said so. Returns (messages moved, parts
+    failed), for the metrics."""
+    async with engine.begin() as connection:
+        moved = 0
+        if waiting_ids:
+            values: dict[str, Any] = {"status": waiting_state.value, "updated_at": utcnow()}
+            if waiting_state is InboundState.FAILED:
+                values["error"] = error
+            result = await connection.execute(
+                update(Message)
+                .where(
+                    Message.id.in_(waiting_ids),
+                    Message.status == InboundState.RECEIVED.value,
+                )
+                .values(**values)
+            )
+            moved = int(result.rowcount)
+        if opted_out:
+            await connection.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(opted_out=True, updated_at=utcnow())
+            )
+        return moved, await _fail_parts(connection, conversation_id, error, model_only)
+
+
+async def _fail_parts(
+    connection: AsyncConnection, conversation_id: int, error: str, model_only: bool
+) -> int:
+    query = update(Message).where(
+        Message.conversation_id == conversation_id,
+        Message.sender == Sender.ASSISTANT.value,
+        Message.status.in_(UNSENT),
+    )
+    if model_only:
+        query = query.where(Message.author == Author.MODEL.value)
+    failed = await connection.execute(
+        query.values(status=Delivery.FAILED.value, error=error, updated_at=utcnow())
+    )
+    return int(failed.rowcount)
+
+
+# ---------------------------------------------------------------- delivery callbacks
+
+
+async def update_delivery(
+    engine: AsyncEngine,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> bool:
+    """Apply a provider's delivery report, forward only: a late `sent` never undoes
+    `delivered`. Returns whether a message moved; raises `StorageFailure` as the writer does.
+    The id and error are made storable here, the one door for every channel's reports."""
+    provider_message_id = storable.provider_id(provider_message_id)
+    with storage_errors():
+        return await _apply_delivery(
+            engine, channel, provider_message_id, status, storable.error(error)
+        )
+
+
+async def _apply_delivery(
+    engine: AsyncEngine,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> bool:
+    earlier = [d.value for d, rank in DELIVERY_RANK.items() if rank < DELIVERY_RANK[status]]
+    values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
+    if error:
+        values["error"] = error
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            update(Message)
+            .where(
+                and_(
+                    Message.channel == channel,
+                    Message.provider_message_id == provider_message_id,
+                    Message.sender == Sender.ASSISTANT.value,
+                    Message.status.in_(earlier),
+                )
+            )
+            .values(**values)
+        )
+        if result.rowcount:
+            return True
+        known = await connection.scalar(
+            select(Message.id).where(
+                Message.channel == channel, Message.provider_message_id == provider_message_id
+            )
+        )
+        if known is None:  # the callback beat the send's own answer: keep it for then
+            await _keep_report(connection, channel, provider_message_id, status, error)
+    return False
+
+
+async def _keep_report(
+    connection: AsyncConnection,
+    channel: str,
+    provider_message_id: str,
+    status: Delivery,
+    error: str | None,
+) -> None:
+    now = utcnow()
+    await connection.execute(
+        delete(DeliveryReport).where(DeliveryReport.created_at < now - REPORT_TTL)
+    )
+    await connection.execute(
+        insert(DeliveryReport),
+        [
+            {
+                "created_at": now,
+                "channel": channel,
+                "provider_message_id": provider_message_id,
+                "status": status.value,
+                "error": error,
+            }
+        ],
+    )
