@@ -15,6 +15,7 @@ from service.channels.registry import Channels, build_channels
 from service.db import create_engine
 from service.migrate import upgrade
 from service.queue.worker import Worker
+from service.reply.flow import ReplyContext
 from service.settings import Settings
 
 
@@ -40,7 +41,8 @@ async def started(
         channels = channels if channels is not None else build_channels(settings)
         model = create_model(settings)
         try:
-            worker = Worker(engine, settings, model, channels) if with_worker else None
+            context = ReplyContext(engine, settings, model, channels)
+            worker = Worker(context) if with_worker else None
             yield Runtime(engine, channels, model, worker)
         finally:
             await channels.close()

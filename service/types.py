@@ -137,6 +137,11 @@ class SendError(Exception):
         self.retry_after_s = retry_after_s
         self.code = code
 
+    @classmethod
+    def no_answer(cls, provider: str) -> SendError:
+        """Our time limit ran out after the request went out: it may have been accepted."""
+        return cls(f"{provider} did not answer in time", retryable=True, ambiguous=True)
+
 
 class RecipientOptedOut(SendError):
     """The provider says the recipient unsubscribed (Twilio 21610)."""

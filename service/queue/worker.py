@@ -16,19 +16,12 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from service.assistant import Model
-from service.channels.base import ChannelPlugin
 from service.models import LEASE_OWNER_CHARS
 from service.queue.manager import Claim, JobManager
 from service.queue.notify import listen_for_jobs
-from service.reply.flow import GiveUp, Outcome, ReplyFlow, RetryLater, Superseded
+from service.reply.flow import GiveUp, Outcome, ReplyContext, ReplyFlow, RetryLater, Superseded
 from service.retry import backoff_s
-from service.settings import Settings
-from service.types import Channel
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +40,10 @@ def worker_id(host: str | None = None) -> str:
 
 
 class Worker:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        model: Model,
-        channels: Mapping[Channel, ChannelPlugin],
-        owner: str | None = None,
-    ) -> None:
-        self.queue = JobManager(engine, owner or worker_id(), settings.reply_lease_s)
-        self.flow = ReplyFlow(engine, settings, model, channels)
+    def __init__(self, context: ReplyContext, owner: str | None = None) -> None:
+        settings = context.settings
+        self.queue = JobManager(context.engine, owner or worker_id(), settings.reply_lease_s)
+        self.flow = ReplyFlow(context)
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s
         self._wake = asyncio.Event()

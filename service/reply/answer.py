@@ -8,16 +8,14 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from service import metrics, storable
-from service.assistant import Completion, Model, ModelError
-from service.channels.base import ChannelPlugin
+from service.assistant import Completion, ModelError
 from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join_parts
 from service.db import utcnow
-from service.reply.flow import GiveUp, Outcome, RetryLater, Superseded
-from service.settings import Settings
-from service.store import AsyncEngine, conversations, outbox
+from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
+from service.store import conversations, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
 from service.types import Author, Channel, InboundState, Intent, Sender, Turn
@@ -26,19 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class Answerer:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        model: Model,
-        channels: Mapping[Channel, ChannelPlugin],
-    ) -> None:
-        self._engine = engine
-        self._settings = settings
-        self._model = model
-        self._channels = channels
+    def __init__(self, context: ReplyContext) -> None:
+        self._engine = context.engine
+        self._settings = context.settings
+        self._model = context.model
+        self._channels = context.channels
         self._warned_until: dict[int, float] = {}
-        self._budget = ModelCallBudget(engine, settings.model_calls_cap, settings.model_calls_limit)
+        settings = context.settings
+        self._budget = ModelCallBudget(
+            context.engine, settings.model_calls_cap, settings.model_calls_limit
+        )
 
     async def answer(self, conversation: ConversationView, waiting: list[Waiting]) -> Outcome:
         """HELP with its fixed text, the rest with one model call; in the order they came."""

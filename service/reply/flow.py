@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from service import metrics
 from service.assistant import Model
@@ -46,6 +47,16 @@ class Outcome(enum.StrEnum):
     ERROR = "error"
 
 
+@dataclass(frozen=True)
+class ReplyContext:
+    """What every reply job of a process works with."""
+
+    engine: AsyncEngine
+    settings: Settings
+    model: Model
+    channels: Mapping[Channel, ChannelPlugin]
+
+
 class RetryLater(Exception):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -70,19 +81,13 @@ class Withheld(Exception):
 
 
 class ReplyFlow:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        settings: Settings,
-        model: Model,
-        channels: Mapping[Channel, ChannelPlugin],
-    ) -> None:
+    def __init__(self, context: ReplyContext) -> None:
         from service.reply.answer import Answerer  # they raise this module's exceptions
         from service.reply.send import PartSender
 
-        self._engine = engine
-        self._answerer = Answerer(engine, settings, model, channels)
-        self._sender = PartSender(engine, channels)
+        self._engine = context.engine
+        self._answerer = Answerer(context)
+        self._sender = PartSender(context.engine, context.channels)
 
     async def run(self, claim: Claim) -> Outcome:
         """Do the claim's work; returns the outcome for the log line."""

@@ -356,46 +356,34 @@ async def update_delivery(
     """Apply a provider's delivery report, forward only: a late `sent` never undoes
     `delivered`. Returns whether a message moved; raises `StorageFailure` as the writer does.
     The id and error are made storable here, the one door for every channel's reports."""
-    provider_message_id = storable.provider_id(provider_message_id)
-    with storage_errors():
-        return await _apply_delivery(
-            engine, channel, provider_message_id, status, storable.error(error)
-        )
-
-
-async def _apply_delivery(
-    engine: AsyncEngine,
-    channel: str,
-    provider_message_id: str,
-    status: Delivery,
-    error: str | None,
-) -> bool:
+    provider_message_id, error = storable.provider_id(provider_message_id), storable.error(error)
     earlier = [d.value for d, rank in DELIVERY_RANK.items() if rank < DELIVERY_RANK[status]]
     values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
     if error:
         values["error"] = error
-    async with engine.begin() as connection:
-        result = await connection.execute(
-            update(Message)
-            .where(
-                and_(
-                    Message.channel == channel,
-                    Message.provider_message_id == provider_message_id,
-                    Message.sender == Sender.ASSISTANT.value,
-                    Message.status.in_(earlier),
+    with storage_errors():
+        async with engine.begin() as connection:
+            result = await connection.execute(
+                update(Message)
+                .where(
+                    and_(
+                        Message.channel == channel,
+                        Message.provider_message_id == provider_message_id,
+                        Message.sender == Sender.ASSISTANT.value,
+                        Message.status.in_(earlier),
+                    )
+                )
+                .values(**values)
+            )
+            if result.rowcount:
+                return True
+            known = await connection.scalar(
+                select(Message.id).where(
+                    Message.channel == channel, Message.provider_message_id == provider_message_id
                 )
             )
-            .values(**values)
-        )
-        if result.rowcount:
-            return True
-        known = await connection.scalar(
-            select(Message.id).where(
-                Message.channel == channel, Message.provider_message_id == provider_message_id
-            )
-        )
-        if known is None:  # the callback beat the send's own answer: keep it for then
-            await _keep_report(connection, channel, provider_message_id, status, error)
+            if known is None:  # the callback beat the send's own answer: keep it for then
+                await _keep_report(connection, channel, provider_message_id, status, error)
     return False
 
 

@@ -26,6 +26,7 @@ from service.assistant import create_model
 from service.channels.registry import build_channels
 from service.models import Conversation, ReplyJob
 from service.queue.worker import Worker, worker_id
+from service.reply.flow import ReplyContext
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (
@@ -423,7 +424,7 @@ async def test_a_worker_on_a_host_with_a_253_character_name_answers(
         assert (await post_twilio(client, twilio_form(Body="hi", From=TEXTER))).status_code == 200
     channels = build_channels(settings)
     model = create_model(settings)
-    worker = Worker(engine, settings, model, channels, owner=worker_id(host=host))
+    worker = Worker(ReplyContext(engine, settings, model, channels), owner=worker_id(host=host))
     running = asyncio.create_task(worker.run())
     try:
         await providers.wait_for_async(lambda: len(providers.twilio_sent) == 1)

@@ -32,9 +32,7 @@ class SendGridRest:
         except HTTPError as exc:
             raise _send_error(exc) from exc
         except TimeoutError as exc:
-            raise SendError(
-                "SendGrid did not answer in time", retryable=True, ambiguous=True
-            ) from exc
+            raise SendError.no_answer("SendGrid") from exc
         except urllib.error.URLError as exc:
             ambiguous = isinstance(exc.reason, (TimeoutError, socket.timeout))
             raise SendError(

@@ -65,9 +65,7 @@ class TwilioRest:
         except TwilioRestException as exc:
             raise _send_error(exc) from exc
         except TimeoutError as exc:
-            raise SendError(
-                "Twilio did not answer in time", retryable=True, ambiguous=True
-            ) from exc
+            raise SendError.no_answer("Twilio") from exc
         except aiohttp.ClientConnectorError as exc:
             raise SendError(f"Twilio unreachable: {exc}", retryable=True) from exc
         except aiohttp.ClientError as exc:
