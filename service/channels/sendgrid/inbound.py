@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, parseaddr
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 from service import storable
 from service.channels.base import InvalidWebhook
@@ -82,77 +85,87 @@ class Part:
     content_type: str | None = None
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
-    """Fields as raw bytes: SendGrid sends each text field in its own charset (see `charsets`),
-    so decoding must wait until that field is read. At most `MAX_FORM_PARTS` parts, each with
-    at most `MAX_FORM_PART_HEADER_BYTES` of part headers."""
-    kind, options = parse_options_header(content_type[:MAX_HEADER_CHARS])
-    boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
-        raise InvalidInbound("expected multipart/form-data with a boundary")
-    fields: dict[str, list[Part]] = {}
-    current: dict[str, Any] = {}
+class _FormFields:
+    """python-multipart's callbacks, collecting each part's raw bytes, headers and name; at
+    most `MAX_FORM_PARTS` parts, each with at most `MAX_FORM_PART_HEADER_BYTES` of headers."""
 
-    def on_part_begin() -> None:
-        if sum(len(parts) for parts in fields.values()) >= MAX_FORM_PARTS:
+    def __init__(self) -> None:
+        self.fields: dict[str, list[Part]] = {}
+        self._count = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._chunks: list[bytes] = []
+        self._name, self._value, self._header_bytes = b"", b"", 0
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        if self._count >= MAX_FORM_PARTS:
             raise InvalidInbound(f"more than {MAX_FORM_PARTS} form parts")
-        current.clear()
-        current.update(headers={}, chunks=[], name=b"", value=b"", header_bytes=0)
+        self._headers, self._chunks = {}, []
+        self._name, self._value, self._header_bytes = b"", b"", 0
 
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        _count_header_bytes(end - start)
-        current["name"] += data[start:end]
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
+        self._name += data[start:end]
 
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        _count_header_bytes(end - start)
-        current["value"] += data[start:end]
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
+        self._value += data[start:end]
 
-    def _count_header_bytes(size: int) -> None:
-        current["header_bytes"] += size
-        if current["header_bytes"] > MAX_FORM_PART_HEADER_BYTES:
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_FORM_PART_HEADER_BYTES:
             raise InvalidInbound(f"form part headers over {MAX_FORM_PART_HEADER_BYTES} bytes")
 
-    def on_header_end() -> None:
-        current["headers"][current["name"].lower()] = current["value"]
-        current["name"], current["value"] = b"", b""
+    def _header_end(self) -> None:
+        self._headers[self._name.lower()] = self._value
+        self._name, self._value = b"", b""
 
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        current["chunks"].append(data[start:end])
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self._chunks.append(data[start:end])
 
-    def on_part_end() -> None:
-        _, disposition = parse_options_header(current["headers"].get(b"content-disposition", b""))
+    def _end(self) -> None:
+        _, disposition = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = disposition.get(b"name")
         if name is None:
             raise InvalidInbound("a multipart part has no field name")
         filename = disposition.get(b"filename")
-        part_type = current["headers"].get(b"content-type")
-        fields.setdefault(name.decode("utf-8", "replace"), []).append(
+        part_type = self._headers.get(b"content-type")
+        self.fields.setdefault(name.decode("utf-8", "replace"), []).append(
             Part(
-                b"".join(current["chunks"]),
+                b"".join(self._chunks),
                 filename.decode("utf-8", "replace") if filename is not None else None,
                 part_type.decode("latin-1") if part_type else None,
             )
         )
+        self._count += 1
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
+    """Fields as raw bytes: SendGrid sends each text field in its own charset (see `charsets`),
+    so decoding must wait until that field is read."""
+    kind, options = parse_options_header(content_type[:MAX_HEADER_CHARS])
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise InvalidInbound("expected multipart/form-data with a boundary")
+    collected = _FormFields()
+    parser = MultipartParser(boundary, collected.callbacks())
     try:
         parser.write(crlf_framing(body, boundary))
         parser.finalize()
     except MultipartParseError as exc:
         raise InvalidInbound(f"malformed multipart body: {exc}") from exc
-    if not fields:
+    if not collected.fields:
         raise InvalidInbound("empty multipart body")
-    return fields
+    return collected.fields
 
 
 def crlf_framing(body: bytes, boundary: bytes) -> bytes:
