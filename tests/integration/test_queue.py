@@ -9,8 +9,10 @@ import itertools
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.channels.twilio.sms import TwilioSms
 from service.models import ReplyJob
 from service.queue.manager import Claim, JobManager, queue_state
+from service.settings import Settings
 from service.store.conversations import add_operator_message
 from service.store.inbound import record_inbound
 from service.types import Channel, Inbound
@@ -145,7 +147,10 @@ async def test_an_operator_message_is_enqueued_like_a_webhook(engine: AsyncEngin
     [message_id] = await _receive(engine, "+15550001111")
     [claim] = await JobManager(engine, "worker-a").claim(10)
     await JobManager(engine, "worker-a").finish(claim.job_ids)
-    parts = await add_operator_message(engine, claim.conversation_id, "A person writes back.")
+    sms = TwilioSms(Settings(_env_file=None))
+    parts = await add_operator_message(
+        engine, claim.conversation_id, "A person writes back.", (None, {}), sms.split
+    )
     jobs = await _jobs(engine)
     assert [(j.message_id, j.status, j.attempts) for j in jobs] == [
         (message_id, "done", 1),
