@@ -9,9 +9,10 @@ committed, so an acknowledged message is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +22,7 @@ from service import metrics, storable
 from service.channels.base import ChannelPlugin, Refused, StatusUpdate, WebhookRoute
 from service.channels.registry import Channels
 from service.store.conversations import is_stored, recent_replies
-from service.store.errors import StorageFailure
+from service.store.errors import StorageFailure, storage_errors
 from service.store.inbound import Recorded
 from service.store.outbox import update_delivery
 from service.types import Inbound
@@ -70,7 +71,7 @@ class _Intake:
         )
 
     async def update_delivery(self, update: StatusUpdate) -> bool:
-        try:
+        with _refused_on_storage_failure():
             moved = await update_delivery(
                 self._services.engine,
                 self._channel.value,
@@ -78,8 +79,6 @@ class _Intake:
                 update.status,
                 update.error,
             )
-        except StorageFailure as exc:
-            raise Refused(exc.status, str(exc)) from exc
         self.count("applied" if moved else "ignored")
         log.info(
             "webhook status sid=%s status=%s applied=%s duration_ms=%d",
@@ -92,8 +91,9 @@ class _Intake:
 
     async def is_stored(self, provider_message_id: str) -> bool:
         stored_id = storable.provider_id(provider_message_id)  # as the writer stores it
-        if not await is_stored(self._services.engine, self._channel.value, stored_id):
-            return False
+        with _refused_on_storage_failure():
+            if not await is_stored(self._services.engine, self._channel.value, stored_id):
+                return False
         metrics.count_inbound(self._channel.value, duplicate=True, enqueued=False)
         log.info(
             "webhook %s message=%s outcome=duplicate duration_ms=%d",
@@ -104,9 +104,21 @@ class _Intake:
         return True
 
     async def recent_replies(self, remote_address: str, local_address: str) -> list[str]:
-        return await recent_replies(
-            self._services.engine, self._channel.value, remote_address, local_address
-        )
+        with _refused_on_storage_failure():
+            return await recent_replies(
+                self._services.engine, self._channel.value, remote_address, local_address
+            )
+
+
+@contextlib.contextmanager
+def _refused_on_storage_failure() -> Iterator[None]:
+    """A database that fails a read or an update is a 503 (the provider retries), or a 400 for
+    a value it refuses: the refusal the writer's failures give too."""
+    try:
+        with storage_errors():
+            yield
+    except StorageFailure as exc:
+        raise Refused(exc.status, str(exc)) from exc
 
 
 def _endpoint(plugin: ChannelPlugin, route: WebhookRoute) -> Endpoint:

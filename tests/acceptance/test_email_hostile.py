@@ -23,6 +23,7 @@ from service.channels.sendgrid.extraction import Extractor, MailContent
 from service.channels.sendgrid.limits import MAX_TEXT_CHARS
 from service.models import Conversation, Message
 from service.types import Channel
+from tests.acceptance.test_hostile_twilio import make_unavailable
 from tests.conftest import SettingsFactory, running_app
 from tests.email_posts import (
     CREDENTIALS,
@@ -37,7 +38,7 @@ from tests.email_posts import (
     with_fields,
 )
 from tests.fakes import FakeProviders
-from tests.helpers import conversations, eventually, messages, settled
+from tests.helpers import conversations, eventually, messages, one_warning, settled
 from tests.processes import serving, stop
 
 ADMIN_TOKEN = "admin-hostile-mail-5e4d3c2b1a"
@@ -469,3 +470,19 @@ async def test_a_real_server_answers_healthz_while_it_reads_every_hostile_mail(
     slow = next(f for f in figures if f.name.startswith("mime: 19 levels"))
     assert f"email {slow.message_id}: body extraction stopped after" in log
     assert len(await conversations(engine, Conversation.channel == "email")) == 1
+
+
+async def test_while_the_database_is_unavailable_a_mail_is_503_at_its_dedupe_check(
+    make_settings: SettingsFactory, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dedupe read before extraction fails like the writer does: 503 and one warning line,
+    so SendGrid retries instead of a 500 with a traceback."""
+    caplog.set_level(logging.WARNING)
+    away = await make_unavailable(database_url)
+    async with running_app(make_settings(embedded_worker=False, database_url=away)) as down:
+        caplog.clear()
+        response = await post_fields(down, with_fields("gmail_first"))
+
+    assert response.status_code == 503
+    assert "the database is unavailable" in response.text
+    one_warning(caplog.records, "the database is unavailable")
