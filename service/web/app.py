@@ -10,10 +10,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from service import runtime
@@ -21,6 +22,7 @@ from service.assistant import Model
 from service.channels.registry import Channels, build_channels
 from service.queue.worker import Worker
 from service.settings import Settings
+from service.store.errors import storage_failure
 from service.store.inbound import InboundWriter
 from service.web import api, health, transcript, webhooks
 
@@ -73,6 +75,22 @@ async def _shutdown(services: Services) -> None:
         await asyncio.gather(*services.tasks, return_exceptions=True)
 
 
+async def _storage_failure(request: Request, exc: Exception) -> Response:
+    """A database that is away is a 503 with one warning line on every path (the API, the
+    transcript), as on the webhooks; any other exception stays a 500 with its traceback."""
+    failure = storage_failure(exc)
+    if failure is None:
+        raise exc
+    log.warning(
+        "%s %s refused: %s status=%d",
+        request.method,
+        request.url.path[:200],
+        failure,
+        failure.status,
+    )
+    return PlainTextResponse(f"{failure}\n", status_code=failure.status)
+
+
 def create_app(settings: Settings) -> Starlette:
     channels = build_channels(settings)  # its routes are the webhooks; the lifespan uses it
     app = Starlette(
@@ -84,6 +102,7 @@ def create_app(settings: Settings) -> Starlette:
             *webhooks.routes(channels),
         ],
         lifespan=lifespan,
+        exception_handlers={SQLAlchemyError: _storage_failure, OSError: _storage_failure},
     )
     app.router.redirect_slashes = False  # never a 3xx: a path either exists or is a 404
     app.state.settings = settings

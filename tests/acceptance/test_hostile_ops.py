@@ -27,6 +27,7 @@ from service.channels.registry import build_channels
 from service.models import Conversation, ReplyJob
 from service.queue.worker import Worker, worker_id
 from service.reply.flow import ReplyContext
+from tests.acceptance.test_hostile_twilio import make_unavailable
 from tests.conftest import PUBLIC_BASE_URL, SettingsFactory, running_app
 from tests.fakes import FakeProviders
 from tests.helpers import (
@@ -497,3 +498,21 @@ async def test_reads_answer_while_another_connection_holds_the_write_lock(
             holder.execute("ROLLBACK")
             holder.close()
         assert (await webhook).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/conversations", "/api/conversations/1", "/c/" + "a" * 43])
+async def test_while_the_database_is_unavailable_reads_are_503_with_one_warning(
+    make_settings: SettingsFactory,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+) -> None:
+    away = await make_unavailable(database_url)
+    settings = make_settings(admin_token=ADMIN_TOKEN, embedded_worker=False, database_url=away)
+    async with running_app(settings) as client:
+        caplog.clear()
+        response = await client.get(path, headers=AUTH)
+
+    assert response.status_code == 503
+    assert "the database is unavailable" in response.text
+    assert_one_clean_warning(caplog)
