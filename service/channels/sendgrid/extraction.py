@@ -1,12 +1,14 @@
 """Mail body extraction (MIME parsing, HTML to text, quote and signature stripping) in a child
 process with a deadline, so that no mail, however built, can stall the serve process.
 
-Why a process: mail-parser-reply's regular expressions backtrack for seconds to minutes on some
-lines, and `re` holds the GIL while it does, so a thread stalls the event loop just as much
-(measured: 2000 times `On ` took 1.6 s in `asyncio.to_thread`; the loop stalled 1.6 s). A
-process can be killed at its deadline. It is long-lived (a round trip costs ~0.3 ms, a fresh
-process per mail ~100 ms), started on the first mail, never at idle, and it is the only place
-that imports mail-parser-reply and inscriptis (lxml), which keeps the serve process small.
+Why a process: a library can run away on hostile input while holding the GIL, so a thread
+stalls the event loop just as much (measured with the reply stripper Parley used before: 2000
+times `On ` took 1.6 s in `asyncio.to_thread`; the loop stalled 1.6 s). The text rules are
+linear now, but the stdlib MIME parser still takes seconds on some mails within every cap, and
+inscriptis is quadratic in a line's inline elements. A process can be killed at its deadline.
+It is long-lived (a round trip costs ~0.3 ms, a fresh process per mail ~100 ms), started on
+the first mail, never at idle, and it is the only place that imports lxml and inscriptis,
+which keeps the serve process small.
 
 Past the budget Parley does not wait: it kills the busy child (the next mail starts a new one)
 and uses the text it has, truncated and unstripped (`limits.fallback_body`).
@@ -34,6 +36,7 @@ from typing import IO, Any
 
 from service.channels.sendgrid.limits import (
     BOUNDED,
+    MAX_TEXT_CHARS,
     cap_html,
     cap_mime,
     cap_text,
@@ -84,12 +87,13 @@ def extract_body(
     that calls `text`."""
     from service.channels.sendgrid.text import new_text
 
-    return new_text(
+    text = new_text(
         cap_text(plain) if plain else None,
         cap_html(html) if html else None,
         own_replies=own_replies,
         subject=subject,
     )
+    return text[:MAX_TEXT_CHARS]  # HTML renders to more text than it had: one cap for both
 
 
 def read_mime(raw: bytes) -> tuple[str | None, str | None, Attachments]:

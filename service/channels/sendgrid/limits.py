@@ -19,8 +19,8 @@ from service import storable
 # Text given to reply stripping and stored as the message body. The newest reply is at the top,
 # so the tail of a longer text is quoted history or a rare very long mail (SPEC §9: truncated).
 MAX_TEXT_CHARS = 32_000
-# mail-parser-reply's header patterns backtrack quadratically within one line (`On ` repeated:
-# 33 ms for 998 characters, 13 s for 20,000); longer lines are wrapped, at a space if any.
+# No line longer than this reaches the text rules (the regex-based stripper Parley used before
+# backtracked quadratically within one line); longer lines are wrapped, at a space if any.
 MAX_LINE_CHARS = 500
 # HTML given to inscriptis (a 58 KB table takes 80 ms; Gmail itself clips mail at 102 KB).
 MAX_HTML_CHARS = 256_000
