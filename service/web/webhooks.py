@@ -73,7 +73,7 @@ class _Intake:
         try:
             moved = await update_delivery(
                 self._services.engine,
-                self._channel.value,
+                (update.channel or self._channel).value,
                 update.provider_message_id,
                 update.status,
                 update.error,
