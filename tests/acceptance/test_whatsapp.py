@@ -29,6 +29,7 @@ from tests.helpers import (
     settled,
     twilio_form,
 )
+from tests.processes import parley_env, serving
 
 TEXTER = "+15550001111"
 OUR_NUMBER = "+15559990000"
@@ -358,3 +359,40 @@ async def test_conversations_lists_and_forget_deletes_a_whatsapp_conversation(
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("deleted 1 conversation(s), 2 message(s)")
     assert await conversations(engine) == []
+
+
+# ------------------------------------------------------------------ safety, the command line
+
+
+async def test_a_timeout_after_twilio_accepted_is_looked_up_and_never_sent_twice(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    providers.twilio_plan(("accept_then_hang", 5))
+    overrides = {"provider_timeout_s": 0.5}
+    async with running_app(settings(make_settings, **overrides)) as client:
+        await whatsapp(client, "hello")
+        await done(engine)
+
+    assert providers.twilio_attempts == ["accept_then_hang"]
+    [sent] = providers.twilio_sent
+    assert (sent["To"], sent["From"]) == (WA_TEXTER, WA_OURS)
+    [reply] = await replies(engine)
+    assert (reply.status, reply.provider_message_id) == ("queued", sent["sid"])
+
+
+def test_parley_whatsapp_messages_a_running_server_as_whatsapp_would(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = parley_env(DATABASE_URL=database_url)
+    with serving(env, tmp_path, ("--dev",)) as (port, _):
+        result = parley(
+            ["whatsapp", "hello there", "--name", "Ana", "--url", f"http://127.0.0.1:{port}"],
+            database_url,
+            tmp_path,
+        )
+        listed = parley(["conversations"], database_url, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("parley> "), result.stdout
+    [row] = [line for line in listed.stdout.splitlines() if "whatsapp" in line]
+    assert f"{TEXTER} (Ana)" in row and "hello there" in row
