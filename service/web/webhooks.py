@@ -70,17 +70,18 @@ class _Intake:
         )
 
     async def update_delivery(self, update: StatusUpdate) -> bool:
+        channel = update.channel or self._channel  # one Twilio status route serves several
         try:
             moved = await update_delivery(
                 self._services.engine,
-                (update.channel or self._channel).value,
+                channel.value,
                 update.provider_message_id,
                 update.status,
                 update.error,
             )
         except StorageFailure as exc:
             raise Refused(exc.status, str(exc)) from exc
-        self.count("applied" if moved else "ignored")
+        metrics.count_webhook(channel.value, self._kind, "applied" if moved else "ignored")
         log.info(
             "webhook status sid=%s status=%s applied=%s duration_ms=%d",
             update.provider_message_id,

@@ -316,9 +316,16 @@ async def test_a_read_callback_moves_the_reply_to_read_and_a_late_delivered_does
             (await post_twilio(client, form, path=status_path)).status_code for form in (read, late)
         ]
 
+        exposition = (await client.get("/metrics")).text
+
     assert answers == [204, 204]
     [reply] = await replies(engine)
     assert reply.status == "read"
+    for series in (
+        'parley_webhooks_total{channel="whatsapp",kind="message",result="accepted"}',
+        'parley_webhooks_total{channel="whatsapp",kind="status",result="applied"}',
+    ):
+        assert series in exposition, series
 
 
 async def test_the_profile_name_is_shown_in_the_api_and_the_transcript(
