@@ -89,6 +89,9 @@ class Conversation(Base):
     )
     opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
     paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the person calls themselves, where the channel says (WhatsApp's ProfileName);
+    # the latest one wins.
+    display_name: Mapped[str | None] = mapped_column(String(255))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",

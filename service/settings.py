@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     twilio_account_sid: str | None = None
     twilio_auth_token: str | None = None
     twilio_api_base_url: str = "https://api.twilio.com"
+    whatsapp_template_sid: str | None = None  # sent outside WhatsApp's 24-hour window
 
     sendgrid_api_key: str | None = None
     sendgrid_api_base_url: str = "https://api.sendgrid.com"

@@ -130,4 +130,5 @@ def inbound(message: Inbound) -> Inbound:
             line(k, MAX_HEADER_NAME): line(v, MAX_HEADER_VALUE) for k, v in message.headers.items()
         },
         meta={line(k, MAX_HEADER_NAME): json_value(v) for k, v in message.meta.items()},
+        display_name=None if message.display_name is None else line(message.display_name, 255),
     )

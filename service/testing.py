@@ -42,6 +42,30 @@ def inbound_form(
     }
 
 
+def whatsapp_form(
+    body: str, from_: str, to: str, message_sid: str, account_sid: str, profile_name: str
+) -> dict[str, str]:
+    """An inbound WhatsApp webhook form as Twilio sends it: `whatsapp:`-prefixed addresses,
+    `ProfileName`, `WaId` (the sender's number, digits only), no geographic fields."""
+    return {
+        "SmsMessageSid": message_sid,
+        "NumMedia": "0",
+        "ProfileName": profile_name,
+        "MessageType": "text",
+        "SmsSid": message_sid,
+        "WaId": from_.lstrip("+"),
+        "SmsStatus": "received",
+        "Body": body,
+        "To": f"whatsapp:{to}",
+        "NumSegments": "1",
+        "ReferralNumMedia": "0",
+        "MessageSid": message_sid,
+        "AccountSid": account_sid,
+        "From": f"whatsapp:{from_}",
+        "ApiVersion": "2010-04-01",
+    }
+
+
 def sign(token: str, url: str, form: Mapping[str, str]) -> str:
     """The `X-Twilio-Signature` Twilio would send for this form posted to `url`."""
     return str(RequestValidator(token).compute_signature(url, dict(form)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 class Channel(enum.StrEnum):
     SMS = "sms"
     EMAIL = "email"
+    WHATSAPP = "whatsapp"
 
 
 class Sender(enum.StrEnum):
@@ -44,11 +46,14 @@ class Delivery(enum.StrEnum):
     QUEUED = "queued"
     SENT = "sent"
     DELIVERED = "delivered"
+    READ = "read"  # WhatsApp: the person opened it
     UNDELIVERED = "undelivered"
     FAILED = "failed"
 
 
 # Status callbacks may arrive out of order: a status only moves to a higher rank.
+# `read` ranks above `delivered`; `failed`/`undelivered` rank with `read`, so nothing moves a
+# final state (a `read` never undoes a failure, a failure never undoes a `read`).
 DELIVERY_RANK: dict[Delivery, int] = {
     Delivery.PENDING: 0,
     Delivery.SENDING: 1,
@@ -56,8 +61,9 @@ DELIVERY_RANK: dict[Delivery, int] = {
     Delivery.QUEUED: 2,
     Delivery.SENT: 3,
     Delivery.DELIVERED: 4,
-    Delivery.UNDELIVERED: 4,
-    Delivery.FAILED: 4,
+    Delivery.READ: 5,
+    Delivery.UNDELIVERED: 5,
+    Delivery.FAILED: 5,
 }
 
 
@@ -91,6 +97,7 @@ class Inbound:
     subject: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
+    display_name: str | None = None  # what the sender calls themselves (WhatsApp ProfileName)
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ class Outbound:
     body: str
     subject: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    last_inbound_at: dt.datetime | None = None  # the person's latest message (WhatsApp's window)
 
 
 @dataclass(frozen=True)

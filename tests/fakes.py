@@ -64,6 +64,7 @@ import binascii
 import contextlib
 import email.utils
 import http
+import json
 import math
 import re
 import secrets
@@ -103,6 +104,7 @@ T = TypeVar("T")
 _TWILIO_MESSAGES = "/2010-04-01/Accounts/{sid}/Messages.json"
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _CHANNEL_ADDRESS = re.compile(r"^[a-z]+:.+$")
+_WHATSAPP = "whatsapp:"
 _GSM_BASIC = set(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
@@ -256,6 +258,25 @@ def _twilio_validate(fields: dict[str, Any]) -> tuple[int, str] | None:
         return 21211, f"Invalid 'To' Phone Number: {to}"
     if isinstance(body, str) and len(body) > 1600:
         return 21617, "The concatenated message body exceeds the 1600 character limit."
+    return _whatsapp_validate(fields)
+
+
+def _whatsapp_validate(fields: dict[str, Any]) -> tuple[int, str] | None:
+    """WhatsApp's rules on a send: both addresses `whatsapp:+E164`, a template's variables
+    a JSON object."""
+    to, from_ = str(fields.get("To")), str(fields.get("From") or "")
+    if to.startswith(_WHATSAPP) or from_.startswith(_WHATSAPP):
+        if not _E164.match(to.removeprefix(_WHATSAPP)) or not to.startswith(_WHATSAPP):
+            return 21211, f"Invalid 'To' Phone Number: {to}"
+        if not (from_.startswith(_WHATSAPP) and _E164.match(from_.removeprefix(_WHATSAPP))):
+            return 63007, "Twilio could not find a Channel with the specified From address"
+    if "ContentSid" in fields:
+        try:
+            variables = json.loads(str(fields.get("ContentVariables") or "{}"))
+        except ValueError:
+            variables = None
+        if not isinstance(variables, dict):
+            return 21656, "The ContentVariables Parameter is invalid."
     return None
 
 

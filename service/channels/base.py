@@ -50,6 +50,9 @@ class StatusUpdate:
     provider_message_id: str
     status: Delivery
     error: str | None
+    # The channel the message went out on, where one route serves several (Twilio's status
+    # callback serves SMS and WhatsApp); None: the route's own plugin.
+    channel: Channel | None = None
 
 
 class Intake(Protocol):

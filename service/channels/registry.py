@@ -9,12 +9,17 @@ from collections.abc import Callable, Iterator, Mapping
 from service.channels.base import BadAddress, ChannelPlugin, WebhookRoute
 from service.channels.sendgrid.email import SendGridEmail
 from service.channels.twilio.sms import TwilioSms
+from service.channels.twilio.whatsapp import TwilioWhatsApp
 from service.settings import Settings
 from service.types import Channel
 
 # Every channel Parley has, built in this order; asked in this order for an address
 # (`normalise_address`): the first that claims it wins.
-PLUGINS: tuple[Callable[[Settings], ChannelPlugin], ...] = (TwilioSms, SendGridEmail)
+PLUGINS: tuple[Callable[[Settings], ChannelPlugin], ...] = (
+    TwilioSms,
+    TwilioWhatsApp,
+    SendGridEmail,
+)
 
 
 class Channels(Mapping[Channel, ChannelPlugin]):

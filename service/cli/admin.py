@@ -105,6 +105,13 @@ def _state(overview: admin.Overview) -> str:
     return ", ".join(flags) or "-"
 
 
+def _remote(overview: admin.Overview) -> str:
+    """The remote address, with the name the person goes by where the channel gives one."""
+    conversation = overview.conversation
+    name = conversation.display_name
+    return f"{conversation.remote_address} ({name})" if name else conversation.remote_address
+
+
 def _last_activity(moment: dt.datetime) -> str:
     return f"{moment:%Y-%m-%d %H:%M} UTC ({admin.age(moment)})"
 
@@ -115,7 +122,7 @@ def format_table(items: Sequence[admin.Overview], base_url: str) -> str:
         (
             str(o.conversation.id),
             o.conversation.channel,
-            o.conversation.remote_address,
+            _remote(o),
             _clip(o.conversation.summary, SUMMARY_CHARS) or "-",
             str(o.message_count),
             _last_activity(o.conversation.updated_at),

@@ -1,4 +1,5 @@
-"""Commands that talk to a running Parley the way a provider would: `parley sms`, `parley replay`.
+"""Commands that talk to a running Parley the way a provider would: `parley sms`, `parley
+whatsapp`, `parley email`, `parley replay`.
 
 They send correctly shaped (and, where a secret is configured, correctly signed) webhooks over
 HTTP, then watch the database named by `DATABASE_URL` for the reply, so they show the whole loop
@@ -40,6 +41,14 @@ def add_commands(commands: Any) -> None:
     text.add_argument("--url", default=DEFAULT_URL)
     text.set_defaults(func=cmd_sms)
 
+    whatsapp = commands.add_parser("whatsapp", help="message a running server as WhatsApp would")
+    whatsapp.add_argument("text")
+    whatsapp.add_argument("--from", dest="from_", default="+15550001111")
+    whatsapp.add_argument("--to", default="+15559990000")
+    whatsapp.add_argument("--name", default="Parley CLI", help="the sender's WhatsApp ProfileName")
+    whatsapp.add_argument("--url", default=DEFAULT_URL)
+    whatsapp.set_defaults(func=cmd_whatsapp)
+
     mail = commands.add_parser("email", help="email a running server as SendGrid would")
     mail.add_argument("text")
     mail.add_argument("--from", dest="from_", default="you@example.com")
@@ -74,23 +83,42 @@ def cmd_sms(args: argparse.Namespace) -> int:
 
 async def _text_once(settings: Settings, args: argparse.Namespace, text: str) -> int:
     sid = "SM" + secrets.token_hex(16)
-    form = testing.inbound_form(
-        text, args.from_, args.to, sid, settings.twilio_account_sid or "AC" + "0" * 32
+    form = testing.inbound_form(text, args.from_, args.to, sid, _account_sid(settings))
+    return await _post_twilio(settings, args.url, "/webhooks/twilio/sms", form, "sms")
+
+
+def cmd_whatsapp(args: argparse.Namespace) -> int:
+    settings = settings_or_exit()
+    sid = "SM" + secrets.token_hex(16)
+    form = testing.whatsapp_form(
+        args.text, args.from_, args.to, sid, _account_sid(settings), args.name
     )
-    path = "/webhooks/twilio/sms"
+    return asyncio.run(
+        _post_twilio(settings, args.url, "/webhooks/twilio/whatsapp", form, "whatsapp")
+    )
+
+
+def _account_sid(settings: Settings) -> str:
+    return settings.twilio_account_sid or "AC" + "0" * 32
+
+
+async def _post_twilio(
+    settings: Settings, url: str, path: str, form: dict[str, str], channel: str
+) -> int:
+    """Post a Twilio webhook form as Twilio would (signed where a token is configured)."""
     headers = {
         "Content-Type": "application/x-www-form-urlencoded",
         "User-Agent": "TwilioProxy/1.1",
     }
     if settings.twilio_auth_tokens:
-        signed_url = (settings.public_base_url or args.url.rstrip("/")) + path
+        signed_url = (settings.public_base_url or url.rstrip("/")) + path
         headers["X-Twilio-Signature"] = testing.sign(
             settings.twilio_auth_tokens[0], signed_url, form
         )
     request = httpx.Request(
-        "POST", args.url.rstrip("/") + path, content=urlencode(form), headers=headers
+        "POST", url.rstrip("/") + path, content=urlencode(form), headers=headers
     )
-    return await _deliver_and_wait(settings, request, "sms", sid)
+    return await _deliver_and_wait(settings, request, channel, form["MessageSid"])
 
 
 def cmd_email(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class PartSender:
             body=part.body,
             subject=part.subject,
             headers=part.headers,
+            last_inbound_at=conversation.last_inbound_at,
         )
         if not channel.can_send:
             await self._not_sent(conversation, part)

@@ -12,6 +12,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -86,6 +87,7 @@ class ConversationView:
     local_address: str
     opted_out: bool
     paused: bool
+    last_inbound_at: dt.datetime | None = None  # the person's latest message
 
 
 @dataclass(frozen=True)
@@ -200,10 +202,21 @@ async def find_conversation(engine: AsyncEngine, conversation_id: int) -> Conver
                     Conversation.local_address,
                     Conversation.opted_out,
                     Conversation.paused,
+                    _last_inbound_at(),
                 ).where(Conversation.id == conversation_id)
             )
         ).first()
     return None if row is None else ConversationView(**row._asdict())
+
+
+def _last_inbound_at() -> Any:
+    """When the conversation's person last wrote (WhatsApp's 24-hour window runs from it)."""
+    return (
+        select(func.max(Message.created_at))
+        .where(Message.conversation_id == Conversation.id, Message.sender == Sender.USER.value)
+        .scalar_subquery()
+        .label("last_inbound_at")
+    )
 
 
 async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> list[Waiting]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, delete, exists, update
+from sqlalchemy import Insert, delete, exists, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -66,8 +66,10 @@ async def upsert_conversations(
     """Find or create each conversation in one statement; touch `updated_at` on the found ones.
     The ones created here have `created_at == now`."""
     first_of: dict[ConversationKey, Inbound] = {}
+    named: dict[ConversationKey, str | None] = {}
     for inbound in inbounds:
         first_of.setdefault(_key(inbound), inbound)
+        named[_key(inbound)] = inbound.display_name or named.get(_key(inbound))
     rows = [
         {
             "channel": key[0],
@@ -77,6 +79,7 @@ async def upsert_conversations(
             "conversation_url": new_conversation_url(),
             "opted_out": False,
             "paused": False,
+            "display_name": named[key],
             "created_at": now,
             "updated_at": now,
         }
@@ -86,7 +89,13 @@ async def upsert_conversations(
     stmt = _insert(connection, table)
     stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
         index_elements=["channel", "remote_address", "local_address"],
-        set_={"updated_at": stmt.excluded.updated_at},  # type: ignore[attr-defined]
+        set_={
+            "updated_at": stmt.excluded.updated_at,  # type: ignore[attr-defined]
+            "display_name": func.coalesce(
+                stmt.excluded.display_name,  # type: ignore[attr-defined]
+                table.c.display_name,
+            ),
+        },
     ).returning(
         table.c.id,
         table.c.channel,

@@ -49,6 +49,7 @@ class ConversationOut(BaseModel):
     channel: str
     remote_address: str
     local_address: str
+    display_name: str | None
     summary: str
     message_count: int
     user_messages: int
@@ -68,6 +69,7 @@ class ConversationOut(BaseModel):
             channel=conversation.channel,
             remote_address=conversation.remote_address,
             local_address=conversation.local_address,
+            display_name=conversation.display_name,
             summary=conversation.summary,
             message_count=users + ours,
             user_messages=users,

@@ -162,6 +162,7 @@ def render(detail: admin.Detail, channel_name: str) -> str:
     return _template().render(
         channel_name=channel_name,
         remote=remote,
+        display_name=conversation.display_name,
         started=moment(conversation.created_at),
         opted_out=conversation.opted_out,
         paused=conversation.paused,

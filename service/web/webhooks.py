@@ -71,15 +71,16 @@ class _Intake:
         )
 
     async def update_delivery(self, update: StatusUpdate) -> bool:
+        channel = update.channel or self._channel  # one Twilio status route serves several
         with _refused_on_storage_failure():
             moved = await update_delivery(
                 self._services.engine,
-                self._channel.value,
+                channel.value,
                 update.provider_message_id,
                 update.status,
                 update.error,
             )
-        self.count("applied" if moved else "ignored")
+        metrics.count_webhook(channel.value, self._kind, "applied" if moved else "ignored")
         log.info(
             "webhook status sid=%s status=%s applied=%s duration_ms=%d",
             update.provider_message_id,

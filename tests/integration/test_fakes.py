@@ -186,6 +186,37 @@ async def test_twilio_validates_like_the_real_api(fakes: FakeProviders) -> None:
 
 
 @pytest.mark.asyncio
+async def test_twilio_takes_whatsapp_sends_and_templates_and_answers_63016_when_told(
+    fakes: FakeProviders,
+) -> None:
+    wa_to, wa_from = f"whatsapp:{TEXTER}", f"whatsapp:{OUR_NUMBER}"
+    fakes.twilio_plan(("error", 400, 63016, "outside the allowed window"), "ok", "ok")
+    refusals = []
+    async with twilio_client(fakes) as client:
+        with pytest.raises(TwilioRestException) as outside:
+            await client.messages.create_async(to=wa_to, from_=wa_from, body="hi")
+        text = await client.messages.create_async(to=wa_to, from_=wa_from, body="hi")
+        template = await client.messages.create_async(
+            to=wa_to, from_=wa_from, content_sid="HX" + "0" * 32, content_variables='{"1": "x"}'
+        )
+        for to, from_, extra in (
+            (wa_to, OUR_NUMBER, {"body": "mixed"}),
+            ("whatsapp:5550001111", wa_from, {"body": "not E.164"}),
+            (wa_to, wa_from, {"content_sid": "HX" + "0" * 32, "content_variables": "[1"}),
+        ):
+            with pytest.raises(TwilioRestException) as refused:
+                await client.messages.create_async(to=to, from_=from_, **extra)
+            refusals.append(refused.value.code)
+    assert outside.value.code == 63016
+    assert refusals == [63007, 21211, 21656]
+    assert [(s["To"], s.get("Body"), s.get("ContentSid")) for s in fakes.twilio_sent] == [
+        (wa_to, "hi", None),
+        (wa_to, None, "HX" + "0" * 32),
+    ]
+    assert (text.to, template.to) == (wa_to, wa_to)
+
+
+@pytest.mark.asyncio
 async def test_twilio_accept_then_hang_times_out_but_is_listed(fakes: FakeProviders) -> None:
     before = datetime.now(UTC) - timedelta(seconds=1)
     fakes.twilio_plan(("accept_then_hang", 5))

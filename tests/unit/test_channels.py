@@ -42,7 +42,14 @@ def test_the_registry_holds_one_plugin_per_channel(channels: Channels) -> None:
 
 
 @pytest.mark.parametrize(
-    ("channel", "name"), [(Channel.SMS, "SMS"), ("sms", "SMS"), ("email", "Email"), ("fax", "fax")]
+    ("channel", "name"),
+    [
+        (Channel.SMS, "SMS"),
+        ("sms", "SMS"),
+        ("whatsapp", "WhatsApp"),
+        ("email", "Email"),
+        ("fax", "fax"),
+    ],
 )
 def test_display_names(channels: Channels, channel: str, name: str) -> None:
     assert channels.display_name(channel) == name
@@ -55,6 +62,7 @@ def test_each_webhook_is_owned_by_the_plugin_its_metrics_are_labelled_with(
     assert owned == {
         ("/webhooks/twilio/sms", "message"): Channel.SMS,
         ("/webhooks/twilio/status", "status"): Channel.SMS,
+        ("/webhooks/twilio/whatsapp", "message"): Channel.WHATSAPP,
         ("/webhooks/sendgrid/inbound", "message"): Channel.EMAIL,
     }
 
@@ -67,6 +75,8 @@ def test_each_webhook_is_owned_by_the_plugin_its_metrics_are_labelled_with(
         ("+44 7911 123456", "+447911123456"),
         ("Alice@Example.COM", "alice@example.com"),
         ("Alice Smith <ALICE@example.com>", "alice@example.com"),
+        ("whatsapp:+15550001111", "+15550001111"),
+        (" WhatsApp:+1 555 000 1111", "+15550001111"),
     ],
 )
 def test_addresses_are_normalised_by_the_plugin_that_claims_them(
@@ -84,7 +94,8 @@ def test_addresses_are_normalised_by_the_plugin_that_claims_them(
         ("+1 555", "not a possible phone number"),
         ("@example.com", "not an email address"),
         ("a@b", "not an email address"),
-        ("whatsapp:+15550001111", "not an address of any channel"),
+        ("whatsapp:5550001111", "international form"),
+        ("fax:+15550001111", "not an address of any channel"),
     ],
 )
 def test_unusable_addresses_are_refused_with_the_reason(
@@ -147,7 +158,7 @@ def test_the_status_callback_url_is_the_plugins_status_route() -> None:
         ("sending", Delivery.QUEUED),
         ("sent", Delivery.SENT),
         ("delivered", Delivery.DELIVERED),
-        ("read", Delivery.DELIVERED),
+        ("read", Delivery.READ),
         ("undelivered", Delivery.UNDELIVERED),
         ("failed", Delivery.FAILED),
         ("canceled", Delivery.FAILED),

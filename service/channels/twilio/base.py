@@ -5,8 +5,8 @@ read by `webhook`) and sending through `rest`. A Twilio channel (SMS, WhatsApp) 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,7 +15,7 @@ from service.channels.base import Intake, InvalidWebhook, Refused, WebhookRoute
 from service.channels.twilio import webhook
 from service.conversation import shape_reply
 from service.settings import Settings
-from service.types import Channel, Outbound, SendResult
+from service.types import Channel, Inbound, Outbound, SendResult
 
 if TYPE_CHECKING:
     from service.channels.twilio.rest import TwilioRest
@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 class TwilioChannel:
     """A Twilio channel. Sending goes through `rest`, imported only when credentials are
-    configured: the REST client and aiohttp are a large part of an idle process otherwise."""
+    configured: the REST client and aiohttp are a large part of an idle process otherwise.
+
+    Twilio posts every channel's messages and status callbacks to the same webhooks, telling
+    them apart only by the prefix on `From`/`To` (`whatsapp:+1…`). Each subclass names its
+    `address_prefix`; whichever route a form arrives on, the class owning its prefix reads it."""
 
     channel: Channel
     display_name: str
@@ -31,6 +35,21 @@ class TwilioChannel:
     style: str
     message_path: str
     status_path: str
+    address_prefix: ClassVar[str] = ""  # "" is a plain number (SMS)
+    _by_prefix: ClassVar[dict[str, type[TwilioChannel]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        TwilioChannel._by_prefix[cls.address_prefix] = cls
+
+    @staticmethod
+    def owner_of(form: Mapping[str, str]) -> type[TwilioChannel]:
+        """The Twilio channel a form belongs to, by its addresses' prefix."""
+        prefix = webhook.address_prefix(form)
+        owner = TwilioChannel._by_prefix.get(prefix)
+        if owner is None:
+            raise InvalidWebhook(f"no Twilio channel for addresses prefixed {prefix!r}")
+        return owner
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -72,7 +91,7 @@ class TwilioChannel:
     async def _receive(self, request: Request, intake: Intake) -> Response:
         form = await webhook.read_form(request, self._settings)
         try:
-            inbound = webhook.parse_inbound(form, self.channel, self.inbound_address)
+            inbound = self.owner_of(form).parse_inbound(form)
         except InvalidWebhook as exc:
             raise Refused(400, str(exc)) from exc
         await intake.record(inbound)
@@ -81,15 +100,22 @@ class TwilioChannel:
     async def _status(self, request: Request, intake: Intake) -> Response:
         form = await webhook.read_form(request, self._settings)
         try:
-            update = webhook.parse_status(form)
+            update = webhook.parse_status(form, self.owner_of(form).channel)
         except InvalidWebhook as exc:
             raise Refused(400, str(exc)) from exc
         await intake.update_delivery(update)
         return Response(status_code=204)
 
-    def inbound_address(self, raw: str) -> str:
-        """`From`/`To` of an inbound form as stored: one person is one conversation."""
-        return webhook.to_e164(raw)
+    @classmethod
+    def parse_inbound(cls, form: Mapping[str, str]) -> Inbound:
+        """An inbound form of this channel as an `Inbound`."""
+        return webhook.parse_inbound(form, cls.channel, cls.inbound_address)
+
+    @classmethod
+    def inbound_address(cls, raw: str) -> str:
+        """`From`/`To` of an inbound form as stored, without the channel prefix: one person
+        is one conversation."""
+        return webhook.to_e164(raw.strip()[len(cls.address_prefix) :])
 
     def normalise_address(self, text: str) -> str | None:
         raise NotImplementedError

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -23,6 +25,14 @@ from service.types import Delivery, Outbound, RecipientOptedOut, SendError, Send
 _retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "twilio_retry_after", default=None
 )
+
+
+@dataclass(frozen=True)
+class Template:
+    """An approved template (WhatsApp outside its window): `ContentSid`, `ContentVariables`."""
+
+    content_sid: str
+    variables: dict[str, str]
 
 
 class _RetryAfterHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
@@ -51,12 +61,14 @@ class TwilioRest:
         self._client = Client(account_sid, auth_token, http_client=self._http)
         self._client.api.base_url = api_base_url.rstrip("/")
 
-    async def send(self, outbound: Outbound) -> SendResult:
-        params: dict[str, Any] = {
-            "to": outbound.to,
-            "from_": outbound.from_,
-            "body": outbound.body,
-        }
+    async def send(self, outbound: Outbound, template: Template | None = None) -> SendResult:
+        """Send `outbound`'s body, or instead the approved `template` (no body)."""
+        params: dict[str, Any] = {"to": outbound.to, "from_": outbound.from_}
+        if template is None:
+            params["body"] = outbound.body
+        else:
+            params["content_sid"] = template.content_sid
+            params["content_variables"] = json.dumps(template.variables)
         if self._status_callback:
             params["status_callback"] = self._status_callback
         try:
@@ -74,8 +86,11 @@ class TwilioRest:
             ) from exc
         return SendResult(message.sid, TWILIO_STATUS.get(str(message.status), Delivery.QUEUED))
 
-    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
-        """Twilio's message list: same To, From and body, created since `since`, oldest first.
+    async def find_sent(
+        self, outbound: Outbound, since: dt.datetime, any_body: bool = False
+    ) -> list[str]:
+        """Twilio's message list: same To, From and body (any body: a template, which Twilio
+        lists as its own rendered text), created since `since`, oldest first.
 
         `DateSent` is unset while a message is queued, so filter on creation time here."""
         cutoff = since - CLOCK_SKEW
@@ -86,7 +101,7 @@ class TwilioRest:
         return [
             str(message.sid)
             for message in reversed(recent)
-            if message.body == outbound.body
+            if (any_body or message.body == outbound.body)
             and (message.date_created is None or message.date_created >= cutoff)
         ]
 

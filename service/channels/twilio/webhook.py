@@ -46,7 +46,7 @@ TWILIO_STATUS = {
     "sending": Delivery.QUEUED,
     "sent": Delivery.SENT,
     "delivered": Delivery.DELIVERED,
-    "read": Delivery.DELIVERED,
+    "read": Delivery.READ,
     "undelivered": Delivery.UNDELIVERED,
     "failed": Delivery.FAILED,
     "canceled": Delivery.FAILED,
@@ -182,13 +182,27 @@ def _int(value: str | None) -> int:
         return 0
 
 
-def parse_status(form: Mapping[str, Any]) -> StatusUpdate:
+def parse_status(form: Mapping[str, Any], channel: Channel | None = None) -> StatusUpdate:
     check_sids(form)
     sid = form.get("MessageSid") or form.get("SmsSid") or ""
     raw = (form.get("MessageStatus") or form.get("SmsStatus") or "").strip().lower()
     if not sid or raw not in TWILIO_STATUS:
         raise InvalidWebhook("a status callback needs MessageSid and a known MessageStatus")
-    return StatusUpdate(sid, TWILIO_STATUS[raw], _error_of(form))
+    return StatusUpdate(sid, TWILIO_STATUS[raw], _error_of(form), channel)
+
+
+def address_prefix(form: Mapping[str, Any]) -> str:
+    """The channel prefix `From` and `To` carry (`whatsapp:`), "" for plain numbers (SMS);
+    `InvalidWebhook` if they differ: a message is on one channel."""
+    prefixes = {_prefix_of(str(form.get(name) or "")) for name in ("From", "To")}
+    if len(prefixes) != 1:
+        raise InvalidWebhook("From and To carry different channel prefixes")
+    return prefixes.pop()
+
+
+def _prefix_of(address: str) -> str:
+    scheme, colon, _ = address.strip().partition(":")
+    return f"{scheme.lower()}:" if colon and scheme.isalpha() else ""
 
 
 def _error_of(form: Mapping[str, Any]) -> str | None:

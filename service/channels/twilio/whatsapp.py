@@ -1,0 +1,119 @@
+"""WhatsApp over Twilio: the plugin. Twilio delivers WhatsApp messages like SMS, to the same
+webhooks, with `whatsapp:`-prefixed `From`/`To` plus `ProfileName`; what differs is the prefix
+on our sends and WhatsApp's 24-hour window for free-form messages."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from service.channels.base import WebhookRoute
+from service.channels.twilio.base import TwilioChannel
+from service.channels.twilio.sms import SMS_MAX_CHARS
+from service.channels.twilio.webhook import normalise_phone
+from service.types import Channel, Inbound, Outbound, SendError, SendResult
+
+PREFIX = "whatsapp:"
+WINDOW = dt.timedelta(hours=24)  # free-form messages only this long after the person's last
+OUTSIDE_WINDOW = "outside_whatsapp_window"  # the reason a reply outside it fails with
+OUTSIDE_WINDOW_ERROR = 63016  # Twilio: "outside the allowed window"
+TEMPLATE_VARIABLE_CHARS = 1000  # how much of the reply fills the template's {{1}}
+PROFILE_NAME_CHARS = 255
+
+
+class Send(enum.Enum):
+    """How a WhatsApp message may go out at a given moment."""
+
+    FREE_FORM = "free_form"
+    TEMPLATE = "template"
+    REFUSE = "refuse"
+
+
+def how_to_send(
+    last_inbound_at: dt.datetime | None, now: dt.datetime, template_sid: str | None
+) -> Send:
+    """Free-form within 24 hours of the person's last message; after it, the approved
+    template if there is one, else nothing (Twilio would refuse with 63016)."""
+    if last_inbound_at is not None and now - last_inbound_at <= WINDOW:
+        return Send.FREE_FORM
+    return Send.TEMPLATE if template_sid else Send.REFUSE
+
+
+def template_variables(body: str) -> dict[str, str]:
+    return {"1": body[:TEMPLATE_VARIABLE_CHARS]}
+
+
+class TwilioWhatsApp(TwilioChannel):
+    channel = Channel.WHATSAPP
+    display_name = "WhatsApp"
+    max_chars = SMS_MAX_CHARS  # Twilio's body limit, as for SMS
+    style = "This conversation is over WhatsApp: answer briefly, in plain text."
+    message_path = "/webhooks/twilio/whatsapp"
+    status_path = "/webhooks/twilio/status"  # the SMS plugin's route, which serves both
+    address_prefix = PREFIX
+
+    # ------------------------------------------------------------ inbound
+
+    def routes(self) -> Sequence[WebhookRoute]:
+        """Only the message webhook: status callbacks arrive on the SMS plugin's route, which
+        hands them to this channel by their prefix."""
+        return (WebhookRoute(self.message_path, self._receive),)
+
+    @classmethod
+    def parse_inbound(cls, form: Mapping[str, str]) -> Inbound:
+        """As SMS, plus `ProfileName` as the display name of the conversation."""
+        inbound = super().parse_inbound(form)
+        name = " ".join((form.get("ProfileName") or "").split())[:PROFILE_NAME_CHARS]
+        return replace(inbound, display_name=name or None)
+
+    def normalise_address(self, text: str) -> str | None:
+        """`whatsapp:+1…` as stored (E.164, no prefix); None for anything else."""
+        text = text.strip()
+        if not text.lower().startswith(PREFIX):
+            return None
+        return normalise_phone(text[len(PREFIX) :])
+
+    # ------------------------------------------------------------ outbound
+
+    async def send(self, outbound: Outbound) -> SendResult:
+        """Free-form inside the window; outside it (by our clock, or by Twilio's 63016) the
+        template at once, or a failure without a(nother) call: a 63016 is never retried as
+        free-form."""
+        addressed = _prefixed(outbound)
+        if self._how_to_send(outbound) is not Send.FREE_FORM:
+            return await self._send_template(addressed)
+        try:
+            return await self._client().send(addressed)
+        except SendError as exc:
+            if exc.code != OUTSIDE_WINDOW_ERROR:
+                raise
+            return await self._send_template(addressed)
+
+    async def _send_template(self, outbound: Outbound) -> SendResult:
+        from service.channels.twilio.rest import Template
+
+        template_sid = self._settings.whatsapp_template_sid
+        if not template_sid:
+            raise SendError(OUTSIDE_WINDOW, retryable=False, code=OUTSIDE_WINDOW_ERROR)
+        template = Template(template_sid, template_variables(outbound.body))
+        return await self._client().send(outbound, template)
+
+    async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
+        """As SMS, with the prefixed addresses; a template send is listed with Twilio's own
+        text, so outside the window any message to the person since `since` matches."""
+        return await self._client().find_sent(
+            _prefixed(outbound), since, any_body=self._how_to_send(outbound) is not Send.FREE_FORM
+        )
+
+    def _how_to_send(self, outbound: Outbound) -> Send:
+        return how_to_send(
+            outbound.last_inbound_at,
+            dt.datetime.now(dt.UTC),
+            self._settings.whatsapp_template_sid,
+        )
+
+
+def _prefixed(outbound: Outbound) -> Outbound:
+    return replace(outbound, to=PREFIX + outbound.to, from_=PREFIX + outbound.from_)
