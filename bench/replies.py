@@ -236,9 +236,12 @@ class Fake:
 class Serve:
     """One `parley serve` process, as an operator runs it."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], workdir: Path, module: str = "service"
+    ) -> None:
         self.name = name
         self.env = env
+        self.module = module  # `python -m <module> serve`: bench.sqlcount wraps Parley
         self.workdir = workdir
         self.port = free_port()
         self.log = workdir / f"{name}.log"
@@ -252,7 +255,7 @@ class Serve:
     def start(self) -> None:
         """Returns once /healthz answers and, with a worker, the worker has started."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", self.module, "serve", "--port", str(self.port)],
             env=self.env,
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,
@@ -467,16 +470,21 @@ async def wait_replies(sms: SmsLog, hooks: list[Webhook], timeout_s: float) -> f
     return max((t for h in hooks if (t := sms.sent_at(h)) is not None), default=math.nan)
 
 
+async def prefill(run: Run, name: str, hooks: list[Webhook]) -> str:
+    """A fresh database holding `hooks`, stored by Parley's intake alone (no worker)."""
+    database_url = run.databases.fresh(name)
+    variables = parley_variables(database_url, None, False)
+    async with Serve(f"{name}-intake", variables, run.workdir) as intake:
+        if hooks:  # else only the schema
+            wrk_file = run.wrk_file(name, hooks)
+            await asyncio.to_thread(run_wrk, intake.port, wrk_file, 120, run.args.connections, True)
+    return database_url
+
+
 async def drain(run: Run) -> Replying:
     """Replies alone: the intake stores `--messages` webhooks first, then the worker runs."""
     hooks = webhooks(run.args.messages, tag="-drain")
-    database_url = run.databases.fresh("drain")
-    async with Serve(
-        "drain-intake", parley_variables(database_url, None, False), run.workdir
-    ) as prefill:
-        await asyncio.to_thread(
-            run_wrk, prefill.port, run.wrk_file("drain", hooks), 120, run.args.connections, True
-        )
+    database_url = await prefill(run, "drain", hooks)
     async with Fake(0.0) as fake:
         async with Serve("drain", parley_variables(database_url, fake, True), run.workdir) as serve:
             started, cpu_before = time.monotonic(), serve.cpu()
