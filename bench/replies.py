@@ -3,6 +3,7 @@ baselines measured in the same run.
 
     python bench/replies.py [--seconds 10] [--messages 3000] [--connections 64]
                             [--database-url postgresql+asyncpg://postgres@127.0.0.1/parley_bench]
+    python bench/replies.py --database-url postgresql+asyncpg://… --workers 1,2,4
     python bench/replies.py --model-latency 1 --senders 128 [--seconds 30]
 
 Providers are bench/fastfakes.py in its own process: Twilio and an OpenAI-compatible model
@@ -24,6 +25,10 @@ Zero-latency model (the default), each phase on a fresh database:
    reply (intake included), RSS idle and under load;
 5. latency: webhooks posted at a steady rate, at half the intake capacity of (2) and at half
    the reply capacity of (3); webhook -> reply accepted by Twilio, p50 / p99.
+
+6. with `--workers 1,2,4` (PostgreSQL): `parley serve` (EMBEDDED_WORKER=false) plus N
+   `parley worker` processes answer a queue of `--messages`, for each N: replies/s, the
+   ratio to the first N, CPU per reply of the workers and of the PostgreSQL server.
 
 After each phase with a worker, Parley is stopped and the database and the fake's record are
 checked: every message answered, exactly one reply each, sent once.
@@ -63,7 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/replies.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(ROOT))
 
-from bench.burst import cpu_s, rss_kib  # noqa: E402
+from bench.burst import cpu_s, machine_jiffies, postgres_cpu_s, rss_kib  # noqa: E402
 from bench.loadgen import (  # noqa: E402
     ACCOUNT,
     PUBLIC,
@@ -234,14 +239,21 @@ class Fake:
 
 
 class Serve:
-    """One `parley serve` process, as an operator runs it."""
+    """One `parley serve` (or, with `command="worker"`, `parley worker`) process, as an
+    operator runs it."""
 
     def __init__(
-        self, name: str, env: dict[str, str], workdir: Path, module: str = "service"
+        self,
+        name: str,
+        env: dict[str, str],
+        workdir: Path,
+        module: str = "service",
+        command: str = "serve",
     ) -> None:
         self.name = name
         self.env = env
         self.module = module  # `python -m <module> serve`: bench.sqlcount wraps Parley
+        self.command = command
         self.workdir = workdir
         self.port = free_port()
         self.log = workdir / f"{name}.log"
@@ -254,16 +266,19 @@ class Serve:
 
     def start(self) -> None:
         """Returns once /healthz answers and, with a worker, the worker has started."""
+        serves = self.command == "serve"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, "serve", "--port", str(self.port)],
+            [sys.executable, "-m", self.module, self.command]
+            + (["--port", str(self.port)] if serves else []),
             env=self.env,
             cwd=self.workdir,
             stdin=subprocess.DEVNULL,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_healthy(self.port, self.process, timeout=60)
-        if self.env.get("EMBEDDED_WORKER") != "false":
+        if serves:
+            wait_healthy(self.port, self.process, timeout=60)
+        if not serves or self.env.get("EMBEDDED_WORKER") != "false":
             deadline = time.monotonic() + 60
             while "reply worker" not in self.log.read_text(errors="replace"):
                 if time.monotonic() > deadline or self.process.poll() is not None:
@@ -553,6 +568,67 @@ def _reply_s(posted: Posted, sms: SmsLog) -> float:
     return math.inf if sent is None else sent - posted.due
 
 
+@dataclass
+class ScaleOut:
+    workers: int
+    replies: int
+    seconds: float
+    worker_cpu_s: float
+    postgres_cpu_s: float
+    machine_busy: float  # share of all cores' time
+    verdict: Verdict
+
+    @property
+    def per_s(self) -> float:
+        return self.replies / self.seconds if self.seconds > 0 else 0.0
+
+
+async def scale_out(run: Run, workers: int) -> ScaleOut:
+    """`parley serve` (EMBEDDED_WORKER=false) + `workers` x `parley worker` answer a queue of
+    `--messages`; timed from when the last worker has started."""
+    hooks = webhooks(run.args.messages, tag=f"-scale{workers}")
+    database_url = await prefill(run, f"scale{workers}", hooks)
+    async with Fake(0.0) as fake:
+        env = parley_variables(database_url, fake, False)
+        async with Serve(f"scale{workers}-serve", env, run.workdir):
+            processes = [
+                Serve(f"scale{workers}-worker{i + 1}", env, run.workdir, command="worker")
+                for i in range(workers)
+            ]
+            try:
+                await asyncio.gather(*(asyncio.to_thread(p.start) for p in processes))
+                started, machine_before = time.monotonic(), machine_jiffies()
+                cpu_before, pg_before = sum(p.cpu() for p in processes), postgres_cpu_s()
+                last = await wait_replies(fake.sms, hooks, run.args.drain_timeout)
+                cpu = sum(p.cpu() for p in processes) - cpu_before
+                pg = postgres_cpu_s() - pg_before
+                machine_after = machine_jiffies()
+            finally:
+                await asyncio.gather(
+                    *(asyncio.to_thread(p.stop) for p in processes if p.process is not None)
+                )
+        verdict = await verify(database_url, hooks, fake.sms)
+    busy = (machine_after[0] - machine_before[0]) / max(machine_after[1] - machine_before[1], 1)
+    replies = fake.sms.replies_between(started, math.inf)
+    return ScaleOut(workers, replies, last - started, cpu, pg, busy, verdict)
+
+
+def report_scale_out(results: list[ScaleOut]) -> None:
+    one = results[0].per_s
+    print("\nPostgreSQL scale-out: `parley serve` + N `parley worker`, a queue of messages:")
+    print(f"  {'workers':>7}{'replies/s':>11}{'vs first':>10}{'worker CPU ms/reply':>21}"
+          f"{'PostgreSQL CPU ms/reply':>25}{'machine busy':>14}")  # fmt: skip
+    for item in results:
+        each = max(item.replies, 1)
+        print(
+            f"  {item.workers:>7}{item.per_s:>11.1f}{item.per_s / one:>9.2f}x"
+            f"{item.worker_cpu_s / each * 1000:>21.1f}{item.postgres_cpu_s / each * 1000:>25.1f}"
+            f"{item.machine_busy:>14.0%}"
+        )
+    for item in results:
+        print(f"  {item.workers} worker(s): {item.verdict.line()}")
+
+
 # ------------------------------------------------------------------ the inline peer
 
 
@@ -832,6 +908,10 @@ async def main_async(args: argparse.Namespace) -> int:
         ]
         report_zero(run, rates, drained, lived, latencies)
         checks = [drained.verdict, lived.verdict, *(item.verdict for item in latencies)]
+        if args.workers:
+            scaled = [await scale_out(run, int(n)) for n in args.workers.split(",")]
+            report_scale_out(scaled)
+            checks += [item.verdict for item in scaled]
         return 0 if all(v.clean for v in checks) else 1
     finally:
         run.databases.drop_all()
@@ -851,7 +931,12 @@ def main() -> None:
     parser.add_argument("--model-latency", type=float, default=0.0, help="seconds; >0: vs peer")
     parser.add_argument("--senders", type=int, default=128, help="closed loops (with a model)")
     parser.add_argument("--closed-drain", type=float, default=20.0, help="after the window")
+    parser.add_argument(
+        "--workers", help="PostgreSQL: also serve + N `parley worker`s, e.g. 1,2,4 (a queue each)"
+    )
     args = parser.parse_args()
+    if args.workers and not args.database_url:
+        parser.error("--workers needs --database-url (PostgreSQL)")
     if not Path("/usr/bin/wrk").exists() and not any(
         (Path(p) / "wrk").exists() for p in os.environ.get("PATH", "").split(":")
     ):
