@@ -2,7 +2,7 @@
 on a real `parley serve` answering a queue of messages with zero-latency fakes.
 
     python bench/profile_replies.py [--messages 3000] [--rate 100] [--count-messages 500]
-                                    [--out docs/profile-before]
+                                    [--out docs/profile-before] [--database-url …]
 
 1. `--messages` webhooks are stored by Parley's intake alone (EMBEDDED_WORKER=false); then
    `parley serve` with its worker answers them while `py-spy record --native --format raw`
@@ -14,8 +14,9 @@ on a real `parley serve` answering a queue of messages with zero-latency fakes.
    counts of a start-and-stop with nothing to answer are subtracted, and the rest is divided
    by the jobs the log reports.
 
-Prints markdown, for docs/PROFILE-*.md. Same providers, settings and checks as
-bench/replies.py (every message answered exactly once).
+On PostgreSQL (`--database-url`) each pool checkout is also a pre-ping round trip, which
+SQLAlchemy's statement events do not see. Prints markdown, for docs/PROFILE-*.md. Same
+providers, settings and checks as bench/replies.py (every message answered exactly once).
 """
 
 from __future__ import annotations
@@ -108,14 +109,18 @@ def per_job(busy: dict[str, Counter[str]], idle: dict[str, Counter[str]], jobs: 
 
 async def main_async(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="parley-profile-"))
-    run = Run(args, workdir, Databases(None, workdir))
+    run = Run(args, workdir, Databases(args.database_url, workdir))
     out = Path(args.out).with_suffix(".pyspy.txt") if args.out else workdir / "profile.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"<!-- {load_note()} at the start; logs in {workdir} -->", flush=True)
-    replies, cpu, check = await profiled(run, out)
-    busy, jobs = await counted(run, args.count_messages, "sqlcount")
-    idle, _ = await counted(run, 0, "sqlcount-idle")
-    print(f"\n{os.cpu_count()} cores, SQLite, zero-latency fakes; {load_note()} at the end.")
+    try:
+        replies, cpu, check = await profiled(run, out)
+        busy, jobs = await counted(run, args.count_messages, "sqlcount")
+        idle, _ = await counted(run, 0, "sqlcount-idle")
+    finally:
+        run.databases.drop_all()
+    kind = run.databases.kind
+    print(f"\n{os.cpu_count()} cores, {kind}, zero-latency fakes; {load_note()} at the end.")
     print(f"Under py-spy: {replies} replies, {cpu:.1f} CPU-seconds of `parley serve` by /proc: "
           f"{cpu / max(replies, 1) * 1000:.1f} ms a reply. Check: {check}\n")  # fmt: skip
     print(markdown(tabulate(out), replies, args.rate, cpu / max(replies, 1) * 1000))
@@ -134,6 +139,7 @@ def main() -> None:
     parser.add_argument("--out", help="keep the raw profile as <out>.pyspy.txt")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--database-url", help="postgresql+asyncpg://…/name; default SQLite")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -55,6 +55,22 @@ def waiting(frames: list[Frame]) -> str | None:
     return named[-1] if named and named[-1] in BLOCKING else None
 
 
+def wait_place(frames: list[Frame], call: str) -> str:
+    """What a waiting thread waits for, in words where it is known."""
+    funcs = {f.func for f in frames}
+    if "sqlite3InvokeBusyHandler" in funcs:
+        return "SQLite busy handler: a connection sleeping until the write lock is free"
+    pythons = [f for f in frames if f.python]
+    where = f"{pythons[-1].file} `{pythons[-1].func}`" if pythons else "native"
+    if "aiosqlite/core.py" in where:
+        return f"aiosqlite thread idle, waiting for its next call ({call})"
+    if "concurrent/futures/thread.py" in where:
+        return f"thread pool worker idle ({call})"
+    if call.startswith("epoll"):
+        return "event loop idle in epoll (nothing ready)"
+    return f"{where} ({call})"
+
+
 def parse(path: Path) -> Iterable[tuple[list[Frame], int]]:
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -170,6 +186,7 @@ def step(frames: list[Frame]) -> str:
 class Tables:
     total: int  # on-CPU samples
     waiting: Counter[str]  # off-CPU samples, by the call they wait in
+    waits: Counter[str]  # off-CPU samples, by what they wait for
     layers: Counter[str]
     tags: Counter[str]
     steps: Counter[str]
@@ -180,10 +197,12 @@ def tabulate(path: Path) -> Tables:
     tags: Counter[str] = Counter()
     steps: Counter[str] = Counter()
     blocked: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
     total = 0
     for frames, count in parse(path):
         if call := waiting(frames):
             blocked[call] += count
+            waits[wait_place(frames, call)] += count
             continue
         total += count
         layers[layer(frames)] += count
@@ -191,7 +210,7 @@ def tabulate(path: Path) -> Tables:
         for name, test in TAGS:
             if any(test(f) for f in frames):
                 tags[name] += count
-    return Tables(total, blocked, layers, tags, steps)
+    return Tables(total, blocked, waits, layers, tags, steps)
 
 
 def markdown(
@@ -229,6 +248,11 @@ def markdown(
     for title, items in sections:
         out += ["", f"**{title}**", "", header, rule]
         out += [row(name, samples) for name, samples in items]
+    waited = sum(tables.waits.values())
+    out += ["", "**Where threads waited (off-CPU samples, every thread)**", ""]
+    out += ["| waiting in | samples | thread-seconds |", "|---|---:|---:|"]
+    out += [f"| {k} | {v} | {v / rate:.1f} |" for k, v in tables.waits.most_common(8)]
+    out.append(f"| all | {waited} | {waited / rate:.1f} |")
     return "\n".join(out)
 
 
