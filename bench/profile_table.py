@@ -11,8 +11,9 @@ of samples that saw it; py-spy samples only threads that are running, so samples
    that native SQLite frames under it count as SQLite. The rows add up to 100 %.
 2. inclusive: share of samples with any frame in a library or a named kind of work
    (overlapping rows).
-3. by Parley step: the innermost `service/` frame; samples without one are split into
-   aiosqlite's threads and the rest.
+3. by Parley step: the innermost `service/` frame; samples without one are split by what
+   they run (aiosqlite's threads, SQLAlchemy in greenlets, the HTTP clients' callbacks);
+4. where waiting threads waited (left out of 1-3).
 
 With `--replies`, milliseconds of CPU per reply are shown next to each share (scaled to
 `--cpu-ms`, the CPU per reply /proc measured, when given).
@@ -168,18 +169,34 @@ TAGS = [
     ("json (encode/decode)", lambda f: f.file.startswith("json/") or "_json.c" in f.file),
     ("logging", lambda f: f.file.startswith("logging/")),
     ("pydantic", lambda f: "pydantic" in f.file),
-    ("HTTP server (uvicorn, starlette)", lambda f: "uvicorn/" in f.file or "starlette/" in f.file),
+    (
+        "HTTP server (uvicorn protocols, starlette)",
+        lambda f: "uvicorn/protocols" in f.file or "starlette/" in f.file,
+    ),
     ("metrics (prometheus_client)", lambda f: "prometheus_client/" in f.file),
 ]
 
 
+ENTRY_POINTS = ("service/cli.py", "service/__main__.py")  # under every main-thread stack
+
+
 def step(frames: list[Frame]) -> str:
+    """The innermost Parley frame. SQLAlchemy runs its synchronous core in greenlets and
+    ends `async with session.begin()` blocks in a shielded task of their own: neither stack
+    leads back to the Parley call that caused it, so those samples get rows of their own."""
     for frame in reversed(frames):
-        if frame.file.startswith("service/"):
+        if frame.file.startswith("service/") and frame.file not in ENTRY_POINTS:
             return f"{frame.file.removeprefix('service/')} `{frame.func}`"
-    if any("aiosqlite/" in f.file for f in frames):
-        return "(aiosqlite's threads: SQLite work of any step)"
-    return "(no Parley frame: event loop, HTTP server, other threads)"
+    files = " ".join(f.file for f in frames)
+    if "aiosqlite/core.py" in files and "threading.py" in files:
+        return "(aiosqlite's threads: SQLite calls of any step)"
+    if "sqlalchemy/" in files:
+        return "(SQLAlchemy in greenlets / shielded session exits: any step)"
+    if "aiohttp/" in files:
+        return "(aiohttp callbacks: Twilio sends)"
+    if "httpcore" in files or "anyio/" in files or "httpx" in files:
+        return "(httpx/anyio callbacks: model calls)"
+    return "(event loop, callbacks, other: no Parley frame)"
 
 
 @dataclass
