@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import math
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -777,6 +778,37 @@ async def peer_side_by_side(run: Run) -> list[Closed]:
 # ------------------------------------------------------------------ the report
 
 
+class MachineShare:
+    """How the machine's CPU was spent from here on: this benchmark's own processes (itself,
+    Parley, the fakes, wrk, gunicorn: all reaped by the end, so counted in its children's
+    rusage), the PostgreSQL server, and everything else, which is other people's work on a
+    shared machine and makes every figure of the run slower."""
+
+    def __init__(self) -> None:
+        self.machine = machine_jiffies()
+        self.ours = _own_and_children_cpu_s()
+        self.postgres = postgres_cpu_s()
+
+    def line(self) -> str:
+        tick = os.sysconf("SC_CLK_TCK")
+        busy, total = machine_jiffies()
+        busy_s = (busy - self.machine[0]) / tick
+        core_s = max((total - self.machine[1]) / tick, 1e-9)
+        ours = _own_and_children_cpu_s() - self.ours
+        postgres = postgres_cpu_s() - self.postgres
+        return (
+            f"machine CPU during the run: {busy_s / core_s:.0%} of {core_s:.0f} core-seconds"
+            f" busy: this benchmark's processes {ours:.0f} s, PostgreSQL {postgres:.0f} s,"
+            f" other work on the machine {max(busy_s - ours - postgres, 0):.0f} s"
+        )
+
+
+def _own_and_children_cpu_s() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -892,6 +924,7 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="parley-replies-"))
     run = Run(args, workdir, Databases(args.database_url, workdir))
     print(f"start: {load_note()}; logs in {workdir}", flush=True)
+    share = MachineShare()
     try:
         if args.model_latency > 0:
             results = await peer_side_by_side(run)
@@ -916,6 +949,7 @@ async def main_async(args: argparse.Namespace) -> int:
         return 0 if all(v.clean for v in checks) else 1
     finally:
         run.databases.drop_all()
+        print(share.line())
 
 
 def main() -> None:
