@@ -11,7 +11,8 @@ three routes:
 
 * `POST /2010-04-01/Accounts/{sid}/Messages.json`: accepts the SMS (201, a Message resource
   as the twilio SDK parses it);
-* `GET` of the same: an empty message list (the ambiguous-send lookup finds nothing);
+* `GET` of the same: the messages it accepted To/From those numbers, newest first, so
+  Parley's lookup of an ambiguous send finds one that went out (as with real Twilio);
 * `POST /v1/chat/completions`: after `--model-latency` seconds, answers `echo: <the newest
   user message>`, so every reply names the message it answers.
 * `POST /v3/mail/send` (SendGrid): 202, so a configured SendGrid works too.
@@ -65,46 +66,38 @@ class Fakes:
         self.events = events
         self.model_latency_s = model_latency_s
         self.models_in_flight = 0
+        self.sent: dict[tuple[str | None, str | None], list[dict[str, Any]]] = {}
 
     def twilio_create(self, account: str, body: bytes) -> tuple[int, bytes]:
         fields = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         self.events.emit("sms", time.monotonic(), fields.get("To", ""), fields.get("Body", ""))
-        now = email.utils.formatdate(usegmt=True)
-        sid = "SM" + secrets.token_hex(16)
-        resource = {
+        record = {
             "account_sid": account,
-            "api_version": "2010-04-01",
-            "body": fields.get("Body", ""),
-            "date_created": now,
-            "date_sent": None,
-            "date_updated": now,
-            "direction": "outbound-api",
-            "error_code": None,
-            "error_message": None,
-            "from": fields.get("From"),
-            "num_media": "0",
-            "num_segments": "1",
-            "price": None,
-            "price_unit": "USD",
-            "sid": sid,
-            "status": "queued",
+            "sid": "SM" + secrets.token_hex(16),
             "to": fields.get("To"),
-            "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
+            "from": fields.get("From"),
+            "body": fields.get("Body", ""),
+            "date_created": email.utils.formatdate(usegmt=True),
         }
-        return 201, json.dumps(resource).encode()
+        self.sent.setdefault((record["to"], record["from"]), []).append(record)
+        return 201, json.dumps(_message(record, listed=False)).encode()
 
-    @staticmethod
-    def twilio_list(path: str) -> tuple[int, bytes]:
+    def twilio_list(self, path: str) -> tuple[int, bytes]:
+        """Messages sent To/From these numbers, newest first, as Twilio lists them: what the
+        lookup of an ambiguous send reads (it must find a message that went out)."""
+        query = {k: v[0] for k, v in parse_qs(path.partition("?")[2]).items()}
+        size = int(query.get("PageSize", "50"))
+        found = self.sent.get((query.get("To"), query.get("From")), [])[::-1][:size]
         page = {
-            "messages": [],
+            "messages": [_message(r, listed=True) for r in found],
             "page": 0,
-            "page_size": 50,
+            "page_size": size,
             "first_page_uri": path,
             "next_page_uri": None,
             "previous_page_uri": None,
             "uri": path,
             "start": 0,
-            "end": 0,
+            "end": max(len(found) - 1, 0),
         }
         return 200, json.dumps(page).encode()
 
@@ -135,6 +128,27 @@ class Fakes:
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
         return 200, json.dumps(completion).encode()
+
+
+def _message(record: dict[str, Any], *, listed: bool) -> dict[str, Any]:
+    """A Message resource as the twilio SDK parses it: "queued" when created, "sent" (with
+    its date_sent) when listed later."""
+    account, sid = record["account_sid"], record["sid"]
+    return {
+        **record,
+        "api_version": "2010-04-01",
+        "date_sent": record["date_created"] if listed else None,
+        "date_updated": record["date_created"],
+        "direction": "outbound-api",
+        "error_code": None,
+        "error_message": None,
+        "num_media": "0",
+        "num_segments": "1",
+        "price": None,
+        "price_unit": "USD",
+        "status": "sent" if listed else "queued",
+        "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
+    }
 
 
 class Connection(asyncio.Protocol):
