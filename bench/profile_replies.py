@@ -63,7 +63,8 @@ async def profiled(run: Run, out: Path) -> tuple[int, float, str]:
             spy = subprocess.Popen(  # noqa: ASYNC220 - returns at once; stopped below
                 [
                     str(Path(sys.executable).with_name("py-spy")), "record",
-                    "--pid", str(serve.pid), "--rate", str(run.args.rate), "--native",
+                    "--pid", str(serve.pid), "--rate", str(run.args.rate),
+                    *(["--native"] if run.args.native else ["--nonblocking"]),
                     "--format", "raw", "-o", str(out),
                 ],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -136,6 +137,13 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--count-messages", type=int, default=500)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples a second")
+    parser.add_argument(
+        "--native",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="py-spy --native (pauses the process per sample; shows SQLite's C frames and what"
+        " threads wait in) or --no-native: py-spy --nonblocking, Python frames only, lighter",
+    )
     parser.add_argument("--out", help="keep the raw profile as <out>.pyspy.txt")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--connections", type=int, default=64)
