@@ -144,6 +144,7 @@ class DatabaseCpu:
         self.marker = f" {database} "
         self.start: dict[int, float] = {}
         self.last: dict[int, float] = {}
+        self.peak_connections = 0
         self._task: asyncio.Task[None] | None = None
 
     def _backends(self) -> dict[int, float]:
@@ -157,7 +158,9 @@ class DatabaseCpu:
 
     async def _sample(self) -> None:
         while True:
-            self.last.update(self._backends())
+            backends = self._backends()
+            self.last.update(backends)
+            self.peak_connections = max(self.peak_connections, len(backends))
             await asyncio.sleep(RSS_SAMPLE_S)
 
     @property
@@ -232,14 +235,20 @@ class Databases:
         for name in self.created:
             self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', check=False)
 
-    def _psql(self, sql: str, check: bool = True) -> None:
+    def _psql(self, sql: str, check: bool = True) -> str:
         assert self.url
         admin = make_url(self.url).set(drivername="postgresql", database="postgres")
-        subprocess.run(
-            ["psql", admin.render_as_string(hide_password=False), "-qc", sql],
+        result = subprocess.run(
+            ["psql", admin.render_as_string(hide_password=False), "-Atqc", sql],
             check=check,
             capture_output=True,
+            text=True,
         )
+        return result.stdout
+
+    def query(self, sql: str) -> list[str]:
+        """The first row of a query on the server, as text."""
+        return self._psql(sql).strip().split("|")
 
 
 class Fake:
@@ -623,6 +632,8 @@ class ScaleOut:
     postgres_cpu_s: float
     machine_busy: float  # share of all cores' time
     verdict: Verdict
+    peak_connections: int = 0
+    failed_attempts: Counter[str] = field(default_factory=Counter)
 
     @property
     def per_s(self) -> float:
@@ -633,6 +644,7 @@ async def scale_out(run: Run, workers: int) -> ScaleOut:
     """`parley serve` (EMBEDDED_WORKER=false) + `workers` x `parley worker` answer a queue of
     `--messages`; timed from when the last worker has started."""
     hooks = webhooks(run.args.messages, tag=f"-scale{workers}")
+    print(connection_budget(run, workers), flush=True)
     database_url = await prefill(run, f"scale{workers}", hooks)
     async with Fake(0.0) as fake:
         env = parley_variables(database_url, fake, False)
@@ -650,6 +662,7 @@ async def scale_out(run: Run, workers: int) -> ScaleOut:
                 cpu = sum(p.cpu() for p in processes) - cpu_before
                 pg = backends.seconds
                 machine_after = machine_jiffies()
+                failures = failed_attempts([p.log for p in processes])
             finally:
                 await asyncio.gather(
                     *(asyncio.to_thread(p.stop) for p in processes if p.process is not None)
@@ -657,7 +670,34 @@ async def scale_out(run: Run, workers: int) -> ScaleOut:
         verdict = await verify(database_url, hooks, fake.sms)
     busy = (machine_after[0] - machine_before[0]) / max(machine_after[1] - machine_before[1], 1)
     replies = fake.sms.replies_between(started, math.inf)
-    return ScaleOut(workers, replies, last - started, cpu, pg, busy, verdict)
+    return ScaleOut(
+        workers, replies, last - started, cpu, pg, busy, verdict,
+        backends.peak_connections, failures,
+    )  # fmt: skip
+
+
+def failed_attempts(logs: list[Path]) -> Counter[str]:
+    """Job attempts that did not end in a reply, by the first words of their error: "too many
+    clients" means the processes' pools together exceeded PostgreSQL's max_connections."""
+    failures: Counter[str] = Counter()
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            if "attempt" in line and "failed (" in line:
+                reason = line.split("failed (", 1)[1]
+                failures[reason.split(")", 1)[-1].strip()[:60] or reason[:60]] += 1
+    return failures
+
+
+def connection_budget(run: Run, workers: int) -> str:
+    """What the server allows against what `workers` processes may open."""
+    allowed, used = run.databases.query(
+        "SELECT current_setting('max_connections'), count(*) FROM pg_stat_activity"
+    )
+    return (
+        f"PostgreSQL max_connections {allowed}, {used} in use before the run; "
+        f"{workers} worker(s) + serve with SQLAlchemy's pool (10 + 20 overflow) may open "
+        f"up to {(workers + 1) * 30} plus their LISTEN connections"
+    )
 
 
 def report_scale_out(results: list[ScaleOut]) -> None:
@@ -673,6 +713,8 @@ def report_scale_out(results: list[ScaleOut]) -> None:
             f"{item.machine_busy:>14.0%}"
         )
     for item in results:
+        print(f"  {item.workers} worker(s): peak {item.peak_connections} connections to its "
+              f"database; failed job attempts: {dict(item.failed_attempts) or 'none'}")  # fmt: skip
         print(f"  {item.workers} worker(s): {item.verdict.line()}")
 
 
