@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from service.channels.sms import inbound_form, sign
+try:  # main moved the request builders to service/testing.py after this branch started
+    from service.testing import inbound_form, sign
+except ImportError:
+    from service.channels.sms import inbound_form, sign
 
 TOKEN = "bench-token-0123456789abcdef"
 PUBLIC = "https://parley.example.com"

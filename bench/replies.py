@@ -3,7 +3,7 @@ baselines measured in the same run.
 
     python bench/replies.py [--seconds 10] [--messages 3000] [--connections 64]
                             [--database-url postgresql+asyncpg://postgres@127.0.0.1/parley_bench]
-    python bench/replies.py --database-url postgresql+asyncpg://… --workers 1,2,4
+    python bench/replies.py --database-url postgresql+asyncpg://… --workers 1,2,4 [--only-workers]
     python bench/replies.py --model-latency 1 --senders 128 [--seconds 30]
 
 Providers are bench/fastfakes.py in its own process: Twilio and an OpenAI-compatible model
@@ -28,7 +28,9 @@ Zero-latency model (the default), each phase on a fresh database:
 
 6. with `--workers 1,2,4` (PostgreSQL): `parley serve` (EMBEDDED_WORKER=false) plus N
    `parley worker` processes answer a queue of `--messages`, for each N: replies/s, the
-   ratio to the first N, CPU per reply of the workers and of the PostgreSQL server.
+   ratio to the first N, CPU per reply of the workers and of their database's PostgreSQL
+   backends, the peak number of connections and the job attempts that failed (with the
+   default pools, 4 workers exceed max_connections=100: other users of the server suffer).
 
 After each phase with a worker, Parley is stopped and the database and the fake's record are
 checked: every message answered, exactly one reply each, sent once.
