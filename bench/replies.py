@@ -290,7 +290,10 @@ class Fake:
 
     async def __aexit__(self, *_: object) -> None:
         assert self.process is not None and self._reader is not None
-        self.process.terminate()
+        if self.process.returncode is not None:  # it died during the phase: say so
+            print(f"fake providers exited early, code {self.process.returncode}", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
         await self.process.wait()
         await self._reader
 
