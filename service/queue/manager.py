@@ -6,9 +6,14 @@ takes every due job of a conversation that has none running, so a burst of messa
 once, together, and no two workers ever hold one conversation. A claimed job carries a lease
 that its worker renews; a job whose lease ran out (its process died) is queued again.
 
-Claims are serialised: on PostgreSQL by a transaction-scoped advisory lock, so concurrent
-claimers in many processes each see the others' committed claims (the claim statement itself
-skips rows locked by anyone else); on SQLite by the database's single writer lock.
+Claims never wait for one another on PostgreSQL: a claim locks the conversation rows it takes
+(`FOR NO KEY UPDATE SKIP LOCKED`, which leaves the foreign-key locks of a concurrent intake
+alone), so concurrent claimers in many processes take disjoint conversations, and its UPDATE,
+run after the locks are held, sees every claim committed before them and skips a conversation
+that has a job running. On SQLite the database's single writer lock serialises claims.
+
+One claim takes up to the worker's free capacity of conversations in two statements (plus the
+lease requeue), so its cost is shared by many jobs.
 """
 
 from __future__ import annotations
@@ -18,15 +23,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, insert, select, text, update
+from sqlalchemy import Update, and_, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.orm import aliased
 
 from service.db import reader, utcnow
-from service.models import ReplyJob
+from service.models import Conversation, ReplyJob
 from service.queue.notify import notify_jobs
 from service.types import JobStatus
-
-CLAIM_LOCK_KEY = 0x70726C79636C6D  # "prlyclm"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Claim:
     message_ids: tuple[int, ...]
     attempts: int  # the highest attempt count among them, this claim included
     job_attempts: tuple[int, ...] = ()  # each job's own count, in `job_ids` order
+    owner: str = ""  # the worker holding them (`JobManager.owner`): only it may finish them
 
     def split(self, exhausted_after: int) -> tuple[Claim | None, Claim | None]:
         """(jobs out of tries, jobs with tries left): a message that joined a conversation
@@ -132,7 +137,35 @@ class Claim:
             message_ids=tuple(self.message_ids[i] for i in indexes),
             attempts=max(attempts),
             job_attempts=attempts,
+            owner=self.owner,
         )
+
+
+def _settle(job_ids: Sequence[int], owner: str, status: JobStatus, **values: object) -> Update:
+    """Move running jobs this owner still holds: a worker that lost its lease changes nothing."""
+    return (
+        update(ReplyJob)
+        .where(
+            and_(
+                ReplyJob.id.in_(job_ids),
+                ReplyJob.lease_owner == owner,
+                ReplyJob.status == JobStatus.RUNNING.value,
+            )
+        )
+        .values(status=status.value, updated_at=utcnow(), **values)
+    )
+
+
+async def finish_jobs(connection: AsyncConnection, claim: Claim) -> None:
+    """Mark the claim's jobs done inside the caller's transaction: the one that records the
+    job's last write (its last send), so finishing costs no transaction of its own."""
+    await connection.execute(_settle(claim.job_ids, claim.owner, JobStatus.DONE, lease_owner=None))
+
+
+async def finish_claim(engine: AsyncEngine, claim: Claim) -> None:
+    """Mark the claim's jobs done in a transaction of their own (a job that wrote nothing last)."""
+    async with engine.begin() as connection:
+        await finish_jobs(connection, claim)
 
 
 class JobManager:
@@ -147,32 +180,17 @@ class JobManager:
         return utcnow() + dt.timedelta(seconds=self.lease_s)
 
     async def claim(self, max_conversations: int) -> list[Claim]:
+        """Up to `max_conversations` conversations with due jobs, each with all its jobs."""
         if max_conversations < 1:
             return []
         async with self._engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                await connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY}
-                )
             now = utcnow()
             await self._requeue_expired(connection, now)
             conversations = await self._claimable(connection, now, max_conversations)
             if not conversations:
                 return []
             result = await connection.execute(
-                update(ReplyJob)
-                .where(
-                    ReplyJob.status == JobStatus.QUEUED.value,
-                    ReplyJob.conversation_id.in_(conversations),
-                )
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    lease_owner=self.owner,
-                    lease_expires_at=self._lease_end(),
-                    attempts=ReplyJob.attempts + 1,
-                    updated_at=now,
-                )
-                .returning(
+                self._claim_statement(connection, conversations, now).returning(
                     ReplyJob.id,
                     ReplyJob.conversation_id,
                     ReplyJob.message_id,
@@ -180,15 +198,47 @@ class JobManager:
                 )
             )
             rows = sorted(result, key=lambda r: r.id)
-        return _group(rows)
+        return _group(rows, self.owner)
+
+    def _claim_statement(
+        self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
+    ) -> Update:
+        query = update(ReplyJob).where(
+            ReplyJob.status == JobStatus.QUEUED.value,
+            ReplyJob.conversation_id.in_(conversations),
+        )
+        if connection.dialect.name == "postgresql":
+            # Run once the conversation locks are held, so its snapshot holds every claim that
+            # committed before: a conversation another worker just took is skipped.
+            other = aliased(ReplyJob)
+            query = query.where(
+                ~exists().where(
+                    other.conversation_id == ReplyJob.conversation_id,
+                    other.status == JobStatus.RUNNING.value,
+                )
+            )
+        return query.values(
+            status=JobStatus.RUNNING.value,
+            lease_owner=self.owner,
+            lease_expires_at=self._lease_end(),
+            attempts=ReplyJob.attempts + 1,
+            updated_at=now,
+        )
 
     async def _requeue_expired(self, connection: AsyncConnection, now: dt.datetime) -> None:
-        await connection.execute(
-            update(ReplyJob)
+        """Jobs whose worker died are queued again; rows another claimer is requeueing right
+        now are skipped, so concurrent claimers never wait for (or deadlock on) each other."""
+        expired = (
+            select(ReplyJob.id)
             .where(
                 ReplyJob.status == JobStatus.RUNNING.value,
                 ReplyJob.lease_expires_at < now,
             )
+            .with_for_update(skip_locked=True)
+        )
+        await connection.execute(
+            update(ReplyJob)
+            .where(ReplyJob.id.in_(expired))
             .values(status=JobStatus.QUEUED.value, lease_owner=None, updated_at=now)
         )
 
@@ -196,18 +246,25 @@ class JobManager:
         self, connection: AsyncConnection, now: dt.datetime, limit: int
     ) -> list[int]:
         """Conversations with queued jobs, none running, and every queued job due: a job
-        waiting out a retry holds back the newer ones behind it, so replies keep their order."""
+        waiting out a retry holds back the newer ones behind it, so replies keep their order.
+        On PostgreSQL the conversations are locked, skipping those another claimer holds."""
         running = select(ReplyJob.conversation_id).where(ReplyJob.status == JobStatus.RUNNING.value)
-        query = (
-            select(ReplyJob.conversation_id)
+        due = (
+            select(ReplyJob.conversation_id, func.min(ReplyJob.id).label("first_job"))
             .where(
                 ReplyJob.status == JobStatus.QUEUED.value,
                 ReplyJob.conversation_id.not_in(running),
             )
             .group_by(ReplyJob.conversation_id)
             .having(func.max(ReplyJob.run_after) <= now)
-            .order_by(func.min(ReplyJob.id))
+            .subquery()
+        )
+        query = (
+            select(Conversation.id)
+            .join(due, due.c.conversation_id == Conversation.id)
+            .order_by(due.c.first_job)
             .limit(limit)
+            .with_for_update(of=Conversation, skip_locked=True, key_share=True)
         )
         return list((await connection.execute(query)).scalars())
 
@@ -257,20 +314,10 @@ class JobManager:
         if not job_ids:
             return
         async with self._engine.begin() as connection:
-            await connection.execute(
-                update(ReplyJob)
-                .where(
-                    and_(
-                        ReplyJob.id.in_(job_ids),
-                        ReplyJob.lease_owner == self.owner,
-                        ReplyJob.status == JobStatus.RUNNING.value,
-                    )
-                )
-                .values(status=status.value, updated_at=utcnow(), **values)
-            )
+            await connection.execute(_settle(job_ids, self.owner, status, **values))
 
 
-def _group(rows: Sequence[object]) -> list[Claim]:
+def _group(rows: Sequence[object], owner: str) -> list[Claim]:
     by_conversation: dict[int, list[object]] = defaultdict(list)
     for row in rows:
         by_conversation[row.conversation_id].append(row)  # type: ignore[attr-defined]
@@ -281,6 +328,7 @@ def _group(rows: Sequence[object]) -> list[Claim]:
             message_ids=tuple(r.message_id for r in jobs),  # type: ignore[attr-defined]
             attempts=max(r.attempts for r in jobs),  # type: ignore[attr-defined]
             job_attempts=tuple(r.attempts for r in jobs),  # type: ignore[attr-defined]
+            owner=owner,
         )
         for conversation_id, jobs in by_conversation.items()
     ]

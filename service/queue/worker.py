@@ -136,8 +136,7 @@ class Worker:
         started = time.perf_counter()
         outcome: Outcome = Outcome.ERROR
         try:
-            outcome = await self.flow.run(claim)
-            await self.queue.finish(claim.job_ids)
+            outcome = await self.flow.run(claim)  # finishes the jobs with its last write
         except asyncio.CancelledError:
             outcome = Outcome.RELEASED
             await asyncio.shield(self.queue.release(claim.job_ids))

@@ -5,17 +5,15 @@ cut to the channel's limits, before anything is sent."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Sequence
 
 from service import metrics, storable
 from service.assistant import Completion, ModelError
-from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join_parts
-from service.db import utcnow
-from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
-from service.store import conversations, outbox
+from service.conversation import HELP_TEXT, build_prompt, join_parts
+from service.reply.flow import Answered, GiveUp, Outcome, ReplyContext, RetryLater, Superseded
+from service.store import outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
 from service.types import Author, Channel, InboundState, Intent, Sender, Turn
@@ -35,15 +33,17 @@ class Answerer:
             context.engine, settings.model_calls_cap, settings.model_calls_limit
         )
 
-    async def answer(self, conversation: ConversationView, waiting: list[Waiting]) -> Outcome:
-        """HELP with its fixed text, the rest with one model call; in the order they came."""
+    async def answer(self, conversation: ConversationView, waiting: list[Waiting]) -> Answered:
+        """HELP with its fixed text, the rest with one model call; in the order they came.
+        The first part stored is also moved to `sending`, in the same transaction."""
         helps = [m for m in waiting if m.intent == Intent.HELP.value]
         questions = [m for m in waiting if m.intent != Intent.HELP.value]
         groups = sorted((group for group in (helps, questions) if group), key=lambda g: g[0].id)
         outcome = Outcome.ANSWERED
+        parts: list[outbox.Part] = []
         for group in groups:
             if group is helps:
-                await self._store(conversation, helps, HELP_TEXT, Author.FIXED)
+                parts += await self._store(conversation, helps, HELP_TEXT, Author.FIXED, not parts)
             elif scope := await self._limit_reached(conversation):
                 await outbox.mark_inbound(
                     self._engine, [m.id for m in questions], InboundState.RATE_LIMITED
@@ -51,9 +51,11 @@ class Answerer:
                 metrics.count_rate_limited(scope, len(questions))
                 outcome = Outcome.RATE_LIMITED
             else:
-                completion, call_id = await self._ask_model(conversation, questions)
-                await self._store(conversation, questions, completion.text, Author.MODEL, call_id)
-        return outcome
+                completion, call = await self._ask_model(conversation, questions)
+                parts += await self._store(
+                    conversation, questions, completion.text, Author.MODEL, not parts, call
+                )
+        return Answered(outcome, parts)
 
     # ------------------------------------------------------------ limits
 
@@ -61,26 +63,23 @@ class Answerer:
         """Which limit forbids a model call now, "conversation" (`REPLY_RATE_LIMIT`) or
         "global" (`MODEL_CALLS_LIMIT`), or None; passing the global one takes a place in its
         window, so only ask right before the call."""
-        if await self._over_rate_limit(conversation.id):
+        if await self._over_rate_limit(conversation):
             return "conversation"
         if not await self._budget.take():
             return "global"
         return None
 
-    async def _over_rate_limit(self, conversation_id: int) -> bool:
+    async def _over_rate_limit(self, conversation: ConversationView) -> bool:
+        """`REPLY_RATE_LIMIT`, counted from the model calls read with the job's state."""
         limit = self._settings.rate_limit
-        since = utcnow() - dt.timedelta(seconds=limit.window_s)
-        if (
-            await conversations.model_calls_since(self._engine, conversation_id, since)
-            < limit.count
-        ):
+        if conversation.recent_model_calls < limit.count:
             return False
-        now = utcnow().timestamp()
-        if self._warned_until.get(conversation_id, 0) < now:
-            self._warned_until[conversation_id] = now + limit.window_s
+        now = time.time()
+        if self._warned_until.get(conversation.id, 0) < now:
+            self._warned_until[conversation.id] = now + limit.window_s
             log.warning(
                 "conversation %s reached REPLY_RATE_LIMIT (%s): not answering",
-                conversation_id,
+                conversation.id,
                 self._settings.reply_rate_limit,
             )
         return True
@@ -90,15 +89,13 @@ class Answerer:
     async def _prompt(
         self, conversation: ConversationView, questions: Sequence[Waiting]
     ) -> list[dict[str, str]]:
-        """History bounded by count and tokens (`conversation.build_prompt`), then the questions."""
+        """History bounded by count and tokens (`conversation.build_prompt`), then the questions.
+        The history rows were read with the job's state (`conversation.history`)."""
         max_messages = self._settings.assistant_history_messages
-        rows = await conversations.history_rows(
-            self._engine, conversation.id, [m.id for m in questions], history_rows_for(max_messages)
-        )
         return build_prompt(
             self._settings.assistant_system_prompt,
             self._channels[Channel(conversation.channel)].style,
-            join_parts(rows),
+            join_parts(conversation.history),
             [Turn(Sender.USER, m.body) for m in questions],
             max_messages=max_messages,
             max_tokens=self._settings.assistant_history_tokens,
@@ -106,7 +103,8 @@ class Answerer:
 
     async def _ask_model(
         self, conversation: ConversationView, questions: Sequence[Waiting]
-    ) -> tuple[Completion, int]:
+    ) -> tuple[Completion, outbox.CallRecord]:
+        """The model's answer and the record of its call (stored with the answer)."""
         prompt = await self._prompt(conversation, questions)
         started = time.perf_counter()
         try:
@@ -123,27 +121,24 @@ class Answerer:
             if error.retryable:
                 raise RetryLater(str(error), error.retry_after_s) from exc
             raise GiveUp(str(error)) from exc
-        return completion, await self._record_call(conversation.id, completion)
+        return completion, self._call_record(conversation.id, completion)
 
-    async def _record_call(self, conversation_id: int, completion: Completion) -> int:
+    def _call_record(self, conversation_id: int, completion: Completion) -> outbox.CallRecord:
         metrics.observe_model_call(
             completion.latency_ms / 1000,
             True,
             completion.prompt_tokens,
             completion.completion_tokens,
         )
-        return await outbox.record_call(
-            self._engine,
-            outbox.CallRecord(
-                conversation_id=conversation_id,
-                model=completion.model,
-                generation_params=completion.params,
-                processing_time=completion.latency_ms,
-                ok=True,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                total_tokens=completion.total_tokens,
-            ),
+        return outbox.CallRecord(
+            conversation_id=conversation_id,
+            model=completion.model,
+            generation_params=completion.params,
+            processing_time=completion.latency_ms,
+            ok=True,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.total_tokens,
         )
 
     async def _record_failed_call(self, conversation_id: int, error: ModelError) -> None:
@@ -168,9 +163,11 @@ class Answerer:
         answered: Sequence[Waiting],
         text: str,
         author: Author,
-        call_id: int | None = None,
-    ) -> None:
-        """The reply's parts and the answered messages' new state, in one transaction."""
+        start_sending: bool,
+        call: outbox.CallRecord | None = None,
+    ) -> list[outbox.Part]:
+        """The reply's parts, the answered messages' new state and the model call's record,
+        in one transaction (`start_sending`: the first part's compare-and-set too)."""
         channel = Channel(conversation.channel)
         last = answered[-1]
         subject, headers = self._channels[channel].reply_envelope(
@@ -185,8 +182,11 @@ class Answerer:
             author=author,
             subject=subject,
             headers=headers,
-            call_id=call_id,
+            call=call,
+            start_sending=start_sending,
         )
-        if not await outbox.store_answer(self._engine, answer):
+        stored = await outbox.store_answer(self._engine, answer)
+        if stored is None:
             # Another worker answered them while this one was stalled past its lease.
             raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
+        return stored.parts

@@ -1,5 +1,7 @@
 """One conversation's reply job, step by step, each step recorded before the next.
 
+0. Read the job's state once (`store.reply_state`): the conversation, the claimed messages
+   still waiting, the parts it still owes and the history the model is shown.
 1. Send whatever this conversation still owes (a reply stored before a crash, an operator's
    message, a fixed text), in order.
 2. Answer the claimed messages still waiting: HELP with the fixed text, the rest with one model
@@ -7,13 +9,22 @@
    anything is sent, so a failed send never asks the model again.
 3. Send it. Each part goes `pending -> sending` by compare-and-set before the provider is
    called, so two processes never send one part, and a part found in `sending` after a crash
-   is looked up at the provider before it is sent again.
+   is looked up at the provider before it is sent again, and resent only by the one worker
+   whose compare-and-set takes it over. A lost compare-and-set stops the job: the parts
+   after it are not sent out of order.
+
+Writes that follow each other share a transaction (the answer with its model-call record and
+the first part's compare-and-set; each send's record with the next part's compare-and-set),
+and the transaction that records the last send also finishes the job: a one-part reply costs
+a read, the model-call budget, the answer and the send, four transactions. A job that ends
+without a last send is finished on its own.
 
 Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +32,12 @@ from dataclasses import dataclass
 from service import metrics
 from service.assistant import Model
 from service.channels.base import ChannelPlugin
-from service.queue.manager import Claim
+from service.conversation import history_rows_for
+from service.db import utcnow
+from service.queue.manager import Claim, finish_claim
 from service.settings import Settings
-from service.store import AsyncEngine, conversations, outbox
-from service.store.conversations import ConversationView
+from service.store import AsyncEngine, outbox
+from service.store.reply_state import ReplyState, read_reply_state
 from service.types import Channel, InboundState
 
 
@@ -45,6 +58,15 @@ class Outcome(enum.StrEnum):
     SUPERSEDED = "superseded"
     RELEASED = "released"
     ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What `Answerer.answer` stored: how it went, and the parts to send (the first one
+    already moved to `sending` by this job where it could)."""
+
+    outcome: Outcome
+    parts: list[outbox.Part]
 
 
 @dataclass(frozen=True)
@@ -86,35 +108,58 @@ class ReplyFlow:
         from service.reply.send import PartSender
 
         self._engine = context.engine
+        self._settings = context.settings
+        self._history_rows = history_rows_for(context.settings.assistant_history_messages)
+        self._rate_window = dt.timedelta(seconds=context.settings.rate_limit.window_s)
         self._answerer = Answerer(context)
         self._sender = PartSender(context.engine, context.channels)
 
     async def run(self, claim: Claim) -> Outcome:
-        """Do the claim's work; returns the outcome for the log line."""
-        conversation = await conversations.find_conversation(self._engine, claim.conversation_id)
-        if conversation is None:
-            return Outcome.DELETED
-        if conversation.opted_out:
-            await self._fail(claim, "recipient opted out", InboundState.NOT_ANSWERED)
-            return Outcome.OPTED_OUT
-        if stopped := await self._sender.send_unsent(conversation):
-            # Opted out or paused meanwhile: the claimed messages will not be answered.
-            await self._not_answered(claim)
-            return stopped
-        return await self._answer_and_send(claim, conversation)
+        """Do the claim's work and finish its jobs; returns the outcome for the log line."""
+        outcome, finished = await self._run(claim)
+        if not finished:
+            await finish_claim(self._engine, claim)
+        return outcome
 
-    async def _answer_and_send(self, claim: Claim, conversation: ConversationView) -> Outcome:
-        waiting = await conversations.waiting_messages(self._engine, claim.message_ids)
+    async def _run(self, claim: Claim) -> tuple[Outcome, bool]:
+        """(the outcome, whether the last send's transaction finished the jobs already)."""
+        state = await read_reply_state(
+            self._engine,
+            claim.conversation_id,
+            claim.message_ids,
+            history_rows=self._history_rows,
+            calls_since=utcnow() - self._rate_window,
+        )
+        if state is None:
+            return Outcome.DELETED, False
+        if state.conversation.opted_out:
+            await self._fail(claim, "recipient opted out", InboundState.NOT_ANSWERED)
+            return Outcome.OPTED_OUT, False
+        if state.unsent:
+            last = None if state.waiting else claim  # nothing else to do: finish with it
+            if stopped := await self._sender.send(state.conversation, state.unsent, last):
+                # Opted out or paused meanwhile: the claimed messages will not be answered.
+                await self._not_answered(claim)
+                return stopped, False
+            if last is not None:
+                return Outcome.SENT, True
+        return await self._answer_and_send(claim, state)
+
+    async def _answer_and_send(self, claim: Claim, state: ReplyState) -> tuple[Outcome, bool]:
+        conversation, waiting = state.conversation, state.waiting
         if not waiting:
-            return Outcome.SENT
+            return Outcome.SENT, False
         if conversation.paused:
             await self._not_answered(claim)
-            return Outcome.PAUSED
-        if await conversations.is_own_address(self._engine, conversation.remote_address):
+            return Outcome.PAUSED, False
+        if conversation.own_address:
             await self._not_answered(claim)
-            return Outcome.OWN_ADDRESS  # answering ourselves is a loop
-        outcome = await self._answerer.answer(conversation, waiting)
-        return await self._sender.send_unsent(conversation) or outcome
+            return Outcome.OWN_ADDRESS, False  # answering ourselves is a loop
+        answered = await self._answerer.answer(conversation, waiting)
+        if not answered.parts:
+            return answered.outcome, False
+        stopped = await self._sender.send(conversation, answered.parts, claim)
+        return stopped or answered.outcome, stopped is None
 
     async def give_up(self, claim: Claim, error: str) -> None:
         """After the last try: the waiting messages and anything unsent are marked failed."""

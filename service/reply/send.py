@@ -1,20 +1,26 @@
 """Sending what a conversation owes: its unsent parts in order, each moved `pending ->
 sending` by compare-and-set before the provider is called; a part found in `sending` after a
-crash is looked up at the provider before it is sent again; replies the conversation no longer
-allows (opted out, paused) are withheld."""
+crash is looked up at the provider before it is sent again, and resent only after a
+compare-and-set of its own takes it over; replies the conversation no longer allows (opted
+out, paused) are withheld. A compare-and-set lost to another worker stops the job
+(`Superseded`): the parts after it are not sent ahead of it.
+
+Each send is recorded in one transaction together with the next part's compare-and-set, or,
+after the last part, with the end of the job (`outbox.Then`)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from service import metrics
 from service.channels.base import ChannelPlugin, LookupUnsupported
-from service.reply.flow import GiveUp, Outcome, RetryLater, Withheld
+from service.queue.manager import Claim
+from service.reply.flow import GiveUp, Outcome, RetryLater, Superseded, Withheld
 from service.store import AsyncEngine, conversations, outbox
 from service.store.conversations import ConversationView
-from service.store.outbox import Part
+from service.store.outbox import Part, Then
 from service.types import Author, Channel, Delivery, Outbound, RecipientOptedOut, SendError
 
 log = logging.getLogger(__name__)
@@ -25,12 +31,18 @@ class PartSender:
         self._engine = engine
         self._channels = channels
 
-    async def send_unsent(self, conversation: ConversationView) -> Outcome | None:
-        """Send every unsent part of the conversation in order. Returns why it stopped early
-        (opted out, withheld), or None once all went out."""
-        for part in await outbox.unsent_parts(self._engine, conversation.id):
+    async def send(
+        self, conversation: ConversationView, parts: Sequence[Part], finish: Claim | None = None
+    ) -> Outcome | None:
+        """Send these parts in order; the last one's record also finishes `finish`'s jobs.
+        Returns why it stopped early (opted out, withheld), or None once all went out."""
+        held: Part | None = None  # the next part, when the last transaction took it
+        for index, listed in enumerate(parts):
+            part = held or listed
+            following = parts[index + 1] if index + 1 < len(parts) else None
+            then = Then(next_part=following) if following else Then(finish=finish)
             try:
-                await self._send_part(conversation, part)
+                held = await self._send_part(conversation, part, then)
             except RecipientOptedOut as exc:
                 log.warning(
                     "conversation %s: provider says the recipient opted out", conversation.id
@@ -49,7 +61,10 @@ class PartSender:
                 return Outcome.WITHHELD
         return None
 
-    async def _send_part(self, conversation: ConversationView, part: Part) -> None:
+    async def _send_part(
+        self, conversation: ConversationView, part: Part, then: Then
+    ) -> Part | None:
+        """Send one part (or find it sent); returns the next part when `then` took it."""
         channel = self._channels[Channel(conversation.channel)]
         outbound = Outbound(
             channel=Channel(conversation.channel),
@@ -61,17 +76,25 @@ class PartSender:
             last_inbound_at=conversation.last_inbound_at,
         )
         if not channel.can_send:
-            await self._not_sent(conversation, part)
-            return
-        if part.status == Delivery.SENDING.value and part.attempted_at is not None:
-            if await self._already_sent(channel, outbound, part):
-                return
+            return await self._not_sent(conversation, part, then)
+        if part.held:
+            pass  # this job moved it to `sending` in its last transaction
+        elif part.status == Delivery.SENDING.value and part.attempted_at is not None:
+            if (sent := await self._already_sent(channel, outbound, part)) is not None:
+                return await outbox.record_sent(
+                    self._engine, part.id, part.channel, sent, Delivery.QUEUED, then
+                )
+            if not await outbox.take_over(self._engine, part):
+                await self._why_not_sendable(part)
+                raise Superseded(f"reply {part.id} was taken over by another worker")
         elif not await outbox.start_sending(self._engine, part):
             await self._why_not_sendable(part)
-            return  # another process holds this part
-        await self._call_provider(channel, outbound, part)
+            raise Superseded(f"reply {part.id} is held by another worker")
+        return await self._call_provider(channel, outbound, part, then)
 
-    async def _call_provider(self, channel: ChannelPlugin, outbound: Outbound, part: Part) -> None:
+    async def _call_provider(
+        self, channel: ChannelPlugin, outbound: Outbound, part: Part, then: Then
+    ) -> Part | None:
         sending = time.perf_counter()
         try:
             result = await channel.send(outbound)
@@ -84,14 +107,15 @@ class PartSender:
         metrics.observe_send(part.channel, time.perf_counter() - sending)
         metrics.count_replies("sent")
         if result.provider_message_id:
-            await outbox.record_sent(
-                self._engine, part.id, part.channel, result.provider_message_id, result.status
+            return await outbox.record_sent(
+                self._engine, part.id, part.channel, result.provider_message_id, result.status, then
             )
-        else:
-            await outbox.set_status(self._engine, part.id, result.status)
+        return await outbox.set_status(self._engine, part.id, result.status, then)
 
-    async def _not_sent(self, conversation: ConversationView, part: Part) -> None:
-        await outbox.set_status(self._engine, part.id, Delivery.NOT_SENT)
+    async def _not_sent(
+        self, conversation: ConversationView, part: Part, then: Then
+    ) -> Part | None:
+        held = await outbox.set_status(self._engine, part.id, Delivery.NOT_SENT, then)
         metrics.count_replies("not_sent")
         log.info(
             "reply %s in conversation %s not sent: no %s credentials configured",
@@ -99,22 +123,24 @@ class PartSender:
             conversation.id,
             conversation.channel,
         )
+        return held
 
-    async def _already_sent(self, channel: ChannelPlugin, outbound: Outbound, part: Part) -> bool:
-        """A part left in `sending` may have gone out: ask the provider before sending again."""
+    async def _already_sent(
+        self, channel: ChannelPlugin, outbound: Outbound, part: Part
+    ) -> str | None:
+        """A part left in `sending` may have gone out: ask the provider before sending again.
+        Returns the provider's id of the send found, or None."""
         assert part.attempted_at is not None
         try:
             candidates = await channel.find_sent(outbound, part.attempted_at)
         except LookupUnsupported:
-            return False
+            return None
         except Exception as exc:
             raise RetryLater(f"could not check whether reply {part.id} went out: {exc}") from exc
         sid = await outbox.first_unrecorded(self._engine, part.channel, candidates)
-        if sid is None:
-            return False
-        log.info("reply %s had gone out before (%s): not sending it again", part.id, sid)
-        await outbox.record_sent(self._engine, part.id, part.channel, sid, Delivery.QUEUED)
-        return True
+        if sid is not None:
+            log.info("reply %s had gone out before (%s): not sending it again", part.id, sid)
+        return sid
 
     async def _after_send_error(self, part: Part, exc: SendError) -> None:
         if exc.retryable:

@@ -88,6 +88,10 @@ class ConversationView:
     opted_out: bool
     paused: bool
     last_inbound_at: dt.datetime | None = None  # the person's latest message
+    # Read with the job's state (`reply_state.read_reply_state`), for the model and the limits:
+    history: tuple[StoredTurn, ...] = ()  # stored turns before the waiting messages
+    recent_model_calls: int = 0  # answered model calls in the `REPLY_RATE_LIMIT` window
+    own_address: bool = False  # the remote side is one of our own addresses
 
 
 @dataclass(frozen=True)
@@ -202,14 +206,14 @@ async def find_conversation(engine: AsyncEngine, conversation_id: int) -> Conver
                     Conversation.local_address,
                     Conversation.opted_out,
                     Conversation.paused,
-                    _last_inbound_at(),
+                    last_inbound_at(),
                 ).where(Conversation.id == conversation_id)
             )
         ).first()
     return None if row is None else ConversationView(**row._asdict())
 
 
-def _last_inbound_at() -> Any:
+def last_inbound_at() -> Any:
     """When the conversation's person last wrote (WhatsApp's 24-hour window runs from it)."""
     return (
         select(func.max(Message.created_at))
@@ -244,28 +248,33 @@ async def history_rows(
     if max_rows == 0:
         return []
     async with reader(engine).connect() as connection:
-        rows = await connection.execute(
-            select(Message.sender, Message.body, Message.reply_to_id)
-            .where(
-                Message.conversation_id == conversation_id,
-                Message.id.not_in(new_ids),
-                or_(
-                    and_(
-                        Message.sender == Sender.USER.value,
-                        Message.intent == Intent.MESSAGE.value,
-                        Message.id < max(new_ids),
-                    ),
-                    and_(
-                        Message.sender == Sender.ASSISTANT.value,
-                        Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
-                        Message.status != Delivery.FAILED.value,
-                    ),
-                ),
-            )
-            .order_by(Message.id.desc())
-            .limit(max_rows)
-        )
+        rows = await connection.execute(history_query(conversation_id, new_ids, max_rows))
         return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
+
+
+def history_query(conversation_id: int, new_ids: Sequence[int], max_rows: int) -> Any:
+    """`history_rows`'s statement, newest first (the reply job's state read runs it too)."""
+    return (
+        select(Message.sender, Message.body, Message.reply_to_id)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.id.not_in(new_ids),
+            or_(
+                and_(
+                    Message.sender == Sender.USER.value,
+                    Message.intent == Intent.MESSAGE.value,
+                    Message.id < max(new_ids),
+                ),
+                and_(
+                    Message.sender == Sender.ASSISTANT.value,
+                    Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                    Message.status != Delivery.FAILED.value,
+                ),
+            ),
+        )
+        .order_by(Message.id.desc())
+        .limit(max_rows)
+    )
 
 
 async def is_own_address(engine: AsyncEngine, address: str) -> bool:

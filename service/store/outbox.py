@@ -3,11 +3,15 @@ record, the `pending -> sending` compare-and-set, record a send (merged with a d
 that came first), apply delivery callbacks, fail what can no longer be sent.
 
 Each function is one short transaction of its own (it takes the `AsyncEngine`), so the reply
-flow records every step before it takes the next.
+flow records every step before it takes the next. Steps that follow each other with nothing
+outside the database in between share a transaction: the answer, its model-call record and the
+first part's compare-and-set; a send's record and the next part's compare-and-set, or, after
+the last part, the job's end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service import storable
 from service.db import reader, utcnow
 from service.models import AssistantCall, Conversation, DeliveryReport, Message
+from service.queue.manager import Claim, finish_jobs
 from service.store.errors import storage_errors
 from service.types import DELIVERY_RANK, Author, Delivery, InboundState, Intent, Sender
 
@@ -39,6 +44,7 @@ class Part:
     headers: dict[str, str]
     status: str
     attempted_at: dt.datetime | None
+    held: bool = False  # this job won its compare-and-set: send it, no lookup first
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class Answer:
     subject: str | None
     headers: dict[str, str]
     call_id: int | None = None
+    call: CallRecord | None = None  # the model call that wrote it, recorded with it
+    start_sending: bool = False  # also move the first part `pending -> sending` (`start_sending`)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An answer as stored: its parts in order (the first `held` when asked for and won)."""
+
+    parts: list[Part]
 
 
 @dataclass(frozen=True)
@@ -78,30 +93,38 @@ def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
 
 
 async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
-    """Store a model call's record; returns its id (linked to the reply's first part later)."""
+    """Store a model call's record (a failed one, or one whose answer was not needed)."""
     async with engine.begin() as connection:
-        result = await connection.execute(
-            insert(AssistantCall).returning(AssistantCall.id),
-            {
-                "conversation_id": call.conversation_id,
-                "model": call.model,
-                "generation_params": call.generation_params,
-                "processing_time": call.processing_time,
-                "status": "ok" if call.ok else "error",
-                "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": call.completion_tokens,
-                "total_tokens": call.total_tokens,
-                "error": call.error,
-                "created_at": utcnow(),
-            },
-        )
-        return int(result.scalar_one())
+        return await _insert_call(connection, call)
 
 
-async def store_answer(engine: AsyncEngine, answer: Answer) -> bool:
-    """The reply's parts and the answered messages' new state, in one transaction. False (and
-    nothing stored) when the messages were no longer waiting: another worker answered them
-    while this one was stalled past its lease."""
+async def _insert_call(
+    connection: AsyncConnection, call: CallRecord, message_id: int | None = None
+) -> int:
+    result = await connection.execute(
+        insert(AssistantCall).returning(AssistantCall.id),
+        {
+            "conversation_id": call.conversation_id,
+            "message_id": message_id,
+            "model": call.model,
+            "generation_params": call.generation_params,
+            "processing_time": call.processing_time,
+            "status": "ok" if call.ok else "error",
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": call.completion_tokens,
+            "total_tokens": call.total_tokens,
+            "error": call.error,
+            "created_at": utcnow(),
+        },
+    )
+    return int(result.scalar_one())
+
+
+async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored | None:
+    """The reply's parts, the answered messages' new state and the model call's record, in one
+    transaction (with `start_sending`, also the first part's compare-and-set). None (and only
+    the call's record stored) when the messages were no longer waiting: another worker answered
+    them while this one was stalled past its lease."""
     try:
         async with engine.begin() as connection:
             claimed = await connection.execute(
@@ -114,26 +137,33 @@ async def store_answer(engine: AsyncEngine, answer: Answer) -> bool:
             )
             if claimed.rowcount != len(answer.answered_ids):
                 raise _AnsweredElsewhere  # rolls the transaction back
-            first_id = await _insert_parts(connection, answer)
-            if answer.call_id is not None and first_id is not None:
+            parts = await _insert_parts(connection, answer)
+            first_id = parts[0].id if parts else None
+            if answer.call is not None:
+                await _insert_call(connection, answer.call, first_id)
+            elif answer.call_id is not None and first_id is not None:
                 await connection.execute(
                     update(AssistantCall)
                     .where(AssistantCall.id == answer.call_id)
                     .values(message_id=first_id)
                 )
+            if answer.start_sending and parts and await _start_sending(connection, parts[0]):
+                parts[0] = _held(parts[0])
     except _AnsweredElsewhere:
-        return False
-    return True
+        if answer.call is not None:  # the call was made (and may have cost): keep its record
+            await record_call(engine, answer.call)
+        return None
+    return Stored(parts)
 
 
 class _AnsweredElsewhere(Exception):
     pass
 
 
-async def _insert_parts(connection: AsyncConnection, answer: Answer) -> int | None:
-    """Insert the parts in order; returns the first one's id (None for an empty reply)."""
+async def _insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part]:
+    """Insert the parts in order; returns them as `Part`s, pending."""
     now = utcnow()
-    first_id = None
+    parts = []
     for body in answer.parts:
         result = await connection.execute(
             insert(Message).returning(Message.id),
@@ -152,8 +182,20 @@ async def _insert_parts(connection: AsyncConnection, answer: Answer) -> int | No
                 "reply_to_id": answer.answered_ids[-1],
             },
         )
-        first_id = first_id or int(result.scalar_one())
-    return first_id
+        parts.append(
+            Part(
+                id=int(result.scalar_one()),
+                conversation_id=answer.conversation_id,
+                channel=answer.channel,
+                author=answer.author.value,
+                body=body,
+                subject=answer.subject,
+                headers=answer.headers,
+                status=Delivery.PENDING.value,
+                attempted_at=None,
+            )
+        )
+    return parts
 
 
 async def mark_inbound(
@@ -179,60 +221,135 @@ async def mark_inbound(
 # ---------------------------------------------------------------- sending
 
 
+def unsent_query(conversation_id: int) -> Any:
+    """The conversation's parts still `pending` or `sending`, in the order they go out."""
+    return (
+        select(
+            Message.id,
+            Message.conversation_id,
+            Message.channel,
+            Message.author,
+            Message.body,
+            Message.subject,
+            Message.headers,
+            Message.status,
+            Message.attempted_at,
+        )
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.sender == Sender.ASSISTANT.value,
+            Message.status.in_(UNSENT),
+        )
+        .order_by(Message.id)
+    )
+
+
+def part_of(row: Any) -> Part:
+    """A `Part` from a row holding (at least) `unsent_query`'s columns."""
+    return Part(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        channel=row.channel,
+        author=row.author,
+        body=row.body,
+        subject=row.subject,
+        headers=str_headers(row.headers),
+        status=row.status,
+        attempted_at=row.attempted_at,
+    )
+
+
 async def unsent_parts(engine: AsyncEngine, conversation_id: int) -> list[Part]:
     """The conversation's parts still `pending` or `sending`, in the order they go out."""
     async with reader(engine).connect() as connection:
-        rows = await connection.execute(
-            select(
-                Message.id,
-                Message.conversation_id,
-                Message.channel,
-                Message.author,
-                Message.body,
-                Message.subject,
-                Message.headers,
-                Message.status,
-                Message.attempted_at,
-            )
-            .where(
-                Message.conversation_id == conversation_id,
-                Message.sender == Sender.ASSISTANT.value,
-                Message.status.in_(UNSENT),
-            )
-            .order_by(Message.id)
-        )
-        return [Part(**{**row._asdict(), "headers": str_headers(row.headers)}) for row in rows]
+        return [part_of(row) for row in await connection.execute(unsent_query(conversation_id))]
 
 
 async def start_sending(engine: AsyncEngine, part: Part) -> bool:
     """`pending -> sending` by compare-and-set, only while the person has not opted out and,
     for the model's replies, the conversation is not paused: both may change during a model
     call. True for the one caller that moved it."""
+    async with engine.begin() as connection:
+        return await _start_sending(connection, part)
+
+
+def _sendable(part: Part) -> Any:
     sendable = select(Conversation.id).where(
         Conversation.id == part.conversation_id, Conversation.opted_out.is_(False)
     )
     if part.author == Author.MODEL.value:
         sendable = sendable.where(Conversation.paused.is_(False))
+    return sendable
+
+
+async def _start_sending(connection: AsyncConnection, part: Part) -> bool:
+    now = utcnow()
+    result = await connection.execute(
+        update(Message)
+        .where(
+            Message.id == part.id,
+            Message.status == Delivery.PENDING.value,
+            Message.conversation_id.in_(_sendable(part)),
+        )
+        .values(status=Delivery.SENDING.value, attempted_at=now, updated_at=now)
+    )
+    return bool(result.rowcount)
+
+
+async def take_over(engine: AsyncEngine, part: Part) -> bool:
+    """A part found in `sending` (and not found at the provider) is sent again only by the one
+    caller whose compare-and-set moves its `attempted_at` on from what it read: a stalled
+    worker that wakes up later finds it changed and does not send it a second time."""
+    assert part.attempted_at is not None
+    now = utcnow()
     async with engine.begin() as connection:
         result = await connection.execute(
             update(Message)
             .where(
                 Message.id == part.id,
-                Message.status == Delivery.PENDING.value,
-                Message.conversation_id.in_(sendable),
+                Message.status == Delivery.SENDING.value,
+                Message.attempted_at == part.attempted_at,
+                Message.conversation_id.in_(_sendable(part)),
             )
-            .values(status=Delivery.SENDING.value, attempted_at=utcnow(), updated_at=utcnow())
+            .values(attempted_at=now, updated_at=now)
         )
     return bool(result.rowcount)
 
 
-async def set_status(engine: AsyncEngine, message_id: int, status: Delivery) -> None:
+def _held(part: Part) -> Part:
+    return dataclasses.replace(part, status=Delivery.SENDING.value, held=True)
+
+
+@dataclass(frozen=True)
+class Then:
+    """What the transaction that records a send also does: take the next part (its
+    compare-and-set) or, after the last one, finish the job."""
+
+    next_part: Part | None = None
+    finish: Claim | None = None
+
+
+async def _then(connection: AsyncConnection, then: Then | None) -> Part | None:
+    """Apply `then`; returns the next part, held, when its compare-and-set was won."""
+    if then is None:
+        return None
+    if then.finish is not None:
+        await finish_jobs(connection, then.finish)
+    if then.next_part is not None and await _start_sending(connection, then.next_part):
+        return _held(then.next_part)
+    return None
+
+
+async def set_status(
+    engine: AsyncEngine, message_id: int, status: Delivery, then: Then | None = None
+) -> Part | None:
     async with engine.begin() as connection:
         await connection.execute(
             update(Message)
             .where(Message.id == message_id)
             .values(status=status.value, updated_at=utcnow())
         )
+        return await _then(connection, then)
 
 
 async def first_unrecorded(
@@ -258,8 +375,10 @@ async def record_sent(
     channel: str,
     provider_message_id: str,
     status: Delivery,
-) -> None:
-    """Store a send's provider id and status, merged with any callback that came first."""
+    then: Then | None = None,
+) -> Part | None:
+    """Store a send's provider id and status, merged with any callback that came first; then
+    `then` in the same transaction (returns the next part when held)."""
     async with engine.begin() as connection:
         reports = (
             await connection.execute(
@@ -284,6 +403,7 @@ async def record_sent(
         if error:
             values["error"] = error
         await connection.execute(update(Message).where(Message.id == message_id).values(**values))
+        return await _then(connection, then)
 
 
 # ---------------------------------------------------------------- failing
