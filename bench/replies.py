@@ -1023,6 +1023,14 @@ async def main_async(args: argparse.Namespace) -> int:
             results = await peer_side_by_side(run)
             report_closed(run, results)
             return 0 if results[1].verdict and results[1].verdict.clean else 1
+        if args.only_drain:  # the quick figure: CPU per reply of the worker alone
+            drained = await drain(run)
+            print(
+                f"drain: {drained.answered} replies, {drained.per_s:.1f} replies/s, "
+                f"{drained.cpu_ms_each:.2f} ms CPU per reply, peak RSS "
+                f"{drained.peak_rss_mib:.1f} MiB; {load_note()}\ncheck: {drained.verdict.line()}"
+            )
+            return 0 if drained.verdict.clean else 1
         if args.only_workers:
             scaled = [await scale_out(run, int(n)) for n in args.workers.split(",")]
             report_scale_out(scaled)
@@ -1067,6 +1075,9 @@ def main() -> None:
         "--workers", help="PostgreSQL: also serve + N `parley worker`s, e.g. 1,2,4 (a queue each)"
     )
     parser.add_argument("--only-workers", action="store_true", help="only the --workers phase")
+    parser.add_argument(
+        "--only-drain", action="store_true", help="only the drain phase: CPU per reply, quickly"
+    )
     args = parser.parse_args()
     if args.only_workers and not args.workers:
         parser.error("--only-workers needs --workers")

@@ -5,15 +5,25 @@ in SQLite, and cascade delete needs them) and `BEGIN IMMEDIATE`, so a transactio
 writes waits for the lock instead of failing with "database is locked" half-way. Transactions
 that only read go through `reader(engine)` and begin DEFERRED: they never wait for the write
 lock, so `/healthz`, `/metrics`, transcripts and the API answer while a writer holds it.
+
+Pools. On SQLite a process writes through one connection (SQLite has one writer anyway): its
+writers queue for it in the pool, in order and without burning CPU, instead of each taking a
+connection and sleeping in SQLite's busy handler (which wakes in steps of up to 100 ms); readers
+have a pool of their own (`reader`). On PostgreSQL the pool is sized from the worker's
+concurrency (`settings.pool_size`): a reply job holds a connection only for a short transaction, never
+during a model call or a send, so a few connections serve hundreds of jobs in flight. There is
+no pre-ping: a connection that broke fails the one transaction that meets it, and the job
+attempt is retried like any other failure; the pool replaces the connection.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 from typing import Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -23,22 +33,46 @@ from sqlalchemy.ext.asyncio import (
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
+SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
+POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
+_readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) -> AsyncEngine:
+    """The process's engine; `connections` is the PostgreSQL pool's size
+    (`Settings.database_connections`)."""
     url = make_url(database_url)
+    kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
     if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, kwargs)
+    kwargs.setdefault("pool_size", connections)
+    kwargs.setdefault("max_overflow", 0)  # closing overflow connections on return is churn
+    kwargs.setdefault("pool_pre_ping", False)
+    return create_async_engine(url, **kwargs)
+
+
+def _sqlite_engine(url: Any, kwargs: dict[str, Any]) -> AsyncEngine:
+    """The writers' engine (one connection), with its readers' engine registered for `reader`.
+    A memory database (tests) keeps SQLAlchemy's own pool: it is one connection already."""
+    if url.database in (None, "", ":memory:") or "poolclass" in kwargs:
         engine = create_async_engine(url, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, **kwargs)
+    _configure_sqlite(engine)
+    readers = create_async_engine(url, pool_size=SQLITE_READERS, max_overflow=0, **kwargs)
+    _configure_sqlite(readers)
+    _readers[engine.sync_engine] = readers.execution_options(**{READ_ONLY: True})
+
+    @event.listens_for(engine.sync_engine, "engine_disposed")
+    def _dispose_readers(_engine: Engine) -> None:
+        readers.sync_engine.dispose()  # runs inside `AsyncEngine.dispose`'s greenlet
+
+    return engine
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -62,10 +96,14 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:
-    """The same engine and pool, for transactions that only read. On SQLite they begin
-    DEFERRED: in WAL mode such a reader sees the last commit and never waits for a writer.
-    Nothing may write through it: a deferred transaction that then writes fails with
-    "database is locked" when another writer is active, instead of waiting its turn."""
+    """The engine for transactions that only read: on SQLite the readers' pool, whose
+    transactions begin DEFERRED (in WAL mode such a reader sees the last commit and never waits
+    for a writer); elsewhere the same engine. Nothing may write through it: a deferred
+    transaction that then writes fails with "database is locked" when another writer is
+    active, instead of waiting its turn."""
+    readers = _readers.get(engine.sync_engine)
+    if readers is not None:
+        return readers
     return engine.execution_options(**{READ_ONLY: True})
 
 

@@ -34,7 +34,7 @@ async def started(
     """The process's engine, channels (the web app passes the registry whose routes it
     mounted), model and (`with_worker`) worker; closed on exit, after the caller has stopped
     the worker."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(settings.database_url, connections=settings.database_connections)
     try:
         if settings.auto_migrate:
             await upgrade(engine)

