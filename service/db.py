@@ -10,8 +10,9 @@ Pools. On SQLite a process writes through one connection (SQLite has one writer 
 writers queue for it in the pool, in order and without burning CPU, instead of each taking a
 connection and sleeping in SQLite's busy handler (which wakes in steps of up to 100 ms); readers
 have a pool of their own (`reader`). On PostgreSQL the pool is sized from the worker's
-concurrency (`settings.pool_size`): a reply job holds a connection only for a short transaction, never
-during a model call or a send, so a few connections serve hundreds of jobs in flight. There is
+concurrency (`settings.pool_size`): a reply job holds a connection only for a short
+transaction, never during a model call or a send, so a few connections serve hundreds of jobs
+in flight. There is
 no pre-ping: a connection that broke fails the one transaction that meets it, and the job
 attempt is retried like any other failure; the pool replaces the connection.
 """
