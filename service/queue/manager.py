@@ -22,8 +22,9 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import Update, and_, exists, func, insert, select, update
+from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
@@ -31,6 +32,8 @@ from service.db import reader, utcnow
 from service.models import Conversation, ReplyJob
 from service.queue.notify import notify_jobs
 from service.types import JobStatus
+
+_T_REPLYJOB = cast(Table, ReplyJob.__table__)
 
 
 @dataclass(frozen=True)
@@ -156,10 +159,24 @@ def _settle(job_ids: Sequence[int], owner: str, status: JobStatus, **values: obj
     )
 
 
+_JOB = _T_REPLYJOB.c
+_FINISH = (  # `_settle` for DONE, built once: every reply job runs it
+    update(_T_REPLYJOB)
+    .where(
+        _JOB.id.in_(bindparam("job_ids", expanding=True)),
+        _JOB.lease_owner == bindparam("owner"),
+        _JOB.status == JobStatus.RUNNING.value,
+    )
+    .values(status=JobStatus.DONE.value, lease_owner=None, updated_at=bindparam("now"))
+)
+
+
 async def finish_jobs(connection: AsyncConnection, claim: Claim) -> None:
     """Mark the claim's jobs done inside the caller's transaction: the one that records the
     job's last write (its last send), so finishing costs no transaction of its own."""
-    await connection.execute(_settle(claim.job_ids, claim.owner, JobStatus.DONE, lease_owner=None))
+    await connection.execute(
+        _FINISH, {"job_ids": list(claim.job_ids), "owner": claim.owner, "now": utcnow()}
+    )
 
 
 async def finish_claim(engine: AsyncEngine, claim: Claim) -> None:

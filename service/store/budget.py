@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, delete, update
+from sqlalchemy import ColumnElement, Table, bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -35,6 +36,30 @@ from service.settings import RateLimit
 log = logging.getLogger(__name__)
 
 KEEP_HISTORY = dt.timedelta(days=1)  # windows older than this (and than one window) are pruned
+
+_WINDOWS = cast(Table, ModelCallWindow.__table__)
+_W = _WINDOWS.c
+# Built once (every model call takes a place): the window's row, then the conditional UPDATE.
+_CREATE: dict[str, Any] = {
+    name: dialect.insert(_WINDOWS)
+    .values(
+        window_s=bindparam("w_s"),
+        window_start=bindparam("w_start"),
+        calls=0,
+        created_at=bindparam("now"),
+    )
+    .on_conflict_do_nothing()
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_TAKE = (
+    update(_WINDOWS)
+    .where(
+        _W.window_s == bindparam("w_s"),
+        _W.window_start == bindparam("w_start"),
+        _W.calls < bindparam("limit"),
+    )
+    .values(calls=_W.calls + 1)
+)
 
 
 def window_start(moment: dt.datetime, window_s: int) -> dt.datetime:
@@ -86,19 +111,11 @@ class ModelCallBudget:
         self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
     ) -> bool:
         assert self._limit is not None
-        insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-        created = await connection.execute(
-            insert(ModelCallWindow)
-            .values(window_s=self._limit.window_s, window_start=start, calls=0, created_at=now)
-            .on_conflict_do_nothing()
-        )
+        key = {"w_s": self._limit.window_s, "w_start": start}
+        created = await connection.execute(_CREATE[connection.dialect.name], {**key, "now": now})
         if created.rowcount:  # the window's first call: forget the old ones
             await self._prune(connection, start)
-        taken = await connection.execute(
-            update(ModelCallWindow)
-            .where(*self._key(start), ModelCallWindow.calls < self._limit.count)
-            .values(calls=ModelCallWindow.calls + 1)
-        )
+        taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
         return bool(taken.rowcount)
 
     async def _mark_warned(

@@ -12,9 +12,9 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import StoredTurn
@@ -23,6 +23,8 @@ from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
 from service.types import Author, Delivery, InboundState, Intent, Sender
+
+_T_MESSAGE = cast(Table, Message.__table__)
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -248,33 +250,44 @@ async def history_rows(
     if max_rows == 0:
         return []
     async with reader(engine).connect() as connection:
-        rows = await connection.execute(history_query(conversation_id, new_ids, max_rows))
+        rows = await connection.execute(HISTORY, history_params(conversation_id, new_ids, max_rows))
         return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
 
 
-def history_query(conversation_id: int, new_ids: Sequence[int], max_rows: int) -> Any:
-    """`history_rows`'s statement, newest first (the reply job's state read runs it too)."""
-    return (
-        select(Message.sender, Message.body, Message.reply_to_id)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.id.not_in(new_ids),
-            or_(
-                and_(
-                    Message.sender == Sender.USER.value,
-                    Message.intent == Intent.MESSAGE.value,
-                    Message.id < max(new_ids),
-                ),
-                and_(
-                    Message.sender == Sender.ASSISTANT.value,
-                    Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
-                    Message.status != Delivery.FAILED.value,
-                ),
+_MESSAGE = _T_MESSAGE.c
+
+# Built once: the reply job's state read runs it for every job (`reply_state`).
+HISTORY = (
+    select(_MESSAGE.sender, _MESSAGE.body, _MESSAGE.reply_to_id)
+    .where(
+        _MESSAGE.conversation_id == bindparam("conversation_id"),
+        _MESSAGE.id.not_in(bindparam("new_ids", expanding=True)),
+        or_(
+            and_(
+                _MESSAGE.sender == Sender.USER.value,
+                _MESSAGE.intent == Intent.MESSAGE.value,
+                _MESSAGE.id < bindparam("newest"),
             ),
-        )
-        .order_by(Message.id.desc())
-        .limit(max_rows)
+            and_(
+                _MESSAGE.sender == Sender.ASSISTANT.value,
+                _MESSAGE.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                _MESSAGE.status != Delivery.FAILED.value,
+            ),
+        ),
     )
+    .order_by(_MESSAGE.id.desc())
+    .limit(bindparam("rows"))
+)
+
+
+def history_params(conversation_id: int, new_ids: Sequence[int], max_rows: int) -> dict[str, Any]:
+    """`HISTORY`'s parameters: `history_rows`'s statement, newest first."""
+    return {
+        "conversation_id": conversation_id,
+        "new_ids": list(new_ids),
+        "newest": max(new_ids),
+        "rows": max_rows,
+    }
 
 
 async def is_own_address(engine: AsyncEngine, address: str) -> bool:

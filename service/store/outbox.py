@@ -15,9 +15,9 @@ import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import Table, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
@@ -27,8 +27,72 @@ from service.queue.manager import Claim, finish_jobs
 from service.store.errors import storage_errors
 from service.types import DELIVERY_RANK, Author, Delivery, InboundState, Intent, Sender
 
+_T_ASSISTANTCALL = cast(Table, AssistantCall.__table__)
+_T_CONVERSATION = cast(Table, Conversation.__table__)
+_T_DELIVERYREPORT = cast(Table, DeliveryReport.__table__)
+_T_MESSAGE = cast(Table, Message.__table__)
+
 REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is someone else's
 UNSENT = (Delivery.PENDING.value, Delivery.SENDING.value)
+
+# The reply job's statements, built once on the tables with bound parameters (a job only binds
+# values; SQLAlchemy finds the compiled form in its cache at once).
+_M = _T_MESSAGE.c
+_C = _T_CONVERSATION.c
+_R = _T_DELIVERYREPORT.c
+_INSERT_PART = insert(_T_MESSAGE).returning(_M.id)
+_INSERT_CALL = insert(_T_ASSISTANTCALL).returning(_T_ASSISTANTCALL.c.id)
+_MARK_ANSWERED = (
+    update(_T_MESSAGE)
+    .where(
+        _M.id.in_(bindparam("answered_ids", expanding=True)),
+        _M.status == InboundState.RECEIVED.value,
+    )
+    .values(status=InboundState.ANSWERED.value, updated_at=bindparam("now"))
+)
+
+
+def _start_sending_statement(model_only: bool) -> Any:
+    """`pending -> sending` while sendable: not opted out; for the model's replies, not paused."""
+    sendable = select(_C.id).where(_C.id == bindparam("sendable_id"), _C.opted_out.is_(False))
+    if model_only:
+        sendable = sendable.where(_C.paused.is_(False))
+    return (
+        update(_T_MESSAGE)
+        .where(
+            _M.id == bindparam("part_id"),
+            _M.status == Delivery.PENDING.value,
+            _M.conversation_id.in_(sendable),
+        )
+        .values(
+            status=Delivery.SENDING.value,
+            attempted_at=bindparam("now"),
+            updated_at=bindparam("now"),
+        )
+    )
+
+
+_START_SENDING = {True: _start_sending_statement(True), False: _start_sending_statement(False)}
+_TAKE_REPORTS = (
+    delete(_T_DELIVERYREPORT)
+    .where(_R.channel == bindparam("channel"), _R.provider_message_id == bindparam("sid"))
+    .returning(_R.status, _R.error)
+)
+_MARK_SENT = (
+    update(_T_MESSAGE)
+    .where(_M.id == bindparam("part_id"))
+    .values(
+        status=bindparam("new_status"),
+        provider_message_id=bindparam("sid"),
+        error=func.coalesce(bindparam("new_error", type_=_M.error.type), _M.error),
+        updated_at=bindparam("now"),
+    )
+)
+_SET_STATUS = (
+    update(_T_MESSAGE)
+    .where(_M.id == bindparam("part_id"))
+    .values(status=bindparam("new_status"), updated_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +166,7 @@ async def _insert_call(
     connection: AsyncConnection, call: CallRecord, message_id: int | None = None
 ) -> int:
     result = await connection.execute(
-        insert(AssistantCall).returning(AssistantCall.id),
+        _INSERT_CALL,
         {
             "conversation_id": call.conversation_id,
             "message_id": message_id,
@@ -128,12 +192,7 @@ async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored | None:
     try:
         async with engine.begin() as connection:
             claimed = await connection.execute(
-                update(Message)
-                .where(
-                    Message.id.in_(answer.answered_ids),
-                    Message.status == InboundState.RECEIVED.value,
-                )
-                .values(status=InboundState.ANSWERED.value, updated_at=utcnow())
+                _MARK_ANSWERED, {"answered_ids": list(answer.answered_ids), "now": utcnow()}
             )
             if claimed.rowcount != len(answer.answered_ids):
                 raise _AnsweredElsewhere  # rolls the transaction back
@@ -166,7 +225,7 @@ async def _insert_parts(connection: AsyncConnection, answer: Answer) -> list[Par
     parts = []
     for body in answer.parts:
         result = await connection.execute(
-            insert(Message).returning(Message.id),
+            _INSERT_PART,
             {
                 "conversation_id": answer.conversation_id,
                 "created_at": now,
@@ -283,15 +342,9 @@ def _sendable(part: Part) -> Any:
 
 
 async def _start_sending(connection: AsyncConnection, part: Part) -> bool:
-    now = utcnow()
     result = await connection.execute(
-        update(Message)
-        .where(
-            Message.id == part.id,
-            Message.status == Delivery.PENDING.value,
-            Message.conversation_id.in_(_sendable(part)),
-        )
-        .values(status=Delivery.SENDING.value, attempted_at=now, updated_at=now)
+        _START_SENDING[part.author == Author.MODEL.value],
+        {"part_id": part.id, "sendable_id": part.conversation_id, "now": utcnow()},
     )
     return bool(result.rowcount)
 
@@ -345,9 +398,7 @@ async def set_status(
 ) -> Part | None:
     async with engine.begin() as connection:
         await connection.execute(
-            update(Message)
-            .where(Message.id == message_id)
-            .values(status=status.value, updated_at=utcnow())
+            _SET_STATUS, {"part_id": message_id, "new_status": status.value, "now": utcnow()}
         )
         return await _then(connection, then)
 
@@ -382,12 +433,7 @@ async def record_sent(
     async with engine.begin() as connection:
         reports = (
             await connection.execute(
-                delete(DeliveryReport)
-                .where(
-                    DeliveryReport.channel == channel,
-                    DeliveryReport.provider_message_id == provider_message_id,
-                )
-                .returning(DeliveryReport.status, DeliveryReport.error)
+                _TAKE_REPORTS, {"channel": channel, "sid": provider_message_id}
             )
         ).all()
         error = None
@@ -395,14 +441,16 @@ async def record_sent(
             reported = Delivery(report.status)
             if DELIVERY_RANK[reported] > DELIVERY_RANK[status]:
                 status, error = reported, report.error or error
-        values: dict[str, Any] = {
-            "status": status.value,
-            "provider_message_id": provider_message_id,
-            "updated_at": utcnow(),
-        }
-        if error:
-            values["error"] = error
-        await connection.execute(update(Message).where(Message.id == message_id).values(**values))
+        await connection.execute(
+            _MARK_SENT,
+            {
+                "part_id": message_id,
+                "new_status": status.value,
+                "sid": provider_message_id,
+                "new_error": error or None,
+                "now": utcnow(),
+            },
+        )
         return await _then(connection, then)
 
 
