@@ -1,15 +1,21 @@
-"""The `Model` for any OpenAI-compatible server, through the openai SDK (`OPENAI_BASE_URL`)."""
+"""The `Model` for any OpenAI-compatible server, through the openai SDK (`OPENAI_BASE_URL`).
+
+The SDK is imported, and its client built, at the first call: importing it costs ~45 MB of
+RSS (all its typed models), which a process that starts and waits for messages, or only takes
+webhooks, does not need. One client then serves every call of the process.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from service.assistant.base import Completion, ModelError
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
 
 
 class OpenAIModel:
@@ -18,17 +24,28 @@ class OpenAIModel:
     def __init__(self, settings: Settings) -> None:
         self.name = settings.openai_model
         self.params: dict[str, Any] = {"timeout_s": settings.assistant_timeout_s}
-        self._client = openai.AsyncOpenAI(
-            api_key=settings.openai_api_key,
-            base_url=settings.openai_base_url or None,
-            timeout=settings.assistant_timeout_s,
-            max_retries=0,
-        )
+        self._settings = settings
+        self._client: openai.AsyncOpenAI | None = None
+
+    def _sdk(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            import openai
+
+            self._client = openai.AsyncOpenAI(
+                api_key=self._settings.openai_api_key,
+                base_url=self._settings.openai_base_url or None,
+                timeout=self._settings.assistant_timeout_s,
+                max_retries=0,
+            )
+        return self._client
 
     async def complete(self, messages: list[dict[str, str]]) -> Completion:
+        client = self._sdk()
+        import openai  # loaded by `_sdk` already: a dictionary look-up
+
         started = time.perf_counter()
         try:
-            response = await self._client.chat.completions.create(
+            response = await client.chat.completions.create(
                 model=self.name,
                 messages=messages,  # type: ignore[arg-type]
             )
@@ -51,10 +68,13 @@ class OpenAIModel:
         )
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._client is not None:
+            await self._client.close()
 
 
 def _model_error(exc: openai.APIError) -> ModelError:
+    import openai
+
     if isinstance(exc, openai.APITimeoutError):
         return ModelError("model call timed out", retryable=True)
     if isinstance(exc, openai.APIConnectionError):
