@@ -89,6 +89,7 @@ from bench.loadgen import (  # noqa: E402
 from bench.webhook import run_wrk, start_target, wait_ready  # noqa: E402
 from service.db import create_engine  # noqa: E402
 from service.models import Message, ReplyJob  # noqa: E402
+from service.settings import Settings, pool_size  # noqa: E402
 from tests.processes import free_port, parley_env, wait_healthy  # noqa: E402
 
 TWILIO_WEBHOOK_TIMEOUT_S = 15.0
@@ -698,10 +699,13 @@ def connection_budget(run: Run, workers: int) -> str:
     allowed, used = run.databases.query(
         "SELECT current_setting('max_connections'), count(*) FROM pg_stat_activity"
     )
+    concurrency = int(os.environ.get("WORKER_CONCURRENCY") or Settings().worker_concurrency)
+    pool = int(os.environ.get("DB_POOL_SIZE") or 0) or pool_size(concurrency)
     return (
         f"PostgreSQL max_connections {allowed}, {used} in use before the run; "
-        f"{workers} worker(s) + serve with SQLAlchemy's pool (10 + 20 overflow) may open "
-        f"up to {(workers + 1) * 30} plus their LISTEN connections"
+        f"{workers} worker(s) + serve, each with a pool of {pool} (WORKER_CONCURRENCY "
+        f"{concurrency}, no overflow), may open up to {(workers + 1) * pool} plus "
+        f"{workers} LISTEN connections"
     )
 
 
