@@ -108,7 +108,6 @@ class ReplyFlow:
         from service.reply.send import PartSender
 
         self._engine = context.engine
-        self._settings = context.settings
         self._history_rows = history_rows_for(context.settings.assistant_history_messages)
         self._rate_window = dt.timedelta(seconds=context.settings.rate_limit.window_s)
         self._answerer = Answerer(context)
