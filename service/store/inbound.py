@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import utcnow
+from service.db import intake, utcnow
 from service.models import (
     Conversation,
     Message,
@@ -280,7 +280,7 @@ class InboundWriter:
     """Group commit for webhooks: one writer task, one transaction per batch of arrivals."""
 
     def __init__(self, engine: AsyncEngine, on_commit: Callable[[], None] = lambda: None) -> None:
-        self._engine = engine
+        self._engine = intake(engine)
         self._on_commit = on_commit
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
