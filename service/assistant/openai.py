@@ -2,11 +2,15 @@
 
 The SDK is imported, and its client built, at the first call: importing it costs ~45 MB of
 RSS (all its typed models), which a process that starts and waits for messages, or only takes
-webhooks, does not need. One client then serves every call of the process.
+webhooks, does not need. The import runs in a thread: it takes half a second or more on a busy
+machine, and on the event loop it would stall every webhook and the lease heartbeat meanwhile.
+One client then serves every call of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +31,11 @@ class OpenAIModel:
         self._settings = settings
         self._client: openai.AsyncOpenAI | None = None
 
-    def _sdk(self) -> openai.AsyncOpenAI:
+    async def _sdk(self) -> openai.AsyncOpenAI:
         if self._client is None:
-            import openai
-
+            openai = await asyncio.to_thread(importlib.import_module, "openai")
+            if self._client is not None:  # another call built it meanwhile
+                return self._client
             self._client = openai.AsyncOpenAI(
                 api_key=self._settings.openai_api_key,
                 base_url=self._settings.openai_base_url or None,
@@ -40,7 +45,7 @@ class OpenAIModel:
         return self._client
 
     async def complete(self, messages: list[dict[str, str]]) -> Completion:
-        client = self._sdk()
+        client = await self._sdk()
         import openai  # loaded by `_sdk` already: a dictionary look-up
 
         started = time.perf_counter()
