@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.assistant.base import Completion
+from service.assistant.base import DEFAULT_OPTIONS, CallOptions, Completion
 
 OFFLINE_MODEL_NAME = "parley-offline"
 
@@ -17,7 +17,9 @@ class OfflineModel:
         self.name = OFFLINE_MODEL_NAME
         self.params: dict[str, Any] = {}
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+    ) -> Completion:
         users = [m["content"] for m in messages if m["role"] == "user"]
         earlier = sum(1 for m in messages if m["role"] != "system") - 1
         text = (
@@ -25,7 +27,10 @@ class OfflineModel:
             f"I remember {earlier} earlier message(s) of this conversation. "
             "Set OPENAI_API_KEY for real answers."
         )
-        return Completion(text=text, model=self.name, params=self.params)
+        # A profile's model name is recorded as asked for, so the transcript shows which
+        # assistant would have answered; the text says it is offline either way.
+        params = {**self.params, **options.as_params()}
+        return Completion(text=text, model=options.model or self.name, params=params)
 
     async def close(self) -> None:
         return None
