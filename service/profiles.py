@@ -15,10 +15,13 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 DEFAULT_ADDRESS = "*"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -195,9 +198,7 @@ class Profiles:
     def pick(self, local_address: str) -> Assistant:
         """The profile for this local address, else the "*" profile, else the variables."""
         key = local_address.lower() if "@" in local_address else local_address
-        return (
-            self.by_address.get(key) or self.by_address.get(DEFAULT_ADDRESS) or self.fallback
-        )
+        return self.by_address.get(key) or self.by_address.get(DEFAULT_ADDRESS) or self.fallback
 
 
 def no_profiles(defaults: Assistant) -> Profiles:
@@ -295,16 +296,7 @@ def _resolve(profile: ProfileIn, defaults: Assistant, source: str) -> Assistant:
 # ---------------------------------------------------------------- from the variables
 
 
-class _Variables(Protocol):
-    assistant_system_prompt: str | None
-    openai_model: str
-    assistant_history_messages: int
-    assistant_history_tokens: int
-    assistant_memory: Memory
-    profiles_file: str | None
-
-
-def from_variables(settings: _Variables) -> Assistant:
+def from_variables(settings: Settings) -> Assistant:
     """The assistant of the variables alone: what every profile key falls back to."""
     return Assistant(
         profile=None,
@@ -318,7 +310,7 @@ def from_variables(settings: _Variables) -> Assistant:
     )
 
 
-def profiles_of(settings: _Variables) -> Profiles:
+def profiles_of(settings: Settings) -> Profiles:
     """`PROFILES_FILE` read and resolved (raises `ProfileError`), or the variables alone."""
     defaults = from_variables(settings)
     if not settings.profiles_file:
