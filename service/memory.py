@@ -52,10 +52,25 @@ def plan_fold(
     cost += sum(estimate_tokens(row.body) for row in rows)
     if len(groups) <= max_messages and cost <= max_tokens:
         return None
+    keep = _keep_within(groups, keep, max_tokens)
     if len(groups) <= keep or max_messages == 0:
         return None
-    folded, kept = groups[:-keep], groups[-keep:]
+    folded, kept = groups[: len(groups) - keep], groups[len(groups) - keep :]
     return Fold([turn_of(g) for g in folded], folded[-1][-1].id, [turn_of(g) for g in kept])
+
+
+def _keep_within(groups: Sequence[Sequence[StoredTurn]], keep: int, max_tokens: int) -> int:
+    """How many of the newest turns stay word for word: at most `keep`, and no more than fit
+    half of what the budget leaves beside a summary, so long turns (email) do not make every
+    reply fold again."""
+    room = (max_tokens - summary_max_tokens(max_tokens)) // 2
+    kept, used = 0, 0
+    for group in reversed(groups[-keep:] if keep else []):
+        used += sum(estimate_tokens(row.body) for row in group)
+        if used > room:
+            break
+        kept += 1
+    return kept
 
 
 def summary_cost(summary: str | None) -> int:

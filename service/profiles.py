@@ -260,7 +260,7 @@ def _check_unique(profiles: Iterable[ProfileIn], source: str) -> None:
             if address in owners:
                 raise ProfileError(
                     source,
-                    f"address {address!r} is also profile {owners[address]!r}'s",
+                    f"address {address!r} is taken by profile {owners[address]!r}",
                     profile=profile.name,
                     key="addresses",
                 )
