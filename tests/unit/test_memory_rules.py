@@ -47,7 +47,7 @@ def test_past_the_token_budget_it_folds_too_and_the_summary_counts_against_it() 
     history = rows(8, size=400)  # ~8 x 105 tokens
     assert plan_fold(history, NEW, None, max_messages=20, max_tokens=800, keep=4) is not None
     assert plan_fold(history, NEW, None, max_messages=20, max_tokens=2000, keep=4) is None
-    long_summary = "s" * 4000
+    long_summary = "s" * 5000
     assert plan_fold(history, NEW, long_summary, max_messages=20, max_tokens=2000, keep=4)
 
 
@@ -66,9 +66,13 @@ def test_a_split_reply_is_folded_or_kept_whole() -> None:
 
 
 def test_nothing_to_fold_when_only_the_kept_turns_are_left() -> None:
-    assert (
-        plan_fold(rows(6, size=4000), NEW, None, max_messages=20, max_tokens=100, keep=10) is None
-    )
+    # Over the count, but no turn older than the kept ones: the window trims as before.
+    assert plan_fold(rows(6), NEW, None, max_messages=4, max_tokens=4000, keep=10) is None
+
+
+def test_very_long_turns_are_folded_even_past_the_keep_count() -> None:
+    fold = plan_fold(rows(6, size=4000), NEW, None, max_messages=20, max_tokens=1000, keep=10)
+    assert fold is not None and fold.kept == [] and fold.through_id == 6
 
 
 def test_the_summary_is_a_second_system_message_before_the_kept_turns() -> None:

@@ -117,11 +117,13 @@ def test_without_a_default_profile_other_addresses_get_the_variables_alone(
             "'a': key 'colour': unknown key",
         ),
         (
-            '[[profile]]\nname = "a"\naddresses = ["*"]\n[[profile]]\nname = "a"\naddresses = ["+14155550100"]\n',
+            '[[profile]]\nname = "a"\naddresses = ["*"]\n'
+            '[[profile]]\nname = "a"\naddresses = ["+14155550100"]\n',
             "profile 'a': key 'name': duplicate name",
         ),
         (
-            '[[profile]]\nname = "a"\naddresses = ["*"]\n[[profile]]\nname = "b"\naddresses = ["*"]\n',
+            '[[profile]]\nname = "a"\naddresses = ["*"]\n'
+            '[[profile]]\nname = "b"\naddresses = ["*"]\n',
             "profile 'b': key 'addresses': address '*' is taken by profile 'a'",
         ),
         (
