@@ -44,18 +44,23 @@ def plan_fold(
     max_messages: int,
     max_tokens: int,
     keep: int,
+    new_ids: Sequence[int] = (),
 ) -> Fold | None:
     """A fold when the history after the watermark (`rows`) no longer fits the window beside
-    the summary and the new turns; None when it fits or nothing older than `keep` is left."""
+    the summary and the new turns (`new`, stored as `new_ids`); None when it fits or nothing
+    older than the kept turns is left."""
     groups = group_parts(rows)
     cost = summary_cost(summary) + sum(estimate_tokens(t.body) for t in new)
     cost += sum(estimate_tokens(row.body) for row in rows)
     if len(groups) <= max_messages and cost <= max_tokens:
         return None
-    keep = _keep_within(groups, keep, max_tokens)
-    if len(groups) <= keep or max_messages == 0:
+    # A reply stored after the new messages arrived (a burst) is history, but folding it would
+    # move the watermark past the new messages, and they would never be read again.
+    foldable = sum(1 for g in groups if not new_ids or g[-1].id < min(new_ids))
+    cut = min(len(groups) - _keep_within(groups, keep, max_tokens), foldable)
+    if cut <= 0 or max_messages == 0:
         return None
-    folded, kept = groups[: len(groups) - keep], groups[len(groups) - keep :]
+    folded, kept = groups[:cut], groups[cut:]
     return Fold([turn_of(g) for g in folded], folded[-1][-1].id, [turn_of(g) for g in kept])
 
 

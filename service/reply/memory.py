@@ -62,6 +62,7 @@ class Memory:
             max_messages=assistant.history_messages,
             max_tokens=assistant.history_tokens,
             keep=self._keep,
+            new_ids=new_ids,
         )
         if fold is None:
             return summary.text, join_parts(rows)

@@ -75,6 +75,13 @@ def test_very_long_turns_are_folded_even_past_the_keep_count() -> None:
     assert fold is not None and fold.kept == [] and fold.through_id == 6
 
 
+def test_a_reply_stored_after_the_new_messages_arrived_is_not_folded() -> None:
+    # Rows 1..22 are history, but the question being answered is message 15 (a burst): the
+    # watermark must stay below it, or it would never be read again.
+    fold = plan_fold(rows(22), NEW, None, max_messages=20, max_tokens=4000, keep=2, new_ids=[15])
+    assert fold is not None and fold.through_id < 15
+
+
 def test_the_summary_is_a_second_system_message_before_the_kept_turns() -> None:
     prompt = build_prompt(
         "be kind", "style", [Turn(Sender.USER, "hi")], NEW, max_messages=20, max_tokens=4000
