@@ -27,10 +27,11 @@ class OfflineModel:
             f"I remember {earlier} earlier message(s) of this conversation. "
             "Set OPENAI_API_KEY for real answers."
         )
-        # A profile's model name is recorded as asked for, so the transcript shows which
-        # assistant would have answered; the text says it is offline either way.
+        # The record says the offline assistant answered; what a profile asked for is kept.
         params = {**self.params, **options.as_params()}
-        return Completion(text=text, model=options.model or self.name, params=params)
+        if options.model:
+            params["requested_model"] = options.model
+        return Completion(text=text, model=self.name, params=params)
 
     async def close(self) -> None:
         return None
