@@ -39,7 +39,6 @@ class Answerer:
     def __init__(self, context: ReplyContext) -> None:
         self._engine = context.engine
         self._settings = context.settings
-        self._model = context.model
         self._channels = context.channels
         self._warned_until: dict[int, float] = {}
         settings = context.settings
