@@ -14,7 +14,7 @@ import importlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from service.assistant.base import Completion, ModelError
+from service.assistant.base import DEFAULT_OPTIONS, CallOptions, Completion, ModelError
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 
@@ -44,15 +44,23 @@ class OpenAIModel:
             )
         return self._client
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+    ) -> Completion:
         client = await self._sdk()
         import openai  # loaded by `_sdk` already: a dictionary look-up
 
         started = time.perf_counter()
+        asked: dict[str, Any] = {}
+        if options.temperature is not None:
+            asked["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            asked["max_tokens"] = options.max_tokens
         try:
             response = await client.chat.completions.create(
-                model=self.name,
+                model=options.model or self.name,
                 messages=messages,  # type: ignore[arg-type]
+                **asked,
             )
         except openai.APIError as exc:
             error = _model_error(exc)
@@ -64,8 +72,8 @@ class OpenAIModel:
         usage = response.usage
         return Completion(
             text=text,
-            model=response.model or self.name,
-            params=self.params,
+            model=response.model or options.model or self.name,
+            params={**self.params, **options.as_params()},
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,

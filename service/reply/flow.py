@@ -13,11 +13,9 @@
    whose compare-and-set takes it over. A lost compare-and-set stops the job: the parts
    after it are not sent out of order.
 
-Writes that follow each other share a transaction (the answer with its model-call record and
-the first part's compare-and-set; each send's record with the next part's compare-and-set),
-and the transaction that records the last send also finishes the job: a one-part reply costs
-a read, the model-call budget, the answer and the send, four transactions. A job that ends
-without a last send is finished on its own.
+Writes that follow each other share a transaction (each send's record with the next part's
+compare-and-set), and the transaction that records the last send also finishes the job. A job
+that ends without a last send is finished on its own.
 
 Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
 """
@@ -26,14 +24,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from service import metrics
 from service.assistant import Model
 from service.channels.base import ChannelPlugin
-from service.conversation import history_rows_for
 from service.db import utcnow
+from service.profiles import Profiles
 from service.queue.manager import Claim, finish_claim
 from service.settings import Settings
 from service.store import AsyncEngine, outbox
@@ -52,21 +50,13 @@ class Outcome(enum.StrEnum):
     WITHHELD = "withheld"
     PAUSED = "paused"
     OWN_ADDRESS = "own_address"
+    CLOSED = "closed"  # outside the profile's hours, the after-hours reply already sent
     # the worker's own
     RETRY = "retry"
     FAILED = "failed"
     SUPERSEDED = "superseded"
     RELEASED = "released"
     ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Answered:
-    """What `Answerer.answer` stored: how it went, and the parts to send (the first one
-    already moved to `sending` by this job where it could)."""
-
-    outcome: Outcome
-    parts: list[outbox.Part]
 
 
 @dataclass(frozen=True)
@@ -77,6 +67,8 @@ class ReplyContext:
     settings: Settings
     model: Model
     channels: Mapping[Channel, ChannelPlugin]
+    profiles: Profiles | None = None  # None: the variables alone, no PROFILES_FILE
+    clock: Callable[[], dt.datetime] = field(default=utcnow)  # opening hours are judged by it
 
 
 class RetryLater(Exception):
@@ -108,7 +100,6 @@ class ReplyFlow:
         from service.reply.send import PartSender
 
         self._engine = context.engine
-        self._history_rows = history_rows_for(context.settings.assistant_history_messages)
         self._rate_window = dt.timedelta(seconds=context.settings.rate_limit.window_s)
         self._answerer = Answerer(context)
         self._sender = PartSender(context.engine, context.channels)
@@ -126,7 +117,6 @@ class ReplyFlow:
             self._engine,
             claim.conversation_id,
             claim.message_ids,
-            history_rows=self._history_rows,
             calls_since=utcnow() - self._rate_window,
         )
         if state is None:
@@ -154,11 +144,13 @@ class ReplyFlow:
         if conversation.own_address:
             await self._not_answered(claim)
             return Outcome.OWN_ADDRESS, False  # answering ourselves is a loop
-        answered = await self._answerer.answer(conversation, waiting)
-        if not answered.parts:
-            return answered.outcome, False
-        stopped = await self._sender.send(conversation, answered.parts, claim)
-        return stopped or answered.outcome, stopped is None
+        outcome = await self._answerer.answer(conversation, waiting)
+        # What it stored (a greeting, the answer, an after-hours text), in the order it goes.
+        parts = await outbox.unsent_parts(self._engine, conversation.id)
+        if not parts:
+            return outcome, False
+        stopped = await self._sender.send(conversation, parts, claim)
+        return stopped or outcome, stopped is None
 
     async def give_up(self, claim: Claim, error: str) -> None:
         """After the last try: the waiting messages and anything unsent are marked failed."""

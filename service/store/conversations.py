@@ -12,9 +12,9 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import StoredTurn
@@ -22,9 +22,7 @@ from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
-from service.types import Author, Delivery, InboundState, Intent, Sender
-
-_T_MESSAGE = cast(Table, Message.__table__)
+from service.types import Author, CallPurpose, Delivery, InboundState, Intent, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -90,9 +88,8 @@ class ConversationView:
     opted_out: bool
     paused: bool
     last_inbound_at: dt.datetime | None = None  # the person's latest message
-    # Read with the job's state (`reply_state.read_reply_state`), for the model and the limits:
-    history: tuple[StoredTurn, ...] = ()  # stored turns before the waiting messages
-    recent_model_calls: int = 0  # answered model calls in the `REPLY_RATE_LIMIT` window
+    # Read with the job's state (`reply_state.read_reply_state`), for the limits and loops:
+    recent_model_calls: int = 0  # answered reply calls in the `REPLY_RATE_LIMIT` window
     own_address: bool = False  # the remote side is one of our own addresses
 
 
@@ -241,53 +238,46 @@ async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> l
 
 
 async def history_rows(
-    engine: AsyncEngine, conversation_id: int, new_ids: Sequence[int], max_rows: int
+    engine: AsyncEngine,
+    conversation_id: int,
+    new_ids: Sequence[int],
+    max_rows: int,
+    after_id: int | None = None,
 ) -> list[StoredTurn]:
     """The newest `max_rows` stored turns before the new messages, oldest first: the user's
     messages (not keywords) and the replies written by the model or an operator, one row per
     part. A reply stored after a new message arrived (a burst) is still history, so it counts
-    by id but the new messages themselves do not. `conversation.select_history` trims them."""
+    by id but the new messages themselves do not. `conversation.select_history` trims them.
+    `after_id`: only rows after it (a summary covers the rest)."""
     if max_rows == 0:
         return []
+    after = () if after_id is None else (Message.id > after_id,)
     async with reader(engine).connect() as connection:
-        rows = await connection.execute(HISTORY, history_params(conversation_id, new_ids, max_rows))
-        return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
-
-
-_MESSAGE = _T_MESSAGE.c
-
-# Built once: the reply job's state read runs it for every job (`reply_state`).
-HISTORY = (
-    select(_MESSAGE.sender, _MESSAGE.body, _MESSAGE.reply_to_id)
-    .where(
-        _MESSAGE.conversation_id == bindparam("conversation_id"),
-        _MESSAGE.id.not_in(bindparam("new_ids", expanding=True)),
-        or_(
-            and_(
-                _MESSAGE.sender == Sender.USER.value,
-                _MESSAGE.intent == Intent.MESSAGE.value,
-                _MESSAGE.id < bindparam("newest"),
-            ),
-            and_(
-                _MESSAGE.sender == Sender.ASSISTANT.value,
-                _MESSAGE.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
-                _MESSAGE.status != Delivery.FAILED.value,
-            ),
-        ),
-    )
-    .order_by(_MESSAGE.id.desc())
-    .limit(bindparam("rows"))
-)
-
-
-def history_params(conversation_id: int, new_ids: Sequence[int], max_rows: int) -> dict[str, Any]:
-    """`HISTORY`'s parameters: `history_rows`'s statement, newest first."""
-    return {
-        "conversation_id": conversation_id,
-        "new_ids": list(new_ids),
-        "newest": max(new_ids),
-        "rows": max_rows,
-    }
+        rows = await connection.execute(
+            select(Message.id, Message.sender, Message.body, Message.reply_to_id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.id.not_in(new_ids),
+                *after,
+                or_(
+                    and_(
+                        Message.sender == Sender.USER.value,
+                        Message.intent == Intent.MESSAGE.value,
+                        Message.id < max(new_ids),
+                    ),
+                    and_(
+                        Message.sender == Sender.ASSISTANT.value,
+                        Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                        Message.status != Delivery.FAILED.value,
+                    ),
+                ),
+            )
+            .order_by(Message.id.desc())
+            .limit(max_rows)
+        )
+        return [
+            StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id) for r in reversed(rows.all())
+        ]
 
 
 async def is_own_address(engine: AsyncEngine, address: str) -> bool:
@@ -300,7 +290,8 @@ async def is_own_address(engine: AsyncEngine, address: str) -> bool:
 
 
 async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
-    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`)."""
+    """The conversation's answered model calls for replies since then (`REPLY_RATE_LIMIT`;
+    summary calls do not count against the person)."""
     async with reader(engine).connect() as connection:
         count = await connection.scalar(
             select(func.count())
@@ -308,6 +299,7 @@ async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt
             .where(
                 AssistantCall.conversation_id == conversation_id,
                 AssistantCall.status == "ok",
+                AssistantCall.purpose == CallPurpose.REPLY.value,
                 AssistantCall.created_at >= since,
             )
         )

@@ -123,6 +123,7 @@ class Answer:
     subject: str | None
     headers: dict[str, str]
     call_id: int | None = None
+    fixed_kind: str | None = None  # which fixed text (`types.FixedText`), for author `fixed`
     call: CallRecord | None = None  # the model call that wrote it, recorded with it
     start_sending: bool = False  # also move the first part `pending -> sending` (`start_sending`)
 
@@ -147,6 +148,7 @@ class CallRecord:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     error: str | None = None
+    purpose: str = "reply"  # `types.CallPurpose`
 
 
 def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -171,6 +173,7 @@ async def _insert_call(
             "conversation_id": call.conversation_id,
             "message_id": message_id,
             "model": call.model,
+            "purpose": call.purpose,
             "generation_params": call.generation_params,
             "processing_time": call.processing_time,
             "status": "ok" if call.ok else "error",
@@ -233,6 +236,7 @@ async def _insert_parts(connection: AsyncConnection, answer: Answer) -> list[Par
                 "channel": answer.channel,
                 "sender": Sender.ASSISTANT.value,
                 "author": answer.author.value,
+                "fixed_kind": answer.fixed_kind,
                 "intent": Intent.MESSAGE.value,
                 "body": body,
                 "subject": answer.subject,

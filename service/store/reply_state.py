@@ -1,8 +1,9 @@
-"""Everything a reply job reads, in one read transaction: the conversation (with when its person
-last wrote, how many model calls it had in the rate-limit window and whether its remote side is
-one of our own addresses), its claimed messages still waiting, the parts it still owes, and the
-history the model is shown. Three statements on one pooled connection instead of a transaction
-each: the per-transaction and per-statement cost, not SQL, is what a reply job spends its CPU on.
+"""Everything a reply job reads before it answers, in one read transaction: the conversation
+(with when its person last wrote, how many reply calls it had in the rate-limit window and
+whether its remote side is one of our own addresses), its claimed messages still waiting and
+the parts it still owes. Two statements on one pooled connection instead of a transaction each:
+the per-transaction and per-statement cost, not SQL, is what a reply job spends its CPU on.
+(The history the model is shown is read by the summary memory, `reply/memory.py`.)
 
 The statements are built once, on the tables (not the ORM entities), with bound parameters: a
 job only binds values, and SQLAlchemy finds the compiled form in its cache at once.
@@ -18,12 +19,11 @@ from typing import cast
 from sqlalchemy import Table, and_, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.conversation import StoredTurn
 from service.db import reader
 from service.models import AssistantCall, Conversation, Message
-from service.store.conversations import HISTORY, ConversationView, Waiting, history_params
+from service.store.conversations import ConversationView, Waiting
 from service.store.outbox import UNSENT, Part, part_of, str_headers
-from service.types import InboundState, Intent, Sender
+from service.types import CallPurpose, InboundState, Sender
 
 _T_ASSISTANTCALL = cast(Table, AssistantCall.__table__)
 _T_CONVERSATION = cast(Table, Conversation.__table__)
@@ -59,6 +59,7 @@ _CONVERSATION = select(
     .where(
         _A.conversation_id == _C.id,
         _A.status == "ok",
+        _A.purpose == CallPurpose.REPLY.value,  # summary calls do not count against the person
         _A.created_at >= bindparam("since", type_=_A.created_at.type),
     )
     .scalar_subquery()
@@ -106,12 +107,10 @@ async def read_reply_state(
     conversation_id: int,
     message_ids: Sequence[int],
     *,
-    history_rows: int,
     calls_since: dt.datetime,
 ) -> ReplyState | None:
-    """None when the conversation is gone. The conversation's `history` holds up to
-    `history_rows` stored turns before the waiting messages, `recent_model_calls` its answered
-    model calls since `calls_since` (`REPLY_RATE_LIMIT`)."""
+    """None when the conversation is gone. The conversation's `recent_model_calls` counts its
+    answered reply calls since `calls_since` (`REPLY_RATE_LIMIT`)."""
     async with reader(engine).connect() as connection:
         found = await connection.execute(
             _CONVERSATION, {"conversation_id": conversation_id, "since": calls_since}
@@ -120,11 +119,7 @@ async def read_reply_state(
         if row is None:
             return None
         waiting, unsent = await _messages(connection, conversation_id, message_ids)
-        questions = [m.id for m in waiting if m.intent != Intent.HELP.value]
-        history = await _history(connection, conversation_id, questions, history_rows)
-    conversation = replace(
-        ConversationView(**row._asdict()), own_address=bool(row.own_address), history=history
-    )
+    conversation = replace(ConversationView(**row._asdict()), own_address=bool(row.own_address))
     return ReplyState(conversation, waiting, unsent)
 
 
@@ -142,12 +137,3 @@ async def _messages(
         else:
             unsent.append(part_of(row))
     return waiting, unsent
-
-
-async def _history(
-    connection: AsyncConnection, conversation_id: int, new_ids: Sequence[int], max_rows: int
-) -> tuple[StoredTurn, ...]:
-    if max_rows == 0 or not new_ids:
-        return ()
-    rows = await connection.execute(HISTORY, history_params(conversation_id, new_ids, max_rows))
-    return tuple(StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all()))
