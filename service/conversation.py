@@ -10,8 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from service.types import Intent, Sender, Turn
+from service.media import IMAGE_TOKENS, history_text
+from service.types import Intent, MediaItem, Sender, Turn
+
+# One chat message for the model: `content` is text, or a list of content parts (a text part
+# and `image_url` parts) for a turn that carries images.
+PromptMessage = dict[str, Any]
 
 OPT_OUT_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
@@ -65,11 +71,16 @@ def estimate_tokens(text: str) -> int:
     return 4 + (len(text) + 3) // 4
 
 
+def turn_tokens(turn: Turn) -> int:
+    """A turn's estimated cost: its text, plus `media.IMAGE_TOKENS` per image."""
+    return estimate_tokens(turn.body) + IMAGE_TOKENS * len(turn.images)
+
+
 def bounded_history(
     history: Sequence[Turn], new: Sequence[Turn], max_messages: int, max_tokens: int
 ) -> list[Turn]:
     """The newest earlier turns that fit both limits, oldest first; `new` always goes."""
-    budget = max_tokens - sum(estimate_tokens(t.body) for t in new)
+    budget = max_tokens - sum(turn_tokens(t) for t in new)
     kept: list[Turn] = []
     for turn in reversed(history[-max_messages:] if max_messages else []):
         cost = estimate_tokens(turn.body)
@@ -88,6 +99,7 @@ class StoredTurn:
     sender: Sender
     body: str
     reply_to_id: int | None
+    media: tuple[MediaItem, ...] = ()
 
 
 def history_rows_for(max_messages: int) -> int:
@@ -108,7 +120,7 @@ def join_parts(rows: Sequence[StoredTurn]) -> list[Turn]:
         ):
             turns[-1] = Turn(row.sender, f"{turns[-1].body} {row.body}")
         else:
-            turns.append(Turn(row.sender, row.body))
+            turns.append(Turn(row.sender, history_text(row.body, row.media)))
         previous_reply_to = row.reply_to_id
     return turns
 
@@ -121,15 +133,25 @@ def build_prompt(
     *,
     max_messages: int,
     max_tokens: int,
-) -> list[dict[str, str]]:
+) -> list[PromptMessage]:
     """Chat messages for the model: system prompt + the channel's `style` line, history, then
     the new turns."""
     system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{style}"
     turns = [*bounded_history(history, new, max_messages, max_tokens), *new]
     return [{"role": "system", "content": system}] + [
-        {"role": "user" if t.sender is Sender.USER else "assistant", "content": t.body}
+        {"role": "user" if t.sender is Sender.USER else "assistant", "content": content_of(t)}
         for t in turns
     ]
+
+
+def content_of(turn: Turn) -> str | list[dict[str, Any]]:
+    """A turn's `content`: its text, or with images OpenAI's content parts, the text part
+    first (left out when the message was only pictures), then one `image_url` part per image
+    in the order they were sent."""
+    if not turn.images:
+        return turn.body
+    text = [{"type": "text", "text": turn.body}] if turn.body else []
+    return text + [{"type": "image_url", "image_url": {"url": url}} for url in turn.images]
 
 
 def split_at_words(text: str, limit: int) -> list[str]:

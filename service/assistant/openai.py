@@ -25,7 +25,7 @@ class OpenAIModel:
             max_retries=0,
         )
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(self, messages: list[dict[str, Any]]) -> Completion:
         started = time.perf_counter()
         try:
             response = await self._client.chat.completions.create(

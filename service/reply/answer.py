@@ -12,13 +12,20 @@ from collections.abc import Sequence
 
 from service import metrics, storable
 from service.assistant import Completion, ModelError
-from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join_parts
+from service.conversation import (
+    HELP_TEXT,
+    PromptMessage,
+    build_prompt,
+    history_rows_for,
+    join_parts,
+)
 from service.db import utcnow
+from service.reply.attachments import Attachments
 from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
 from service.store import conversations, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
-from service.types import Author, Channel, InboundState, Intent, Sender, Turn
+from service.types import Author, Channel, InboundState, Intent
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ class Answerer:
         self._settings = context.settings
         self._model = context.model
         self._channels = context.channels
+        self._attachments = Attachments(context)
         self._warned_until: dict[int, float] = {}
         settings = context.settings
         self._budget = ModelCallBudget(
@@ -89,8 +97,9 @@ class Answerer:
 
     async def _prompt(
         self, conversation: ConversationView, questions: Sequence[Waiting]
-    ) -> list[dict[str, str]]:
-        """History bounded by count and tokens (`conversation.build_prompt`), then the questions."""
+    ) -> list[PromptMessage]:
+        """History bounded by count and tokens (`conversation.build_prompt`), then the questions
+        with their attachments (`Attachments.new_turns`: fetched now, images for this turn only)."""
         max_messages = self._settings.assistant_history_messages
         rows = await conversations.history_rows(
             self._engine, conversation.id, [m.id for m in questions], history_rows_for(max_messages)
@@ -99,7 +108,7 @@ class Answerer:
             self._settings.assistant_system_prompt,
             self._channels[Channel(conversation.channel)].style,
             join_parts(rows),
-            [Turn(Sender.USER, m.body) for m in questions],
+            await self._attachments.new_turns(Channel(conversation.channel), questions),
             max_messages=max_messages,
             max_tokens=self._settings.assistant_history_tokens,
         )

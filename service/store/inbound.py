@@ -143,6 +143,7 @@ async def insert_new_messages(
                 **({"meta": inbound.meta} if inbound.meta else {}),
             }
             or None,
+            "media": [item.to_json() for item in inbound.media] or None,
             "status": InboundState.RECEIVED.value,
         }
         for inbound, conversation_id in zip(inbounds, conversation_ids, strict=True)
