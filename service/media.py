@@ -63,20 +63,26 @@ def format_size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-def note(item: MediaItem) -> str:
-    """The text the model reads in place of an attachment."""
+def describe(item: MediaItem) -> str:
+    """An attachment in a few words: `audio/amr, 12 KB`, `image/jpeg, unavailable` (the
+    model's note, the transcript and the operator all read this)."""
     kind = base_type(item.content_type) or "application/octet-stream"
     if item.state is MediaState.UNAVAILABLE:
-        return f"[attachment: {kind}, unavailable]"
+        return f"{kind}, unavailable"
     if item.state is MediaState.NOT_FETCHED:
         host = urlsplit(item.url).hostname or "an unknown host"
-        return f"[attachment: {kind} at {host}, not fetched]"
+        return f"{kind} at {host}, not fetched"
     if item.state is MediaState.TOO_LARGE:
         size = format_size(item.size) if item.size is not None else "size unknown"
-        return f"[attachment: {kind}, {size}, too large to open]"
+        return f"{kind}, {size}, too large to open"
     if item.size is None:
-        return f"[attachment: {kind}]"
-    return f"[attachment: {kind}, {format_size(item.size)}]"
+        return kind
+    return f"{kind}, {format_size(item.size)}"
+
+
+def note(item: MediaItem) -> str:
+    """The text the model reads in place of an attachment: `[attachment: audio/amr, 12 KB]`."""
+    return f"[attachment: {describe(item)}]"
 
 
 def with_notes(body: str, notes: Iterable[str]) -> str:

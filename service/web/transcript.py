@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
+from service.media import describe
 from service.models import Message
 from service.store import conversations as admin
-from service.types import Author, Delivery, InboundState, Intent, Sender
+from service.types import Author, Delivery, InboundState, Intent, Sender, media_from_json
 
 if TYPE_CHECKING:
     import jinja2
@@ -115,6 +116,7 @@ class Entry:
     status: str
     tone: str
     error: str | None
+    attachments: list[str]  # type and size of each, as `media.describe` says them
 
 
 def moment(value: dt.datetime) -> Moment:
@@ -153,6 +155,7 @@ def _entry(message: Message, remote: str) -> Entry:
         status=status,
         tone=tone,
         error=message.error if tone == "bad" else None,
+        attachments=[describe(item) for item in media_from_json(message.media)],
     )
 
 
