@@ -73,8 +73,8 @@ def describe(item: MediaItem) -> str:
         host = urlsplit(item.url).hostname or "an unknown host"
         return f"{kind} at {host}, not fetched"
     if item.state is MediaState.TOO_LARGE:
-        size = format_size(item.size) if item.size is not None else "size unknown"
-        return f"{kind}, {size}, too large to open"
+        size = f", {format_size(item.size)}" if item.size is not None else ""
+        return f"{kind}{size}, too large to open"
     if item.size is None:
         return kind
     return f"{kind}, {format_size(item.size)}"

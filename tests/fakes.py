@@ -986,13 +986,14 @@ class FakeProviders:
             return Response(item.content, media_type=item.content_type)
         self._media_seen(request, "streamed")
         headers = {"Content-Length": str(item.stream_bytes)} if item.declare_length else {}
-        return StreamingResponse(self._stream(item), media_type=item.content_type, headers=headers)
+        return StreamingResponse(self._stream(item, request), media_type=item.content_type, headers=headers)
 
-    async def _stream(self, item: FakeMedia) -> Any:
-        """`item.stream_bytes` bytes in chunks, counting what the client took."""
+    async def _stream(self, item: FakeMedia, request: Request) -> Any:
+        """`item.stream_bytes` bytes in chunks, counting what was written until the client
+        hung up (uvicorn's flow control holds each write until the socket takes it)."""
         assert item.stream_bytes is not None
         chunk = b"\xff" * _MEDIA_CHUNK
-        while item.streamed < item.stream_bytes:
+        while item.streamed < item.stream_bytes and not await request.is_disconnected():
             size = min(_MEDIA_CHUNK, item.stream_bytes - item.streamed)
             yield chunk[:size]
             with self._lock:

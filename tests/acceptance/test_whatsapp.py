@@ -184,7 +184,9 @@ async def test_a_whatsapp_image_is_stored_with_its_media_on_the_whatsapp_convers
     [photo] = await messages(engine, Message.sender == "user")
     assert photo.conversation_id == conversation.id
     assert photo.provider_message_id.startswith("MM")
-    assert photo.headers["meta"]["media"] == [form_of("twilio/whatsapp_image.json")["MediaUrl0"]]
+    assert [(m["url"], m["content_type"]) for m in photo.media] == [
+        (form_of("twilio/whatsapp_image.json")["MediaUrl0"], "image/jpeg")
+    ]
 
 
 # ------------------------------------------------------------------ the 24-hour window
