@@ -8,8 +8,8 @@ import datetime as dt
 import json
 import mimetypes
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
 from email.utils import format_datetime
+from urllib.parse import urlsplit
 
 from twilio.request_validator import RequestValidator
 

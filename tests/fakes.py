@@ -986,7 +986,9 @@ class FakeProviders:
             return Response(item.content, media_type=item.content_type)
         self._media_seen(request, "streamed")
         headers = {"Content-Length": str(item.stream_bytes)} if item.declare_length else {}
-        return StreamingResponse(self._stream(item, request), media_type=item.content_type, headers=headers)
+        return StreamingResponse(
+            self._stream(item, request), media_type=item.content_type, headers=headers
+        )
 
     async def _stream(self, item: FakeMedia, request: Request) -> Any:
         """`item.stream_bytes` bytes in chunks, counting what was written until the client
