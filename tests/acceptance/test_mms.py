@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.models import AssistantCall, Conversation, Message
+from tests.acceptance.test_cli_admin import parley
 from tests.conftest import TWILIO_SID, TWILIO_TOKEN, SettingsFactory, running_app
 from tests.fakes import FakeMedia, FakeProviders
 from tests.helpers import (
@@ -27,6 +29,7 @@ from tests.helpers import (
     settled,
     twilio_form,
 )
+from tests.processes import parley_env, serving
 
 ADMIN_TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -285,3 +288,33 @@ async def test_an_item_over_media_max_bytes_is_not_downloaded_past_the_limit(
         ("too_large", None),
         ("too_large", BIG),
     ]
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_parley_sms_with_media_sends_an_mms_to_a_running_server(
+    database_url: str, tmp_path: Path, providers: FakeProviders
+) -> None:
+    # The CLI types each item by its name, as a phone would.
+    url = providers.serve_media("ME" + "7" * 32 + ".png", FakeMedia(PNG, "image/png"))
+    twilio = {
+        "TWILIO_ACCOUNT_SID": TWILIO_SID,
+        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "TWILIO_API_BASE_URL": providers.base_url,
+    }
+    env = parley_env(DATABASE_URL=database_url, **twilio)
+    with serving(env, tmp_path, ("--dev",)) as (port, _):
+        result = parley(
+            ["sms", "What is this?", "--media", url, "--url", f"http://127.0.0.1:{port}"],
+            database_url,
+            tmp_path,
+            **twilio,
+        )
+
+    assert result.returncode == 0, result.stderr
+    # The offline assistant says what it was given: the text and one image part.
+    assert 'You said: "What is this? [1 image(s)]"' in result.stdout, result.stdout
+    assert [h["outcome"] for h in providers.media_requests] == ["redirect", "ok"]
+    [sent] = providers.twilio_sent
+    assert sent["To"] == "+15550001111"
