@@ -205,6 +205,24 @@ async def test_without_vision_images_are_notes_and_are_not_downloaded(
     assert last_user_content(request) == "Look\n[attachment: image/jpeg, 1 KB]"
 
 
+async def test_a_whatsapp_photo_is_fetched_and_shown_to_the_model_like_an_mms(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    recorded = form_of("twilio/whatsapp_image.json")
+    url = recorded["MediaUrl0"].replace("https://api.twilio.com", providers.base_url)
+    providers.serve_media(sid_of(url), FakeMedia(JPEG, "image/jpeg"))
+    form = twilio_form("twilio/whatsapp_image.json", MediaUrl0=url)
+    async with running_app(settings(make_settings)) as client:
+        response = await post_twilio(client, form, path="/webhooks/twilio/whatsapp")
+        assert response.status_code == 200, response.text
+        await done(engine)
+
+    [request] = providers.openai_requests
+    assert last_user_content(request) == [image_part("image/jpeg", JPEG)]
+    [sent] = providers.twilio_sent
+    assert sent["To"] == "whatsapp:+15550001111"
+
+
 # ------------------------------------------------------------------ what cannot be fetched
 
 
