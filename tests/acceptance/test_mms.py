@@ -167,6 +167,8 @@ async def test_a_media_only_mms_is_answered_with_the_picture_alone(
     assert sent["To"] == "+15550001111" and sent["Body"]
     [photo] = await messages(engine, Message.sender == "user")
     assert (photo.body, photo.status) == ("", "answered")
+    [conversation] = await conversations(engine)  # listed by what was sent, not as blank
+    assert conversation.summary == "[attachment: image/jpeg]"
 
 
 async def test_recorded_mms_with_media_off_this_twilio_host_is_described_not_fetched(
