@@ -19,14 +19,16 @@ import fnmatch
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
-
-import httpx2
 
 from service.channels.base import Attachment, FetchFailed
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 from service.types import MediaItem, MediaState
+
+if TYPE_CHECKING:
+    import httpx2  # imported on the first fetch: an idle process does not load it
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ class TwilioMedia:
     def __init__(self, settings: Settings) -> None:
         tokens = settings.twilio_auth_tokens
         self._auth = (
-            httpx2.BasicAuth(settings.twilio_account_sid, tokens[0])
+            (settings.twilio_account_sid, tokens[0])  # HTTP Basic
             if settings.twilio_account_sid and tokens
             else None
         )
@@ -101,6 +103,8 @@ class TwilioMedia:
         self._client: httpx2.AsyncClient | None = None
 
     def _http(self) -> httpx2.AsyncClient:
+        import httpx2
+
         if self._client is None:
             self._client = httpx2.AsyncClient(
                 follow_redirects=False,  # each hop is checked by `follow`
@@ -123,6 +127,8 @@ class TwilioMedia:
         return [task.result() for task in tasks]
 
     async def _one(self, item: MediaItem, with_content: bool) -> Attachment:
+        import httpx2
+
         if not on_media_host(item.url, self._api_base_url):
             return Attachment(dataclasses.replace(item, state=MediaState.NOT_FETCHED))
         try:
