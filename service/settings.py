@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     assistant_timeout_s: float = Field(30.0, gt=0)
     assistant_vision: bool = True  # MMS images to the model as image parts (else a note)
     media_max_bytes: int = Field(5_242_880, ge=1)  # largest MMS item fetched for the model
+    profiles_file: str | None = None  # TOML assistant profiles per local address (SPEC §11)
+    assistant_memory: Literal["window", "summary"] = "window"
+    summary_keep_messages: int = Field(10, ge=1)  # kept word for word beside the summary
 
     embedded_worker: bool = True
     worker_concurrency: int = Field(32, ge=1)
@@ -99,6 +102,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("assistant_memory", mode="before")
+    @classmethod
+    def _lower_memory(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_format", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """message media (MMS attachments: URL, type, size, state)
 
 Revision ID: 7c41e2a9d0f3
-Revises: 5d3a9c0e7b21
+Revises: 7c1e5a9d2f40
 Create Date: 2026-12-01 13:50:00.000000
 
 Twilio messages stored before this revision kept their media URLs (without types) in
@@ -15,7 +15,7 @@ from alembic import op
 
 
 revision: str = '7c41e2a9d0f3'
-down_revision: str | None = '5d3a9c0e7b21'
+down_revision: str | None = '7c1e5a9d2f40'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -53,6 +53,7 @@ class Answer:
     subject: str | None
     headers: dict[str, str]
     call_id: int | None = None
+    fixed_kind: str | None = None  # which fixed text (`types.FixedText`), for author `fixed`
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CallRecord:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     error: str | None = None
+    purpose: str = "reply"  # `types.CallPurpose`
 
 
 def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -85,6 +87,7 @@ async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
             {
                 "conversation_id": call.conversation_id,
                 "model": call.model,
+                "purpose": call.purpose,
                 "generation_params": call.generation_params,
                 "processing_time": call.processing_time,
                 "status": "ok" if call.ok else "error",
@@ -144,6 +147,7 @@ async def _insert_parts(connection: AsyncConnection, answer: Answer) -> int | No
                 "channel": answer.channel,
                 "sender": Sender.ASSISTANT.value,
                 "author": answer.author.value,
+                "fixed_kind": answer.fixed_kind,
                 "intent": Intent.MESSAGE.value,
                 "body": body,
                 "subject": answer.subject,

@@ -247,7 +247,7 @@ async def test_media_urls_kept_in_old_headers_move_to_the_media_column(
     """Before revision 7c41e2a9d0f3 an MMS kept its URLs (no types) in `headers["meta"]`."""
     url = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
     async with engine.begin() as connection:
-        await connection.run_sync(_downgrade, "5d3a9c0e7b21")
+        await connection.run_sync(_downgrade, "7c1e5a9d2f40")
     async with engine.begin() as connection:
         await connection.execute(
             text(
