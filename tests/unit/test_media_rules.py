@@ -9,7 +9,14 @@ import pytest
 
 from service.channels.twilio.media import Hop, follow, on_media_host, redirect_hosts
 from service.channels.twilio.webhook import media_of
-from service.conversation import build_prompt, content_of, turn_tokens
+from service.conversation import (
+    StoredTurn,
+    build_prompt,
+    content_of,
+    join_parts,
+    turn_of,
+    turn_tokens,
+)
 from service.media import (
     IMAGE_TOKENS,
     arriving_turn,
@@ -168,3 +175,9 @@ def test_the_cli_s_mms_form_is_shaped_as_twilio_s() -> None:
     )
     assert mms["MediaContentType1"] == "application/octet-stream"
     assert with_media(form, []) == form
+
+
+def test_a_stored_message_with_media_is_history_with_notes_in_either_memory() -> None:
+    row = StoredTurn(Sender.USER, "Menu", None, 7, (item("image/jpeg", size=2048),))
+    assert turn_of([row]) == Turn(Sender.USER, "Menu\n[attachment: image/jpeg, 2 KB]")
+    assert join_parts([row]) == [turn_of([row])]
