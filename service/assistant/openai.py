@@ -45,7 +45,7 @@ class OpenAIModel:
         return self._client
 
     async def complete(
-        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+        self, messages: list[dict[str, Any]], options: CallOptions = DEFAULT_OPTIONS
     ) -> Completion:
         client = await self._sdk()
         import openai  # loaded by `_sdk` already: a dictionary look-up

@@ -23,7 +23,7 @@ from service.db import reader
 from service.models import AssistantCall, Conversation, Message
 from service.store.conversations import ConversationView, Waiting
 from service.store.outbox import UNSENT, Part, part_of, str_headers
-from service.types import CallPurpose, InboundState, Sender
+from service.types import CallPurpose, InboundState, Sender, media_from_json
 
 _T_ASSISTANTCALL = cast(Table, AssistantCall.__table__)
 _T_CONVERSATION = cast(Table, Conversation.__table__)
@@ -81,6 +81,7 @@ _MESSAGES = (
         _M.body,
         _M.subject,
         _M.headers,
+        _M.media,
         _M.status,
         _M.attempted_at,
     )
@@ -132,8 +133,8 @@ async def _messages(
     waiting, unsent = [], []
     for row in rows:
         if row.sender == Sender.USER.value:
-            headers = str_headers(row.headers)
-            waiting.append(Waiting(row.id, row.intent, row.body, row.subject, headers))
+            headers, media = str_headers(row.headers), media_from_json(row.media)
+            waiting.append(Waiting(row.id, row.intent, row.body, row.subject, headers, media))
         else:
             unsent.append(part_of(row))
     return waiting, unsent
