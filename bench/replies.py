@@ -5,6 +5,7 @@ baselines measured in the same run.
                             [--database-url postgresql+asyncpg://postgres@127.0.0.1/parley_bench]
     python bench/replies.py --database-url postgresql+asyncpg://… --workers 1,2,4 [--only-workers]
     python bench/replies.py --model-latency 1 --senders 128 [--seconds 30]
+    python bench/replies.py --only-drain [--messages 2000]   # CPU per reply, in a minute
 
 Providers are bench/fastfakes.py in its own process: Twilio and an OpenAI-compatible model
 that answer at once (or after `--model-latency` seconds), reached through the real SDKs. Every
