@@ -20,6 +20,7 @@ from starlette.routing import Mount, Route
 from service import runtime
 from service.assistant import Model
 from service.channels.registry import Channels, build_channels
+from service.queue.debounce import Debounce
 from service.queue.worker import Worker
 from service.settings import Settings
 from service.store.errors import storage_failure
@@ -51,7 +52,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         settings, app.state.channels, with_worker=settings.embedded_worker
     ) as ready:
         worker = ready.worker
-        writer = InboundWriter(ready.engine, on_commit=worker.wake if worker else lambda: None)
+        writer = InboundWriter(
+            ready.engine,
+            on_commit=worker.wake if worker else lambda: None,
+            debounce=Debounce(settings.reply_debounce_s, settings.reply_debounce_max_s),
+        )
         writer.start()
         services = Services(settings, ready.engine, writer, ready.channels, ready.model, worker)
         if worker:

@@ -130,6 +130,7 @@ async def start(
         "REPLY_RETRY_BASE_S": "0.1",
         "REPLY_LEASE_S": str(LEASE_S),
         "WORKER_POLL_S": "0.1",
+        "REPLY_DEBOUNCE_S": "0",  # the burst tests turn SPEC §12's quiet time on
         "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
         "LOG_LEVEL": "INFO",
     }
