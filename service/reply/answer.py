@@ -15,12 +15,14 @@ from service.assistant import Completion, ModelError
 from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join_parts
 from service.db import utcnow
 from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
-from service.store import conversations, outbox
+from service.store import bursts, conversations, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
 from service.types import Author, Channel, InboundState, Intent, Sender, Turn
 
 log = logging.getLogger(__name__)
+
+MAX_RETAKES = 2  # SPEC §12: a reply's model call is asked again at most twice for newer messages
 
 
 class Answerer:
@@ -45,15 +47,45 @@ class Answerer:
             if group is helps:
                 await self._store(conversation, helps, HELP_TEXT, Author.FIXED)
             elif scope := await self._limit_reached(conversation):
-                await outbox.mark_inbound(
-                    self._engine, [m.id for m in questions], InboundState.RATE_LIMITED
-                )
-                metrics.count_rate_limited(scope, len(questions))
-                outcome = Outcome.RATE_LIMITED
+                outcome = await self._rate_limited(questions, scope)
             else:
-                completion, call_id = await self._ask_model(conversation, questions)
-                await self._store(conversation, questions, completion.text, Author.MODEL, call_id)
+                outcome = await self._answer_burst(conversation, questions)
         return outcome
+
+    async def _answer_burst(
+        self, conversation: ConversationView, questions: list[Waiting]
+    ) -> Outcome:
+        """One model call for the questions; when the person wrote more before its answer was
+        stored, the answer is dropped (its call recorded `superseded`) and the model asked
+        again with the newer messages too, at most `MAX_RETAKES` times, after which the answer
+        is stored whatever came meanwhile (SPEC §12). One reply per burst, in order."""
+        claimed = len(questions)
+        for retake in range(MAX_RETAKES + 1):
+            completion, call_id = await self._ask_model(conversation, questions)
+            taken_over = [m.id for m in questions[claimed:]]
+            last = retake == MAX_RETAKES
+            if await self._store(
+                conversation,
+                questions,
+                completion.text,
+                Author.MODEL,
+                call_id,
+                not last,
+                taken_over,
+            ):
+                return Outcome.ANSWERED
+            newer = await bursts.newer_waiting(self._engine, conversation.id, questions[-1].id)
+            questions = [*questions, *await conversations.waiting_messages(self._engine, newer)]
+            if scope := await self._limit_reached(conversation):
+                return await self._rate_limited(questions, scope)
+        raise AssertionError("the last retake is stored unconditionally")
+
+    async def _rate_limited(self, questions: Sequence[Waiting], scope: str) -> Outcome:
+        await outbox.mark_inbound(
+            self._engine, [m.id for m in questions], InboundState.RATE_LIMITED
+        )
+        metrics.count_rate_limited(scope, len(questions))
+        return Outcome.RATE_LIMITED
 
     # ------------------------------------------------------------ limits
 
@@ -169,8 +201,11 @@ class Answerer:
         text: str,
         author: Author,
         call_id: int | None = None,
-    ) -> None:
-        """The reply's parts and the answered messages' new state, in one transaction."""
+        interruptible: bool = False,
+        taken_over: Sequence[int] = (),
+    ) -> bool:
+        """The reply's parts and the answered messages' new state, in one transaction; False
+        when `interruptible` and a newer message of the person waits (nothing stored)."""
         channel = Channel(conversation.channel)
         last = answered[-1]
         subject, headers = self._channels[channel].reply_envelope(
@@ -186,7 +221,11 @@ class Answerer:
             subject=subject,
             headers=headers,
             call_id=call_id,
+            interruptible=interruptible,
+            taken_over=taken_over,
         )
-        if not await outbox.store_answer(self._engine, answer):
+        stored = await outbox.store_answer(self._engine, answer)
+        if stored is outbox.Stored.ANSWERED_ELSEWHERE:
             # Another worker answered them while this one was stalled past its lease.
             raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
+        return stored is outbox.Stored.STORED

@@ -22,7 +22,7 @@ from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
-from service.types import Author, Delivery, InboundState, Intent, Sender
+from service.types import Author, CallStatus, Delivery, InboundState, Intent, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -278,14 +278,15 @@ async def is_own_address(engine: AsyncEngine, address: str) -> bool:
 
 
 async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
-    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`)."""
+    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`), those whose
+    answer a newer message superseded included: they were made."""
     async with reader(engine).connect() as connection:
         count = await connection.scalar(
             select(func.count())
             .select_from(AssistantCall)
             .where(
                 AssistantCall.conversation_id == conversation_id,
-                AssistantCall.status == "ok",
+                AssistantCall.status.in_([CallStatus.OK.value, CallStatus.SUPERSEDED.value]),
                 AssistantCall.created_at >= since,
             )
         )

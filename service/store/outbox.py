@@ -9,6 +9,7 @@ flow records every step before it takes the next.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service import storable
 from service.db import reader, utcnow
 from service.models import AssistantCall, Conversation, DeliveryReport, Message
+from service.queue.manager import close_taken_over
+from service.store import bursts
 from service.store.errors import storage_errors
-from service.types import DELIVERY_RANK, Author, Delivery, InboundState, Intent, Sender
+from service.types import DELIVERY_RANK, Author, CallStatus, Delivery, InboundState, Intent, Sender
 
 REPORT_TTL = dt.timedelta(days=1)  # a report for a message we never stored is someone else's
 UNSENT = (Delivery.PENDING.value, Delivery.SENDING.value)
@@ -53,6 +56,19 @@ class Answer:
     subject: str | None
     headers: dict[str, str]
     call_id: int | None = None
+    # SPEC §12: not stored when a newer message of the person waits (`bursts.interrupted`).
+    interruptible: bool = False
+    # The newer messages among `answered_ids` a running claim took over: their queued jobs
+    # close with this answer.
+    taken_over: Sequence[int] = ()
+
+
+class Stored(enum.Enum):
+    """What `store_answer` did."""
+
+    STORED = "stored"
+    ANSWERED_ELSEWHERE = "answered elsewhere"  # another worker answered them (a lost claim)
+    INTERRUPTED = "interrupted"  # a newer message waits: nothing stored, the call superseded
 
 
 @dataclass(frozen=True)
@@ -87,7 +103,7 @@ async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
                 "model": call.model,
                 "generation_params": call.generation_params,
                 "processing_time": call.processing_time,
-                "status": "ok" if call.ok else "error",
+                "status": (CallStatus.OK if call.ok else CallStatus.ERROR).value,
                 "prompt_tokens": call.prompt_tokens,
                 "completion_tokens": call.completion_tokens,
                 "total_tokens": call.total_tokens,
@@ -98,12 +114,16 @@ async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
         return int(result.scalar_one())
 
 
-async def store_answer(engine: AsyncEngine, answer: Answer) -> bool:
-    """The reply's parts and the answered messages' new state, in one transaction. False (and
-    nothing stored) when the messages were no longer waiting: another worker answered them
-    while this one was stalled past its lease."""
+async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored:
+    """The reply's parts and the answered messages' new state, in one transaction. Nothing is
+    stored when the messages were no longer waiting (another worker answered them while this
+    one was stalled past its lease), nor when an interruptible answer finds a newer message."""
     try:
         async with engine.begin() as connection:
+            if answer.interruptible and await bursts.interrupted(
+                connection, answer.conversation_id, max(answer.answered_ids), answer.call_id
+            ):
+                return Stored.INTERRUPTED
             claimed = await connection.execute(
                 update(Message)
                 .where(
@@ -121,9 +141,11 @@ async def store_answer(engine: AsyncEngine, answer: Answer) -> bool:
                     .where(AssistantCall.id == answer.call_id)
                     .values(message_id=first_id)
                 )
+            if answer.taken_over:
+                await close_taken_over(connection, answer.taken_over)
     except _AnsweredElsewhere:
-        return False
-    return True
+        return Stored.ANSWERED_ELSEWHERE
+    return Stored.STORED
 
 
 class _AnsweredElsewhere(Exception):

@@ -55,7 +55,7 @@ async def _answered(engine: AsyncEngine, text_parts: list[str]) -> list[outbox.P
             headers={},
         ),
     )
-    assert stored
+    assert stored is outbox.Stored.STORED
     return await outbox.unsent_parts(engine, recorded.conversation_id)
 
 
@@ -102,7 +102,7 @@ async def test_an_answer_already_given_elsewhere_stores_nothing(engine: AsyncEng
         subject=None,
         headers={},
     )
-    assert not await outbox.store_answer(engine, again)
+    assert await outbox.store_answer(engine, again) is outbox.Stored.ANSWERED_ELSEWHERE
     assert await _count(engine, Message) == 2  # the question and its one reply
 
 
