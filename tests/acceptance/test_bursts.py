@@ -96,7 +96,7 @@ async def test_the_model_is_asked_again_at_most_twice_then_the_reply_goes_out(
             await text(client, body)  # each arrives during a model call
         await done(engine)
     requests = providers.openai_requests
-    assert [user_turns(r)[-len(texts[:n]) :] for r, n in zip(requests, (1, 2, 3), strict=False)] == [
+    assert [user_turns(r) for r in requests[:3]] == [
         ["one"],
         ["one", "two"],
         ["one", "two", "three"],
