@@ -101,7 +101,13 @@ async def test_the_model_is_asked_again_at_most_twice_then_the_reply_goes_out(
         ["one", "two"],
         ["one", "two", "three"],
     ]
-    assert len(requests) == 4 and user_turns(requests[3])[-1] == "four"
+    # The reply to the first three was stored after "four" arrived: it is still its history.
+    assert len(requests) == 4
+    assert requests[3]["messages"][1:] == [
+        *({"role": "user", "content": body} for body in texts[:3]),
+        {"role": "assistant", "content": "echo: three"},
+        {"role": "user", "content": "four"},
+    ]
     assert [c.status for c in await calls(engine)] == ["superseded", "superseded", "ok", "ok"]
     # The third interruption sends anyway; "four" gets its own reply, after it.
     assert bodies_sent(providers) == ["echo: three", "echo: four"]
