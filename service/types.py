@@ -35,6 +35,7 @@ class Intent(enum.StrEnum):
     HELP = "help"  # HELP, INFO: the fixed help text
     NO_REPLY = "no_reply"  # stored but never answered (auto-replies, bounces, loops)
     UNVERIFIED = "unverified"  # stored, never answered: the sender failed authentication
+    UNREADABLE = "unreadable"  # stored, never answered: no text could be read in time
 
 
 class Delivery(enum.StrEnum):

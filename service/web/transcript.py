@@ -79,6 +79,7 @@ _KEYWORDS = {
     Intent.OPT_IN.value: "opted back in",
     Intent.NO_REPLY.value: "automatic mail: not answered",
     Intent.UNVERIFIED.value: "sender not verified (SPF failed, no DKIM pass): not answered",
+    Intent.UNREADABLE.value: "no readable text: not answered",
 }
 _DELIVERY = {
     Delivery.PENDING.value: ("pending", "warn"),

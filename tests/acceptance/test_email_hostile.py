@@ -123,7 +123,10 @@ async def test_a_hostile_mail_is_stored_once_in_bounded_time_and_healthz_keeps_a
 
 
 async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a_retry_is_free(
-    app: httpx.AsyncClient, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+    app: httpx.AsyncClient,
+    engine: AsyncEngine,
+    providers: FakeProviders,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     extractor = app.app.state.channels[Channel.EMAIL].extractor  # type: ignore[attr-defined]
     assert extractor.running == 0  # no child process before the first mail
@@ -136,6 +139,13 @@ async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a
     assert len(warnings) == 1 and "stopped after" in warnings[0].getMessage()
     assert warnings[0].exc_info is None
     assert extractor.running == 0  # the busy child was killed
+    [unreadable] = await messages(engine, Message.sender == "user")
+    assert (unreadable.body, unreadable.intent) == ("", "unreadable")
+    assert unreadable.status == "not_answered" and unreadable.headers is not None
+    assert unreadable.headers["meta"]["not_answered_reason"].startswith(
+        "no readable text: body extraction stopped after"
+    )
+    assert providers.openai_requests == [] and providers.sendgrid_sent == []
     caplog.clear()
 
     assert (await post_fields(app, fields)).status_code == 200  # the redelivery

@@ -260,16 +260,21 @@ class Envelope:
 
     def inbound(self, extracted: Extracted) -> Inbound:
         attachments = self.attachments or extracted.attachments
+        intent, meta = self.intent, self.meta
+        if intent is Intent.MESSAGE and extracted.problem and not extracted.body.strip():
+            # Asking the model about a mail nobody could read answers the subject line alone.
+            intent = Intent.UNREADABLE
+            meta = {**meta, "not_answered_reason": f"no readable text: {extracted.problem}"}
         return Inbound(
             channel=Channel.EMAIL,
             provider_message_id=self.provider_message_id,
             remote_address=self.remote_address,
             local_address=self.local_address,
             body=storable.text(extracted.body),
-            intent=self.intent,
+            intent=intent,
             subject=self.subject,
             headers=self.headers,
-            meta={**self.meta, **({"attachments": attachments} if attachments else {})},
+            meta={**meta, **({"attachments": attachments} if attachments else {})},
         )
 
 
