@@ -63,16 +63,17 @@ class Answerer:
         for retake in range(MAX_RETAKES + 1):
             completion, call_id = await self._ask_model(conversation, questions)
             taken_over = [m.id for m in questions[claimed:]]
-            last = retake == MAX_RETAKES
-            if await self._store(
+            interruptible = retake < MAX_RETAKES
+            stored = await self._store(
                 conversation,
                 questions,
                 completion.text,
                 Author.MODEL,
                 call_id,
-                not last,
+                interruptible,
                 taken_over,
-            ):
+            )
+            if stored:
                 return Outcome.ANSWERED
             newer = await bursts.newer_waiting(self._engine, conversation.id, questions[-1].id)
             questions = [*questions, *await conversations.waiting_messages(self._engine, newer)]
