@@ -4,7 +4,9 @@ enqueue, claim, renew, finish, retry, fail, release, and the queue state `/metri
 A job row is the only truth about pending work. The unit of work is a conversation: a claim
 takes every due job of a conversation that has none running, so a burst of messages is answered
 once, together, and no two workers ever hold one conversation. A claimed job carries a lease
-that its worker renews; a job whose lease ran out (its process died) is queued again.
+that its worker renews; a job whose lease ran out (its process died) is queued again. A job is
+due at its `run_after`: a person's message waits for its conversation to be quiet (SPEC §12,
+`debounce.py`), a retry for its backoff.
 
 Claims are serialised: on PostgreSQL by a transaction-scoped advisory lock, so concurrent
 claimers in many processes each see the others' committed claims (the claim statement itself
