@@ -88,6 +88,7 @@ class StoredTurn:
     sender: Sender
     body: str
     reply_to_id: int | None
+    id: int = 0  # the stored row's (a summary's watermark is the last row it covers)
 
 
 def history_rows_for(max_messages: int) -> int:
@@ -95,22 +96,30 @@ def history_rows_for(max_messages: int) -> int:
     return max_messages * 4
 
 
+def group_parts(rows: Sequence[StoredTurn]) -> list[list[StoredTurn]]:
+    """The stored rows of each turn: consecutive parts of one split reply are one turn."""
+    groups: list[list[StoredTurn]] = []
+    for row in rows:
+        previous = groups[-1][-1] if groups else None
+        if (
+            previous is not None
+            and row.sender is Sender.ASSISTANT
+            and previous.sender is row.sender
+            and row.reply_to_id == previous.reply_to_id
+        ):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
 def join_parts(rows: Sequence[StoredTurn]) -> list[Turn]:
     """Consecutive parts of one split reply become one turn again."""
-    turns: list[Turn] = []
-    previous_reply_to: object = object()
-    for row in rows:
-        if (
-            row.sender is Sender.ASSISTANT
-            and turns
-            and turns[-1].sender is row.sender
-            and row.reply_to_id == previous_reply_to
-        ):
-            turns[-1] = Turn(row.sender, f"{turns[-1].body} {row.body}")
-        else:
-            turns.append(Turn(row.sender, row.body))
-        previous_reply_to = row.reply_to_id
-    return turns
+    return [turn_of(group) for group in group_parts(rows)]
+
+
+def turn_of(group: Sequence[StoredTurn]) -> Turn:
+    return Turn(group[0].sender, " ".join(row.body for row in group))
 
 
 def build_prompt(

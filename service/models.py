@@ -92,6 +92,12 @@ class Conversation(Base):
     # What the person calls themselves, where the channel says (WhatsApp's ProfileName);
     # the latest one wins.
     display_name: Mapped[str | None] = mapped_column(String(255))
+    # Summary memory (SPEC §12): the model's rolling summary of the turns before, and up to,
+    # message `memory_through_id`; later prompts read only the messages after it.
+    memory_summary: Mapped[str | None] = mapped_column(Text)
+    memory_through_id: Mapped[int | None] = mapped_column(Id)
+    # The closed period (`profiles.Hours.closed_period`) whose after-hours reply went out.
+    after_hours_period: Mapped[str | None] = mapped_column(String(40))
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -127,6 +133,8 @@ class Message(Base):
     channel: Mapped[str] = mapped_column(String(16))
     sender: Mapped[str] = mapped_column(String(16))
     author: Mapped[str | None] = mapped_column(String(16))
+    # For a fixed text (author `fixed`): which one, a `types.FixedText`.
+    fixed_kind: Mapped[str | None] = mapped_column(String(16))
     intent: Mapped[str] = mapped_column(String(16), default="message")
     body: Mapped[str] = mapped_column(Text, default="")
     provider_message_id: Mapped[str | None] = mapped_column(String(255))
@@ -157,6 +165,8 @@ class AssistantCall(Base):
     )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     model: Mapped[str] = mapped_column(String(255))
+    # "reply" (the answer to the person) or "summary" (folding old turns, never sent).
+    purpose: Mapped[str] = mapped_column(String(16), default="reply", server_default="reply")
     generation_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     processing_time: Mapped[int] = mapped_column(Integer, default=0)  # milliseconds
     status: Mapped[str] = mapped_column(String(16))

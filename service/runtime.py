@@ -5,7 +5,9 @@ app's lifespan and `parley worker` both use `started`."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,6 +16,7 @@ from service.assistant import Model, create_model
 from service.channels.registry import Channels, build_channels
 from service.db import create_engine
 from service.migrate import upgrade
+from service.profiles import Profiles, profiles_of
 from service.queue.worker import Worker
 from service.reply.flow import ReplyContext
 from service.settings import Settings
@@ -29,11 +32,18 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def started(
-    settings: Settings, channels: Channels | None = None, *, with_worker: bool
+    settings: Settings,
+    channels: Channels | None = None,
+    *,
+    with_worker: bool,
+    profiles: Profiles | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> AsyncIterator[Runtime]:
     """The process's engine, channels (the web app passes the registry whose routes it
     mounted), model and (`with_worker`) worker; closed on exit, after the caller has stopped
-    the worker."""
+    the worker. `PROFILES_FILE` is read here unless the caller read it (`ProfileError` when
+    bad); `clock` is what opening hours are judged by (tests pass a fake one)."""
+    profiles = profiles or profiles_of(settings)
     engine = create_engine(settings.database_url)
     try:
         if settings.auto_migrate:
@@ -41,7 +51,9 @@ async def started(
         channels = channels if channels is not None else build_channels(settings)
         model = create_model(settings)
         try:
-            context = ReplyContext(engine, settings, model, channels)
+            context = ReplyContext(engine, settings, model, channels, profiles)
+            if clock is not None:
+                context = dataclasses.replace(context, clock=clock)
             worker = Worker(context) if with_worker else None
             yield Runtime(engine, channels, model, worker)
         finally:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     assistant_history_messages: int = Field(20, ge=0)
     assistant_history_tokens: int = Field(4000, ge=0)
     assistant_timeout_s: float = Field(30.0, gt=0)
+    profiles_file: str | None = None  # TOML assistant profiles per local address (SPEC §11)
+    assistant_memory: Literal["window", "summary"] = "window"
+    summary_keep_messages: int = Field(10, ge=1)  # kept word for word beside the summary
 
     embedded_worker: bool = True
     worker_concurrency: int = Field(32, ge=1)
@@ -96,6 +99,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("assistant_memory", mode="before")
+    @classmethod
+    def _lower_memory(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_format", mode="before")
     @classmethod

@@ -26,6 +26,21 @@ class Author(enum.StrEnum):
     FIXED = "fixed"  # a fixed text such as HELP's answer, never from the model
 
 
+class FixedText(enum.StrEnum):
+    """Which fixed text an assistant message authored `fixed` is."""
+
+    HELP = "help"
+    GREETING = "greeting"  # a profile's greeting, before a conversation's first reply
+    AFTER_HOURS = "after_hours"  # a profile's after-hours reply, once per closed period
+
+
+class CallPurpose(enum.StrEnum):
+    """Why the model was called (`assistant_call.purpose`)."""
+
+    REPLY = "reply"
+    SUMMARY = "summary"  # folding old turns into the conversation's summary; never sent
+
+
 class Intent(enum.StrEnum):
     """What an inbound message asks of Parley, decided before anything is stored."""
 

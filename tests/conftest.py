@@ -152,9 +152,10 @@ def make_settings(database_url: str, providers: FakeProviders) -> SettingsFactor
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real app with its lifespan (engine, writer, worker), driven over HTTP in-process."""
-    app = create_app(settings)
+async def running_app(settings: Settings, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app with its lifespan (engine, writer, worker), driven over HTTP in-process;
+    `options` go to `create_app` (e.g. a fake `clock`)."""
+    app = create_app(settings, **options)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=PUBLIC_BASE_URL) as client:

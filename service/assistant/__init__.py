@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from service.assistant.base import Completion, Model, ModelError
+from service.assistant.base import CallOptions, Completion, Model, ModelError
 from service.assistant.offline import OFFLINE_MODEL_NAME, OfflineModel
 from service.settings import Settings
 
 __all__ = [
     "OFFLINE_MODEL_NAME",
+    "CallOptions",
     "Completion",
     "Model",
     "ModelError",

@@ -1,13 +1,35 @@
-"""The `Model` seam: `Model.complete(messages) -> Completion`, or `ModelError`.
+"""The `Model` seam: `Model.complete(messages, options) -> Completion`, or `ModelError`.
 
-The worker only sees `Model.complete(messages) -> Completion` and `ModelError`; which server
-answers (OpenAI, Ollama, vLLM, a test fake) is a matter of `OPENAI_BASE_URL`.
+The worker only sees `Model.complete(messages, options) -> Completion` and `ModelError`; which
+server answers (OpenAI, Ollama, vLLM, a test fake) is a matter of `OPENAI_BASE_URL`. `options`
+carry what one call asks beyond the deployment's defaults: an assistant profile's model,
+temperature and reply length (SPEC §11), or a summary call's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """One call's own parameters; None leaves the model's (or the server's) default."""
+
+    model: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+    def as_params(self) -> dict[str, Any]:
+        """What of these the call record keeps (`generation_params`)."""
+        return {
+            key: value
+            for key, value in (("temperature", self.temperature), ("max_tokens", self.max_tokens))
+            if value is not None
+        }
+
+
+DEFAULT_OPTIONS = CallOptions()
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,8 @@ class Model(Protocol):
     name: str
     params: dict[str, Any]
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion: ...
+    async def complete(
+        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+    ) -> Completion: ...
 
     async def close(self) -> None: ...

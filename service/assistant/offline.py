@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.assistant.base import Completion
+from service.assistant.base import DEFAULT_OPTIONS, CallOptions, Completion
 
 OFFLINE_MODEL_NAME = "parley-offline"
 
@@ -17,7 +17,9 @@ class OfflineModel:
         self.name = OFFLINE_MODEL_NAME
         self.params: dict[str, Any] = {}
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+    ) -> Completion:
         users = [m["content"] for m in messages if m["role"] == "user"]
         earlier = sum(1 for m in messages if m["role"] != "system") - 1
         text = (
@@ -25,7 +27,11 @@ class OfflineModel:
             f"I remember {earlier} earlier message(s) of this conversation. "
             "Set OPENAI_API_KEY for real answers."
         )
-        return Completion(text=text, model=self.name, params=self.params)
+        # The record says the offline assistant answered; what a profile asked for is kept.
+        params = {**self.params, **options.as_params()}
+        if options.model:
+            params["requested_model"] = options.model
+        return Completion(text=text, model=self.name, params=params)
 
     async def close(self) -> None:
         return None

@@ -7,7 +7,7 @@ from typing import Any
 
 import openai
 
-from service.assistant.base import Completion, ModelError
+from service.assistant.base import DEFAULT_OPTIONS, CallOptions, Completion, ModelError
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 
@@ -25,12 +25,20 @@ class OpenAIModel:
             max_retries=0,
         )
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+    ) -> Completion:
         started = time.perf_counter()
+        asked: dict[str, Any] = {}
+        if options.temperature is not None:
+            asked["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            asked["max_tokens"] = options.max_tokens
         try:
             response = await self._client.chat.completions.create(
-                model=self.name,
+                model=options.model or self.name,
                 messages=messages,  # type: ignore[arg-type]
+                **asked,
             )
         except openai.APIError as exc:
             error = _model_error(exc)
@@ -42,8 +50,8 @@ class OpenAIModel:
         usage = response.usage
         return Completion(
             text=text,
-            model=response.model or self.name,
-            params=self.params,
+            model=response.model or options.model or self.name,
+            params={**self.params, **options.as_params()},
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             total_tokens=usage.total_tokens if usage else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from service.cli import admin, client
+from service.cli import admin, client, profiles
 from service.cli.serve import cmd_migrate, cmd_serve, cmd_worker
 
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client.add_commands(commands)
     admin.add_commands(commands)
+    profiles.add_commands(commands)
     return parser
 
 

@@ -9,9 +9,11 @@ import signal
 
 import uvicorn
 
+from service.cli.profiles import profiles_or_exit
 from service.db import create_engine
 from service.logs import configure_logging
 from service.migrate import upgrade
+from service.profiles import Profiles
 from service.settings import Settings, settings_or_exit
 
 log = logging.getLogger("parley")
@@ -39,13 +41,14 @@ def _warn_about_secrets(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"parley_dev": True} if args.dev else {}
     settings = settings_or_exit(**overrides)
+    profiles = profiles_or_exit(settings)
     configure_logging(settings)
     _warn_about_secrets(settings)
     from service.web.app import create_app
     from service.web.protocol import BoundedHeadProtocol
 
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, profiles=profiles),
         host=args.host,
         port=args.port,
         log_config=None,
@@ -63,20 +66,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
+    profiles = profiles_or_exit(settings)
     configure_logging(settings)
     if args.metrics_port is not None:
         import prometheus_client
 
         prometheus_client.start_http_server(args.metrics_port)
         log.info("worker metrics on :%d/metrics", args.metrics_port)
-    asyncio.run(_run_worker(settings))
+    asyncio.run(_run_worker(settings, profiles))
     return 0
 
 
-async def _run_worker(settings: Settings) -> None:
+async def _run_worker(settings: Settings, profiles: Profiles) -> None:
     from service import runtime
 
-    async with runtime.started(settings, with_worker=True) as ready:
+    async with runtime.started(settings, with_worker=True, profiles=profiles) as ready:
         worker = ready.worker
         assert worker is not None
         loop = asyncio.get_running_loop()

@@ -1,24 +1,37 @@
-"""Writing the reply: fixed texts (HELP), the limits (`REPLY_RATE_LIMIT` per conversation,
-`MODEL_CALLS_LIMIT` for the deployment), the model call and its record. The answer is stored,
-cut to the channel's limits, before anything is sent."""
+"""Writing the reply: fixed texts (HELP, a profile's greeting and after-hours reply), the
+limits (`REPLY_RATE_LIMIT` per conversation, `MODEL_CALLS_LIMIT` for the deployment), the model
+call and its record. The conversation's local address picks its assistant profile (SPEC §11):
+its prompt, model and options, its hours, its memory. The answer is stored, cut to the
+channel's limits, before anything is sent."""
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import datetime as dt
 import logging
-import time
 from collections.abc import Sequence
 
-from service import metrics, storable
-from service.assistant import Completion, ModelError
-from service.conversation import HELP_TEXT, build_prompt, history_rows_for, join_parts
+from service import memory, metrics, storable
+from service.assistant import CallOptions, Completion, ModelError
+from service.conversation import HELP_TEXT, build_prompt
 from service.db import utcnow
+from service.profiles import Assistant, from_variables, no_profiles
+from service.reply.calls import ModelCaller
 from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
-from service.store import bursts, conversations, outbox
+from service.reply.memory import Memory
+from service.store import bursts, conversations, fixed, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
-from service.types import Author, Channel, InboundState, Intent, Sender, Turn
+from service.types import (
+    Author,
+    CallPurpose,
+    Channel,
+    FixedText,
+    InboundState,
+    Intent,
+    Sender,
+    Turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +42,72 @@ class Answerer:
     def __init__(self, context: ReplyContext) -> None:
         self._engine = context.engine
         self._settings = context.settings
-        self._model = context.model
         self._channels = context.channels
         self._warned_until: dict[int, float] = {}
         settings = context.settings
         self._budget = ModelCallBudget(
             context.engine, settings.model_calls_cap, settings.model_calls_limit
         )
+        self._profiles = context.profiles or no_profiles(from_variables(settings))
+        self._clock = context.clock
+        self._caller = ModelCaller(context.engine, context.model, settings.assistant_timeout_s)
+        self._memory = Memory(
+            context.engine, self._caller, self._budget, settings.summary_keep_messages
+        )
 
     async def answer(self, conversation: ConversationView, waiting: list[Waiting]) -> Outcome:
-        """HELP with its fixed text, the rest with one model call; in the order they came."""
+        """HELP with its fixed text, the rest with one model call (or, outside the profile's
+        hours, its after-hours reply); in the order they came."""
+        assistant = self._profiles.pick(conversation.local_address)
         helps = [m for m in waiting if m.intent == Intent.HELP.value]
         questions = [m for m in waiting if m.intent != Intent.HELP.value]
         groups = sorted((group for group in (helps, questions) if group), key=lambda g: g[0].id)
         outcome = Outcome.ANSWERED
         for group in groups:
             if group is helps:
-                await self._store(conversation, helps, HELP_TEXT, Author.FIXED)
+                await self._store(
+                    conversation, helps, HELP_TEXT, assistant, Author.FIXED, kind=FixedText.HELP
+                )
+            elif not assistant.is_open(now := self._clock()):
+                if not await self._after_hours(conversation, questions, assistant, now):
+                    outcome = Outcome.CLOSED
             elif scope := await self._limit_reached(conversation):
                 outcome = await self._rate_limited(questions, scope)
             else:
-                outcome = await self._answer_burst(conversation, questions)
+                outcome = await self._answer_burst(conversation, questions, assistant)
         return outcome
 
+    async def _after_hours(
+        self,
+        conversation: ConversationView,
+        questions: Sequence[Waiting],
+        assistant: Assistant,
+        now: dt.datetime,
+    ) -> bool:
+        """The profile's after-hours reply, once per closed period; later messages of the period
+        (or all, without an `after_hours_reply`) are `not_answered`. True when a reply is owed."""
+        if assistant.after_hours_reply is None or assistant.hours is None:
+            await outbox.mark_inbound(
+                self._engine,
+                [m.id for m in questions],
+                InboundState.NOT_ANSWERED,
+                error=fixed.CLOSED,
+            )
+            return False
+        reply = self._answer(
+            conversation,
+            questions,
+            assistant.after_hours_reply,
+            Author.FIXED,
+            FixedText.AFTER_HOURS,
+        )
+        await self._greet(conversation, questions, assistant)
+        return await fixed.store_after_hours(
+            self._engine, reply, assistant.hours.closed_period(now)
+        )
+
     async def _answer_burst(
-        self, conversation: ConversationView, questions: list[Waiting]
+        self, conversation: ConversationView, questions: list[Waiting], assistant: Assistant
     ) -> Outcome:
         """One model call for the questions; when the person wrote more before its answer was
         stored, the answer is dropped (its call recorded `superseded`) and the model asked
@@ -61,17 +115,16 @@ class Answerer:
         is stored whatever came meanwhile (SPEC §12). One reply per burst, in order."""
         claimed = len(questions)
         for retake in range(MAX_RETAKES + 1):
-            completion, call_id = await self._ask_model(conversation, questions)
-            taken_over = [m.id for m in questions[claimed:]]
-            interruptible = retake < MAX_RETAKES
+            completion, call_id = await self._ask_model(conversation, questions, assistant)
             stored = await self._store(
                 conversation,
                 questions,
                 completion.text,
+                assistant,
                 Author.MODEL,
                 call_id,
-                interruptible,
-                taken_over,
+                interruptible=retake < MAX_RETAKES,
+                taken_over=[m.id for m in questions[claimed:]],
             )
             if stored:
                 return Outcome.ANSWERED
@@ -121,77 +174,41 @@ class Answerer:
     # ------------------------------------------------------------ the model
 
     async def _prompt(
-        self, conversation: ConversationView, questions: Sequence[Waiting]
+        self, conversation: ConversationView, questions: Sequence[Waiting], assistant: Assistant
     ) -> list[dict[str, str]]:
-        """History bounded by count and tokens (`conversation.build_prompt`), then the questions."""
-        max_messages = self._settings.assistant_history_messages
-        rows = await conversations.history_rows(
-            self._engine, conversation.id, [m.id for m in questions], history_rows_for(max_messages)
+        """The profile's system prompt, the summary (summary memory), the history bounded by
+        count and tokens (`conversation.build_prompt`), then the questions."""
+        new = [Turn(Sender.USER, m.body) for m in questions]
+        summary, history = await self._memory.history(
+            conversation.id, [m.id for m in questions], new, assistant
         )
-        return build_prompt(
-            self._settings.assistant_system_prompt,
+        prompt = build_prompt(
+            assistant.system_prompt,
             self._channels[Channel(conversation.channel)].style,
-            join_parts(rows),
-            [Turn(Sender.USER, m.body) for m in questions],
-            max_messages=max_messages,
-            max_tokens=self._settings.assistant_history_tokens,
+            history,
+            new,
+            max_messages=assistant.history_messages,
+            max_tokens=assistant.history_tokens - memory.summary_cost(summary),
         )
+        return memory.with_summary(prompt, summary)
 
     async def _ask_model(
-        self, conversation: ConversationView, questions: Sequence[Waiting]
+        self, conversation: ConversationView, questions: Sequence[Waiting], assistant: Assistant
     ) -> tuple[Completion, int]:
-        prompt = await self._prompt(conversation, questions)
-        started = time.perf_counter()
+        prompt = await self._prompt(conversation, questions, assistant)
+        options = CallOptions(assistant.model, assistant.temperature, assistant.max_tokens)
         try:
-            async with asyncio.timeout(self._settings.assistant_timeout_s + 5):
-                completion = await self._model.complete(prompt)
-        except (ModelError, TimeoutError) as exc:
-            error = (
-                exc
-                if isinstance(exc, ModelError)
-                else ModelError("model call timed out", retryable=True)
+            return await self._caller.call(
+                conversation.id,
+                prompt,
+                options,
+                purpose=CallPurpose.REPLY,
+                profile=assistant.profile,
             )
-            error.latency_ms = error.latency_ms or int((time.perf_counter() - started) * 1000)
-            await self._record_failed_call(conversation.id, error)
+        except ModelError as error:
             if error.retryable:
-                raise RetryLater(str(error), error.retry_after_s) from exc
-            raise GiveUp(str(error)) from exc
-        return completion, await self._record_call(conversation.id, completion)
-
-    async def _record_call(self, conversation_id: int, completion: Completion) -> int:
-        metrics.observe_model_call(
-            completion.latency_ms / 1000,
-            True,
-            completion.prompt_tokens,
-            completion.completion_tokens,
-        )
-        return await outbox.record_call(
-            self._engine,
-            outbox.CallRecord(
-                conversation_id=conversation_id,
-                model=completion.model,
-                generation_params=completion.params,
-                processing_time=completion.latency_ms,
-                ok=True,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                total_tokens=completion.total_tokens,
-            ),
-        )
-
-    async def _record_failed_call(self, conversation_id: int, error: ModelError) -> None:
-        metrics.observe_model_call(error.latency_ms / 1000, False, None, None)
-        await outbox.record_call(
-            self._engine,
-            outbox.CallRecord(
-                conversation_id=conversation_id,
-                model=self._model.name,
-                generation_params=self._model.params,
-                processing_time=error.latency_ms,
-                ok=False,
-                error=str(error),
-            ),
-        )
+                raise RetryLater(str(error), error.retry_after_s) from error
+            raise GiveUp(str(error)) from error
 
     # ------------------------------------------------------------ storing
 
@@ -200,19 +217,53 @@ class Answerer:
         conversation: ConversationView,
         answered: Sequence[Waiting],
         text: str,
+        assistant: Assistant,
         author: Author,
         call_id: int | None = None,
+        kind: FixedText | None = None,
+        *,
         interruptible: bool = False,
         taken_over: Sequence[int] = (),
     ) -> bool:
-        """The reply's parts and the answered messages' new state, in one transaction; False
-        when `interruptible` and a newer message of the person waits (nothing stored)."""
+        """The reply's parts and the answered messages' new state, in one transaction; the
+        profile's greeting first when this is the conversation's first reply. False when
+        `interruptible` and a newer message of the person waits (the answer is not stored)."""
+        answer = self._answer(conversation, answered, text, author, kind, call_id)
+        answer = dataclasses.replace(answer, interruptible=interruptible, taken_over=taken_over)
+        await self._greet(conversation, answered, assistant)
+        stored = await outbox.store_answer(self._engine, answer)
+        if stored is outbox.Stored.ANSWERED_ELSEWHERE:
+            # Another worker answered them while this one was stalled past its lease.
+            raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
+        return stored is outbox.Stored.STORED
+
+    async def _greet(
+        self, conversation: ConversationView, answered: Sequence[Waiting], assistant: Assistant
+    ) -> None:
+        """The greeting, its own message, exactly the configured text, before the first reply of
+        the conversation and never again (`store_greeting` checks, in its transaction)."""
+        if assistant.greeting:
+            greeting = self._answer(
+                conversation, answered, assistant.greeting, Author.FIXED, FixedText.GREETING
+            )
+            await fixed.store_greeting(self._engine, greeting)
+
+    def _answer(
+        self,
+        conversation: ConversationView,
+        answered: Sequence[Waiting],
+        text: str,
+        author: Author,
+        kind: FixedText | None = None,
+        call_id: int | None = None,
+    ) -> outbox.Answer:
+        """A reply to `answered`, cut to the channel's limits, in its envelope."""
         channel = Channel(conversation.channel)
         last = answered[-1]
         subject, headers = self._channels[channel].reply_envelope(
             last.subject, last.headers, conversation.local_address
         )
-        answer = outbox.Answer(
+        return outbox.Answer(
             conversation_id=conversation.id,
             channel=conversation.channel,
             answered_ids=[m.id for m in answered],
@@ -222,11 +273,5 @@ class Answerer:
             subject=subject,
             headers=headers,
             call_id=call_id,
-            interruptible=interruptible,
-            taken_over=taken_over,
+            fixed_kind=kind.value if kind else None,
         )
-        stored = await outbox.store_answer(self._engine, answer)
-        if stored is outbox.Stored.ANSWERED_ELSEWHERE:
-            # Another worker answered them while this one was stalled past its lease.
-            raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
-        return stored is outbox.Stored.STORED

@@ -14,13 +14,16 @@ Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Supersed
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from service import metrics
 from service.assistant import Model
 from service.channels.base import ChannelPlugin
+from service.db import utcnow
+from service.profiles import Profiles
 from service.queue.manager import Claim
 from service.settings import Settings
 from service.store import AsyncEngine, conversations, outbox
@@ -39,6 +42,7 @@ class Outcome(enum.StrEnum):
     WITHHELD = "withheld"
     PAUSED = "paused"
     OWN_ADDRESS = "own_address"
+    CLOSED = "closed"  # outside the profile's hours, the after-hours reply already sent
     # the worker's own
     RETRY = "retry"
     FAILED = "failed"
@@ -55,6 +59,8 @@ class ReplyContext:
     settings: Settings
     model: Model
     channels: Mapping[Channel, ChannelPlugin]
+    profiles: Profiles | None = None  # None: the variables alone, no PROFILES_FILE
+    clock: Callable[[], dt.datetime] = field(default=utcnow)  # opening hours are judged by it
 
 
 class RetryLater(Exception):

@@ -22,7 +22,7 @@ from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
-from service.types import Author, CallStatus, Delivery, InboundState, Intent, Sender
+from service.types import Author, CallPurpose, CallStatus, Delivery, InboundState, Intent, Sender
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -235,20 +235,27 @@ async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> l
 
 
 async def history_rows(
-    engine: AsyncEngine, conversation_id: int, new_ids: Sequence[int], max_rows: int
+    engine: AsyncEngine,
+    conversation_id: int,
+    new_ids: Sequence[int],
+    max_rows: int,
+    after_id: int | None = None,
 ) -> list[StoredTurn]:
     """The newest `max_rows` stored turns before the new messages, oldest first: the user's
     messages (not keywords) and the replies written by the model or an operator, one row per
     part. A reply stored after a new message arrived (a burst) is still history, so it counts
-    by id but the new messages themselves do not. `conversation.select_history` trims them."""
+    by id but the new messages themselves do not. `conversation.select_history` trims them.
+    `after_id`: only rows after it (a summary covers the rest)."""
     if max_rows == 0:
         return []
+    after = () if after_id is None else (Message.id > after_id,)
     async with reader(engine).connect() as connection:
         rows = await connection.execute(
-            select(Message.sender, Message.body, Message.reply_to_id)
+            select(Message.id, Message.sender, Message.body, Message.reply_to_id)
             .where(
                 Message.conversation_id == conversation_id,
                 Message.id.not_in(new_ids),
+                *after,
                 or_(
                     and_(
                         Message.sender == Sender.USER.value,
@@ -265,7 +272,9 @@ async def history_rows(
             .order_by(Message.id.desc())
             .limit(max_rows)
         )
-        return [StoredTurn(Sender(r.sender), r.body, r.reply_to_id) for r in reversed(rows.all())]
+        return [
+            StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id) for r in reversed(rows.all())
+        ]
 
 
 async def is_own_address(engine: AsyncEngine, address: str) -> bool:
@@ -278,8 +287,9 @@ async def is_own_address(engine: AsyncEngine, address: str) -> bool:
 
 
 async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
-    """The conversation's answered model calls since then (`REPLY_RATE_LIMIT`), those whose
-    answer a newer message superseded included: they were made."""
+    """The conversation's model calls for replies since then (`REPLY_RATE_LIMIT`): answered
+    ones and those whose answer a newer message superseded (they were made); summary calls do
+    not count against the person."""
     async with reader(engine).connect() as connection:
         count = await connection.scalar(
             select(func.count())
@@ -287,6 +297,7 @@ async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt
             .where(
                 AssistantCall.conversation_id == conversation_id,
                 AssistantCall.status.in_([CallStatus.OK.value, CallStatus.SUPERSEDED.value]),
+                AssistantCall.purpose == CallPurpose.REPLY.value,
                 AssistantCall.created_at >= since,
             )
         )

@@ -56,6 +56,7 @@ class Answer:
     subject: str | None
     headers: dict[str, str]
     call_id: int | None = None
+    fixed_kind: str | None = None  # which fixed text (`types.FixedText`), for author `fixed`
     # SPEC §12: not stored when a newer message of the person waits (`bursts.interrupted`).
     interruptible: bool = False
     # The newer messages among `answered_ids` a running claim took over: their queued jobs
@@ -84,6 +85,7 @@ class CallRecord:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     error: str | None = None
+    purpose: str = "reply"  # `types.CallPurpose`
 
 
 def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -101,6 +103,7 @@ async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
             {
                 "conversation_id": call.conversation_id,
                 "model": call.model,
+                "purpose": call.purpose,
                 "generation_params": call.generation_params,
                 "processing_time": call.processing_time,
                 "status": (CallStatus.OK if call.ok else CallStatus.ERROR).value,
@@ -166,6 +169,7 @@ async def _insert_parts(connection: AsyncConnection, answer: Answer) -> int | No
                 "channel": answer.channel,
                 "sender": Sender.ASSISTANT.value,
                 "author": answer.author.value,
+                "fixed_kind": answer.fixed_kind,
                 "intent": Intent.MESSAGE.value,
                 "body": body,
                 "subject": answer.subject,

@@ -17,7 +17,14 @@ import re
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    computed_field,
+    field_validator,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -97,6 +104,7 @@ class MessageOut(BaseModel):
     updated_at: dt.datetime
     sender: str
     author: str | None
+    fixed_kind: str | None = Field(description="for author fixed: help, greeting, after_hours")
     intent: str
     body: str
     subject: str | None
@@ -114,6 +122,7 @@ class AssistantCallOut(BaseModel):
     created_at: dt.datetime
     message_id: int | None
     model: str
+    purpose: str = Field(description="reply, or summary (folding old turns; never sent)")
     generation_params: dict[str, Any]
     processing_time: int = Field(description="milliseconds")
     status: str = Field(
@@ -124,8 +133,24 @@ class AssistantCallOut(BaseModel):
     total_tokens: int | None
     error: str | None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def profile(self) -> str | None:
+        """The assistant profile the call was made for (None: the variables alone)."""
+        value = self.generation_params.get("profile")
+        return value if isinstance(value, str) else None
+
+
+class MemoryOut(BaseModel):
+    """Whether the conversation has a summary memory and how far it reaches; not its text."""
+
+    summary: bool
+    through_message_id: int | None
+
 
 class ConversationDetailOut(ConversationOut):
+    profile: str | None
+    memory: MemoryOut
     messages: list[MessageOut]
     assistant_calls: list[AssistantCallOut]
 
@@ -263,6 +288,11 @@ async def get_conversation(request: Request) -> Response:
     return _json(
         ConversationDetailOut(
             **summary.model_dump(),
+            profile=request.app.state.profiles.pick(detail.conversation.local_address).profile,
+            memory=MemoryOut(
+                summary=detail.conversation.memory_summary is not None,
+                through_message_id=detail.conversation.memory_through_id,
+            ),
             messages=[MessageOut.model_validate(m) for m in detail.messages],
             assistant_calls=[AssistantCallOut.model_validate(c) for c in detail.calls],
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from starlette.routing import Mount, Route
 from service import runtime
 from service.assistant import Model
 from service.channels.registry import Channels, build_channels
+from service.profiles import Profiles, profiles_of
 from service.queue.debounce import Debounce
 from service.queue.worker import Worker
 from service.settings import Settings
@@ -49,7 +51,11 @@ class Services:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     async with runtime.started(
-        settings, app.state.channels, with_worker=settings.embedded_worker
+        settings,
+        app.state.channels,
+        with_worker=settings.embedded_worker,
+        profiles=app.state.profiles,
+        clock=app.state.clock,
     ) as ready:
         worker = ready.worker
         writer = InboundWriter(
@@ -96,7 +102,15 @@ async def _storage_failure(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"{failure}\n", status_code=failure.status)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(
+    settings: Settings,
+    *,
+    profiles: Profiles | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
+) -> Starlette:
+    """The app; `PROFILES_FILE` is read now unless given (`ProfileError` when bad), so a bad
+    file stops the process before it serves; `clock` judges opening hours (tests)."""
+    profiles = profiles or profiles_of(settings)
     channels = build_channels(settings)  # its routes are the webhooks; the lifespan uses it
     app = Starlette(
         routes=[
@@ -112,4 +126,6 @@ def create_app(settings: Settings) -> Starlette:
     app.router.redirect_slashes = False  # never a 3xx: a path either exists or is a 404
     app.state.settings = settings
     app.state.channels = channels
+    app.state.profiles = profiles
+    app.state.clock = clock
     return app

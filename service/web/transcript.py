@@ -22,7 +22,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from service.models import Message
 from service.store import conversations as admin
-from service.types import Author, Delivery, InboundState, Intent, Sender
+from service.types import Author, Delivery, FixedText, InboundState, Intent, Sender
 
 if TYPE_CHECKING:
     import jinja2
@@ -96,6 +96,10 @@ _AUTHORS = {
     Author.OPERATOR.value: "Operator",
     Author.FIXED.value: "Automatic reply",
 }
+_FIXED = {
+    FixedText.GREETING.value: "Greeting (automatic)",
+    FixedText.AFTER_HOURS.value: "After-hours reply (automatic)",
+}
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,14 @@ def _entry(message: Message, remote: str) -> Entry:
         status, tone = _INBOUND.get(message.status, (message.status, "ok"))
         if message.intent in _KEYWORDS and tone == "ok":
             status = _KEYWORDS[message.intent]
+        elif message.status == InboundState.NOT_ANSWERED.value and message.error:
+            status = f"not answered: {message.error}"  # e.g. outside opening hours
         who, side, operator = remote, "them", False
     else:
         status, tone = _DELIVERY.get(message.status, (message.status, "ok"))
-        who = _AUTHORS.get(message.author or "", "Assistant")
+        who = _FIXED.get(message.fixed_kind or "") or _AUTHORS.get(
+            message.author or "", "Assistant"
+        )
         side, operator = "us", message.author == Author.OPERATOR.value
     return Entry(
         id=message.id,
@@ -157,7 +165,9 @@ def _entry(message: Message, remote: str) -> Entry:
     )
 
 
-def render(detail: admin.Detail, channel_name: str) -> str:
+def render(detail: admin.Detail, channel_name: str, profile: str | None = None) -> str:
+    """The page; `profile` is the assistant profile answering this conversation. The summary
+    memory's existence is shown, never its text (it is the model's notes, not a message)."""
     conversation = detail.conversation
     remote = mask_address(conversation.remote_address)
     return _template().render(
@@ -167,6 +177,8 @@ def render(detail: admin.Detail, channel_name: str) -> str:
         started=moment(conversation.created_at),
         opted_out=conversation.opted_out,
         paused=conversation.paused,
+        profile=profile,
+        summarised_through=conversation.memory_through_id if conversation.memory_summary else None,
         entries=[_entry(m, remote) for m in detail.messages],
     )
 
@@ -183,4 +195,5 @@ async def page(request: Request) -> Response:
     except admin.NotFound:
         return not_found()
     channel_name = services.channels.display_name(detail.conversation.channel)
-    return HTMLResponse(render(detail, channel_name), headers=HEADERS)
+    profile = request.app.state.profiles.pick(detail.conversation.local_address).profile
+    return HTMLResponse(render(detail, channel_name, profile), headers=HEADERS)
