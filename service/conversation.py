@@ -10,8 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from service.types import Intent, Sender, Turn
+from service.media import IMAGE_TOKENS, history_text
+from service.types import Intent, MediaItem, Sender, Turn
+
+# One chat message for the model: `content` is text, or a list of content parts (a text part
+# and `image_url` parts) for a turn that carries images.
+PromptMessage = dict[str, Any]
 
 OPT_OUT_WORDS = frozenset(
     {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
@@ -65,11 +71,16 @@ def estimate_tokens(text: str) -> int:
     return 4 + (len(text) + 3) // 4
 
 
+def turn_tokens(turn: Turn) -> int:
+    """A turn's estimated cost: its text, plus `media.IMAGE_TOKENS` per image."""
+    return estimate_tokens(turn.body) + IMAGE_TOKENS * len(turn.images)
+
+
 def bounded_history(
     history: Sequence[Turn], new: Sequence[Turn], max_messages: int, max_tokens: int
 ) -> list[Turn]:
     """The newest earlier turns that fit both limits, oldest first; `new` always goes."""
-    budget = max_tokens - sum(estimate_tokens(t.body) for t in new)
+    budget = max_tokens - sum(turn_tokens(t) for t in new)
     kept: list[Turn] = []
     for turn in reversed(history[-max_messages:] if max_messages else []):
         cost = estimate_tokens(turn.body)
@@ -89,6 +100,7 @@ class StoredTurn:
     body: str
     reply_to_id: int | None
     id: int = 0  # the stored row's (a summary's watermark is the last row it covers)
+    media: tuple[MediaItem, ...] = ()
 
 
 def history_rows_for(max_messages: int) -> int:
@@ -119,7 +131,7 @@ def join_parts(rows: Sequence[StoredTurn]) -> list[Turn]:
 
 
 def turn_of(group: Sequence[StoredTurn]) -> Turn:
-    return Turn(group[0].sender, " ".join(row.body for row in group))
+    return Turn(group[0].sender, " ".join(history_text(row.body, row.media) for row in group))
 
 
 def build_prompt(
@@ -130,15 +142,25 @@ def build_prompt(
     *,
     max_messages: int,
     max_tokens: int,
-) -> list[dict[str, str]]:
+) -> list[PromptMessage]:
     """Chat messages for the model: system prompt + the channel's `style` line, history, then
     the new turns."""
     system = f"{system_prompt or DEFAULT_SYSTEM_PROMPT}\n\n{style}"
     turns = [*bounded_history(history, new, max_messages, max_tokens), *new]
     return [{"role": "system", "content": system}] + [
-        {"role": "user" if t.sender is Sender.USER else "assistant", "content": t.body}
+        {"role": "user" if t.sender is Sender.USER else "assistant", "content": content_of(t)}
         for t in turns
     ]
+
+
+def content_of(turn: Turn) -> str | list[dict[str, Any]]:
+    """A turn's `content`: its text, or with images OpenAI's content parts, the text part
+    first (left out when the message was only pictures), then one `image_url` part per image
+    in the order they were sent."""
+    if not turn.images:
+        return turn.body
+    text = [{"type": "text", "text": turn.body}] if turn.body else []
+    return text + [{"type": "image_url", "image_url": {"url": url}} for url in turn.images]
 
 
 def split_at_words(text: str, limit: int) -> list[str]:

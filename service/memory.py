@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.conversation import StoredTurn, estimate_tokens, group_parts, turn_of
+from service.conversation import StoredTurn, estimate_tokens, group_parts, turn_of, turn_tokens
 from service.types import Sender, Turn
 
 SUMMARY_PREFIX = "Summary of the earlier conversation: "
@@ -50,7 +50,7 @@ def plan_fold(
     the summary and the new turns (`new`, stored as `new_ids`); None when it fits or nothing
     older than the kept turns is left."""
     groups = group_parts(rows)
-    cost = summary_cost(summary) + sum(estimate_tokens(t.body) for t in new)
+    cost = summary_cost(summary) + sum(turn_tokens(t) for t in new)  # images included
     cost += sum(estimate_tokens(row.body) for row in rows)
     if len(groups) <= max_messages and cost <= max_tokens:
         return None

@@ -140,6 +140,9 @@ class Message(Base):
     provider_message_id: Mapped[str | None] = mapped_column(String(255))
     subject: Mapped[str | None] = mapped_column(Text)
     headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The user's attachments (`types.MediaItem.to_json`, in order): URL, type, size once
+    # fetched, state. Never their bytes.
+    media: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text)
     reply_to_id: Mapped[int | None] = mapped_column(

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     assistant_history_messages: int = Field(20, ge=0)
     assistant_history_tokens: int = Field(4000, ge=0)
     assistant_timeout_s: float = Field(30.0, gt=0)
+    assistant_vision: bool = True  # MMS images to the model as image parts (else a note)
+    media_max_bytes: int = Field(5_242_880, ge=1)  # largest MMS item fetched for the model
     profiles_file: str | None = None  # TOML assistant profiles per local address (SPEC §11)
     assistant_memory: Literal["window", "summary"] = "window"
     summary_keep_messages: int = Field(10, ge=1)  # kept word for word beside the summary
@@ -87,6 +89,9 @@ class Settings(BaseSettings):
     provider_timeout_s: float = Field(15.0, gt=0)  # one send to Twilio or SendGrid
     worker_poll_s: float = Field(1.0, gt=0)  # how often an idle worker looks for due jobs
     shutdown_grace_s: float = Field(10.0, ge=0)  # running replies may finish this long on stop
+    media_timeout_s: float = Field(10.0, gt=0)  # one MMS item's fetch, redirects included
+    # Hosts Twilio's media URLs may redirect to (its CDN); fetched without credentials.
+    twilio_media_redirect_hosts: str = "*.twiliocdn.com,s3-external-1.amazonaws.com"
     reply_rate_limit: str = "60/hour"
     model_calls_limit: str = "10000/hour"  # the whole deployment's; "0" = unlimited
     max_email_bytes: int = Field(31_457_280, ge=1024)

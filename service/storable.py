@@ -131,4 +131,12 @@ def inbound(message: Inbound) -> Inbound:
         },
         meta={line(k, MAX_HEADER_NAME): json_value(v) for k, v in message.meta.items()},
         display_name=None if message.display_name is None else line(message.display_name, 255),
+        media=tuple(
+            dataclasses.replace(
+                item,
+                url=line(item.url, MAX_HEADER_VALUE),
+                content_type=line(item.content_type, MAX_HEADER_NAME),
+            )
+            for item in message.media
+        ),
     )

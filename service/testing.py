@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+import mimetypes
+from collections.abc import Mapping, Sequence
 from email.utils import format_datetime
+from urllib.parse import urlsplit
 
 from twilio.request_validator import RequestValidator
 
@@ -40,6 +42,20 @@ def inbound_form(
         "From": from_,
         "ApiVersion": "2010-04-01",
     }
+
+
+def with_media(form: Mapping[str, str], urls: Sequence[str]) -> dict[str, str]:
+    """`form` as an MMS: `NumMedia`, `MediaUrl{i}` and `MediaContentType{i}` (guessed from
+    each URL's name), an `MM` message sid as Twilio gives an inbound MMS."""
+    if not urls:
+        return dict(form)
+    sid = "MM" + form["MessageSid"][2:]
+    media: dict[str, str] = {}
+    for index, url in enumerate(urls[:10]):
+        content_type = mimetypes.guess_type(urlsplit(url).path)[0] or "application/octet-stream"
+        media |= {f"MediaContentType{index}": content_type, f"MediaUrl{index}": url}
+    sids = {"MessageSid": sid, "SmsSid": sid, "SmsMessageSid": sid}
+    return {**media, **form, **sids, "NumMedia": str(len(media) // 2)}
 
 
 def whatsapp_form(

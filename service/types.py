@@ -111,6 +111,59 @@ class JobStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class MediaState(enum.StrEnum):
+    """What became of one attachment of a message (MMS media)."""
+
+    DECLARED = "declared"  # stored from the webhook, not fetched yet
+    FETCHED = "fetched"  # fetched; its size is known
+    UNAVAILABLE = "unavailable"  # the provider answered 4xx (gone, forbidden)
+    TOO_LARGE = "too_large"  # over MEDIA_MAX_BYTES: not downloaded past the limit
+    NOT_FETCHED = "not_fetched"  # not on the provider's media host: described, never fetched
+
+
+@dataclass(frozen=True)
+class MediaItem:
+    """One attachment as stored with its message: where it is, what it is, and (once the
+    worker has looked) how big it is. Never its bytes."""
+
+    url: str
+    content_type: str
+    size: int | None = None  # bytes, learned at fetch time
+    state: MediaState = MediaState.DECLARED
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "content_type": self.content_type,
+            "size": self.size,
+            "state": self.state.value,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> MediaItem | None:
+        """A stored item; None for anything that is not one (never raises on old rows)."""
+        if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+            return None
+        size = value.get("size")
+        try:
+            state = MediaState(value.get("state", MediaState.DECLARED))
+        except ValueError:
+            state = MediaState.DECLARED
+        return cls(
+            url=value["url"],
+            content_type=str(value.get("content_type") or "application/octet-stream"),
+            size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+            state=state,
+        )
+
+
+def media_from_json(value: object) -> tuple[MediaItem, ...]:
+    """A message's stored media list (the `message.media` column)."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(item for item in map(MediaItem.from_json, value) if item is not None)
+
+
 @dataclass(frozen=True)
 class Inbound:
     """One message as a channel parsed it, before it is stored."""
@@ -125,14 +178,17 @@ class Inbound:
     headers: dict[str, str] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
     display_name: str | None = None  # what the sender calls themselves (WhatsApp ProfileName)
+    media: tuple[MediaItem, ...] = ()  # MMS / WhatsApp attachments, in the provider's order
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One earlier message as the assistant sees it."""
+    """One message as the assistant sees it. `images` (base64 `data:` URLs) only on the turn
+    they arrive in; earlier turns carry their attachments as text notes in `body`."""
 
     sender: Sender
     body: str
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

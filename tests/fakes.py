@@ -63,6 +63,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import hashlib
 import http
 import json
 import math
@@ -73,7 +74,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -83,10 +84,10 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["FakeProviders", "PlanAction", "default_openai_reply"]
+__all__ = ["FakeMedia", "FakeProviders", "PlanAction", "default_openai_reply", "image_parts"]
 
 PlanAction: TypeAlias = (
     Literal["ok"]
@@ -102,6 +103,10 @@ Provider: TypeAlias = Literal["twilio", "sendgrid", "openai"]
 T = TypeVar("T")
 
 _TWILIO_MESSAGES = "/2010-04-01/Accounts/{sid}/Messages.json"
+_TWILIO_MEDIA = "/2010-04-01/Accounts/{sid}/Messages/{message_sid}/Media/{media_sid}"
+_MEDIA_CDN = "/cdn/media/{media_sid}"  # where Twilio's media URL redirects (its CDN)
+_MEDIA_CHUNK = 64 * 1024
+MEDIA_ACCOUNT_SID = "AC32d0d85518aa25edef571b53f079c2be"  # the tests' TWILIO_ACCOUNT_SID
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _CHANNEL_ADDRESS = re.compile(r"^[a-z]+:.+$")
 _WHATSAPP = "whatsapp:"
@@ -180,6 +185,46 @@ def _phrase(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+# --------------------------------------------------------------------------
+# Media (MMS attachments)
+
+
+@dataclass
+class FakeMedia:
+    """One media item the fake Twilio serves at its Media URL (`FakeProviders.serve_media`).
+
+    Like Twilio: the Media URL needs HTTP Basic auth and answers a 307 to a second path (its
+    CDN), which serves the bytes. `failures` are answered at the Media URL first, one per
+    fetch (500, 404...); the first `slow_times` fetches wait `slow_s` before the bytes;
+    `stream_bytes` makes an over-sized item: that many bytes, streamed without Content-Length
+    (`declare_length=True` sends the header)."""
+
+    content: bytes = b""
+    content_type: str = "image/jpeg"
+    failures: list[int] = field(default_factory=list)
+    slow_s: float = 0.0
+    slow_times: int = 0
+    stream_bytes: int | None = None
+    declare_length: bool = False
+    streamed: int = 0  # bytes of `stream_bytes` the fake managed to hand over
+
+
+def image_parts(request_json: dict[str, Any]) -> list[list[str]]:
+    """The image URLs (`data:` URLs) of each message of a chat request, in order."""
+    found = []
+    for message in request_json.get("messages", []):
+        content = message.get("content")
+        parts = content if isinstance(content, list) else []
+        found.append(
+            [
+                p["image_url"]["url"]
+                for p in parts
+                if isinstance(p, dict) and p.get("type") == "image_url"
+            ]
+        )
+    return found
 
 
 # --------------------------------------------------------------------------
@@ -662,6 +707,35 @@ class FakeProviders:
         return self._snapshot(self._openai_requests)
 
     @property
+    def media_requests(self) -> list[dict[str, Any]]:
+        """Every media GET (Media URL and CDN hop): {path, auth ((user, password) or None),
+        outcome ('redirect', 'ok', '404', '500', 'unauthorized', 'streamed'), time}."""
+        return self._snapshot(self._media_requests)
+
+    @property
+    def openai_image_parts(self) -> list[list[list[str]]]:
+        """For each chat request the fake answered: each message's image URLs, in order."""
+        return [image_parts(request) for request in self.openai_requests]
+
+    def serve_media(self, media_sid: str, item: FakeMedia) -> str:
+        """Serve `item`; returns its Media URL, as Twilio puts it in `MediaUrl{i}`."""
+        with self._lock:
+            self._media[media_sid] = item
+        return self.media_url(media_sid)
+
+    def media_url(self, media_sid: str, account_sid: str = MEDIA_ACCOUNT_SID) -> str:
+        """A Twilio-shaped Media URL on this fake (an unknown `media_sid` is a 404)."""
+        message_sid = "MM" + hashlib.sha256(media_sid.encode()).hexdigest()[:32]
+        return (
+            f"{self.base_url}/2010-04-01/Accounts/{account_sid}"
+            f"/Messages/{message_sid}/Media/{media_sid}"
+        )
+
+    def media_streamed(self, media_sid: str) -> int:
+        with self._lock:
+            return self._media[media_sid].streamed
+
+    @property
     def twilio_attempts(self) -> list[str]:
         """Outcome of every Twilio send POST: 'ok', '500', 'error:21610', 'hang'..."""
         return self._snapshot(self._attempts["twilio"])
@@ -731,6 +805,8 @@ class FakeProviders:
         self._attempts: dict[Provider, list[str]] = {
             p: [] for p in ("twilio", "sendgrid", "openai")
         }
+        self._media: dict[str, FakeMedia] = {}
+        self._media_requests: list[dict[str, Any]] = []
         self._seq = 0
         self._generation += 1
         self._openai_now = self._openai_max = 0
@@ -779,6 +855,8 @@ class FakeProviders:
         return Starlette(
             routes=[
                 Route(_TWILIO_MESSAGES, self._twilio_messages, methods=["GET", "POST"]),
+                Route(_TWILIO_MEDIA, self._twilio_media, methods=["GET"]),
+                Route(_MEDIA_CDN, self._media_cdn, methods=["GET"]),
                 Route("/v3/mail/send", self._sendgrid_send, methods=["POST"]),
                 Route("/v1/chat/completions", self._openai_chat, methods=["POST"]),
             ]
@@ -857,6 +935,71 @@ class FakeProviders:
             record["seq"] = self._seq
             self._twilio_sent.append(record)
         return record
+
+    # -- twilio media
+
+    def _media_seen(self, request: Request, outcome: str) -> None:
+        with self._lock:
+            self._media_requests.append(
+                {
+                    "path": request.url.path,
+                    "auth": _basic_auth(request),
+                    "outcome": outcome,
+                    "time": time.time(),
+                }
+            )
+
+    async def _twilio_media(self, request: Request) -> Response:
+        auth = _basic_auth(request)
+        if auth is None or auth[0] != request.path_params["sid"]:
+            self._media_seen(request, "unauthorized")
+            return _twilio_error(401, 20003, "Authenticate")
+        media_sid = request.path_params["media_sid"]
+        with self._lock:
+            item = self._media.get(media_sid)
+            failure = item.failures.pop(0) if item and item.failures else None
+        if item is None or failure == 404:
+            self._media_seen(request, "404")
+            return _twilio_error(
+                404, 20404, f"The requested resource {request.url.path} was not found"
+            )
+        if failure is not None:
+            self._media_seen(request, str(failure))
+            return _twilio_error(failure, 20500, _phrase(failure))
+        self._media_seen(request, "redirect")
+        return RedirectResponse(_MEDIA_CDN.format(media_sid=media_sid), status_code=307)
+
+    async def _media_cdn(self, request: Request) -> Response:
+        media_sid = request.path_params["media_sid"]
+        with self._lock:
+            item = self._media.get(media_sid)
+            slow = item is not None and item.slow_times > 0
+            if item is not None and slow:
+                item.slow_times -= 1
+        if item is None:
+            self._media_seen(request, "404")
+            return Response(status_code=404)
+        if slow:
+            await self._sleep(item.slow_s)
+        if item.stream_bytes is None:
+            self._media_seen(request, "ok")
+            return Response(item.content, media_type=item.content_type)
+        self._media_seen(request, "streamed")
+        headers = {"Content-Length": str(item.stream_bytes)} if item.declare_length else {}
+        return StreamingResponse(
+            self._stream(item, request), media_type=item.content_type, headers=headers
+        )
+
+    async def _stream(self, item: FakeMedia, request: Request) -> Any:
+        """`item.stream_bytes` bytes in chunks, counting what was written until the client
+        hung up (uvicorn's flow control holds each write until the socket takes it)."""
+        assert item.stream_bytes is not None
+        chunk = b"\xff" * _MEDIA_CHUNK
+        while item.streamed < item.stream_bytes and not await request.is_disconnected():
+            size = min(_MEDIA_CHUNK, item.stream_bytes - item.streamed)
+            yield chunk[:size]
+            with self._lock:
+                item.streamed += size
 
     # -- sendgrid
 

@@ -60,7 +60,7 @@ class Model(Protocol):
     params: dict[str, Any]
 
     async def complete(
-        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+        self, messages: list[dict[str, Any]], options: CallOptions = DEFAULT_OPTIONS
     ) -> Completion: ...
 
     async def close(self) -> None: ...

@@ -18,9 +18,9 @@ class OfflineModel:
         self.params: dict[str, Any] = {}
 
     async def complete(
-        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+        self, messages: list[dict[str, Any]], options: CallOptions = DEFAULT_OPTIONS
     ) -> Completion:
-        users = [m["content"] for m in messages if m["role"] == "user"]
+        users = [_text(m["content"]) for m in messages if m["role"] == "user"]
         earlier = sum(1 for m in messages if m["role"] != "system") - 1
         text = (
             f'[offline assistant] You said: "{users[-1] if users else ""}". '
@@ -35,3 +35,12 @@ class OfflineModel:
 
     async def close(self) -> None:
         return None
+
+
+def _text(content: str | list[dict[str, Any]]) -> str:
+    """A user turn's text, also when it carries images as content parts."""
+    if isinstance(content, str):
+        return content
+    images = sum(1 for part in content if part.get("type") == "image_url")
+    text = " ".join(str(part["text"]) for part in content if part.get("type") == "text")
+    return f"{text} [{images} image(s)]".strip()

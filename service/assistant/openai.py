@@ -26,7 +26,7 @@ class OpenAIModel:
         )
 
     async def complete(
-        self, messages: list[dict[str, str]], options: CallOptions = DEFAULT_OPTIONS
+        self, messages: list[dict[str, Any]], options: CallOptions = DEFAULT_OPTIONS
     ) -> Completion:
         started = time.perf_counter()
         asked: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.types import Channel, Delivery, Inbound, Outbound, SendResult
+from service.types import Channel, Delivery, Inbound, MediaItem, Outbound, SendResult
 
 
 class LookupUnsupported(Exception):
@@ -41,6 +41,24 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.headers = dict(headers or {})
+
+
+class FetchFailed(Exception):
+    """The provider could not hand over a message's attachments now (5xx, 429, timeout,
+    connection): the reply job is retried like any provider failure."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One attachment after the channel looked at it: the stored item with what was learned
+    (size, state) and, where asked for, its bytes (kept in memory for one model call only)."""
+
+    item: MediaItem
+    content: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -147,4 +165,17 @@ class ChannelPlugin(Protocol):
         Raises `LookupUnsupported` where the provider offers no way to tell."""
         ...
 
+    async def fetch_attachments(
+        self, media: Sequence[MediaItem], want_content: Callable[[MediaItem], bool]
+    ) -> list[Attachment]:
+        """Each attachment of a message, in order, with its size and state, and the bytes of
+        those `want_content` asks for; items the channel cannot fetch come back described.
+        Raises `FetchFailed` when a later try may succeed."""
+        ...
+
     async def close(self) -> None: ...
+
+
+def described(media: Sequence[MediaItem]) -> list[Attachment]:
+    """`fetch_attachments` of a channel that fetches nothing: every item as it is."""
+    return [Attachment(item) for item in media]

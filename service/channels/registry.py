@@ -4,10 +4,12 @@ address is written and what a channel is called."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from service.channels.base import BadAddress, ChannelPlugin, WebhookRoute
 from service.channels.sendgrid.email import SendGridEmail
+from service.channels.twilio.base import TwilioChannel
+from service.channels.twilio.media import TwilioMedia
 from service.channels.twilio.sms import TwilioSms
 from service.channels.twilio.whatsapp import TwilioWhatsApp
 from service.settings import Settings
@@ -15,7 +17,7 @@ from service.types import Channel
 
 # Every channel Parley has, built in this order; asked in this order for an address
 # (`normalise_address`): the first that claims it wins.
-PLUGINS: tuple[Callable[[Settings], ChannelPlugin], ...] = (
+PLUGINS: tuple[type[TwilioChannel] | type[SendGridEmail], ...] = (
     TwilioSms,
     TwilioWhatsApp,
     SendGridEmail,
@@ -63,4 +65,9 @@ class Channels(Mapping[Channel, ChannelPlugin]):
 
 
 def build_channels(settings: Settings) -> Channels:
-    return Channels([plugin(settings) for plugin in PLUGINS])
+    media = TwilioMedia(settings)  # one media HTTP client for every Twilio channel
+    plugins: list[ChannelPlugin] = [
+        plugin(settings, media) if issubclass(plugin, TwilioChannel) else plugin(settings)
+        for plugin in PLUGINS
+    ]
+    return Channels(plugins)

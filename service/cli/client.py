@@ -39,6 +39,13 @@ def add_commands(commands: Any) -> None:
     text.add_argument("--from", dest="from_", default="+15550001111")
     text.add_argument("--to", default="+15559990000")
     text.add_argument("--url", default=DEFAULT_URL)
+    text.add_argument(
+        "--media",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an MMS attachment (repeatable, at most 10); the text may be empty",
+    )
     text.set_defaults(func=cmd_sms)
 
     whatsapp = commands.add_parser("whatsapp", help="message a running server as WhatsApp would")
@@ -84,6 +91,7 @@ def cmd_sms(args: argparse.Namespace) -> int:
 async def _text_once(settings: Settings, args: argparse.Namespace, text: str) -> int:
     sid = "SM" + secrets.token_hex(16)
     form = testing.inbound_form(text, args.from_, args.to, sid, _account_sid(settings))
+    form = testing.with_media(form, args.media)
     return await _post_twilio(settings, args.url, "/webhooks/twilio/sms", form, "sms")
 
 

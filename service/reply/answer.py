@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from service import memory, metrics, storable
 from service.assistant import CallOptions, Completion, ModelError
-from service.conversation import HELP_TEXT, build_prompt
+from service.conversation import HELP_TEXT, PromptMessage, build_prompt
 from service.db import utcnow
 from service.profiles import Assistant, from_variables, no_profiles
+from service.reply.attachments import Attachments
 from service.reply.calls import ModelCaller
 from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
 from service.reply.memory import Memory
@@ -29,8 +30,6 @@ from service.types import (
     FixedText,
     InboundState,
     Intent,
-    Sender,
-    Turn,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,7 @@ class Answerer:
         self._engine = context.engine
         self._settings = context.settings
         self._channels = context.channels
+        self._attachments = Attachments(context)
         self._warned_until: dict[int, float] = {}
         settings = context.settings
         self._budget = ModelCallBudget(
@@ -175,10 +175,11 @@ class Answerer:
 
     async def _prompt(
         self, conversation: ConversationView, questions: Sequence[Waiting], assistant: Assistant
-    ) -> list[dict[str, str]]:
+    ) -> list[PromptMessage]:
         """The profile's system prompt, the summary (summary memory), the history bounded by
-        count and tokens (`conversation.build_prompt`), then the questions."""
-        new = [Turn(Sender.USER, m.body) for m in questions]
+        count and tokens (`conversation.build_prompt`), then the questions with their
+        attachments (`Attachments.new_turns`: fetched now, images for this turn only)."""
+        new = await self._attachments.new_turns(Channel(conversation.channel), questions)
         summary, history = await self._memory.history(
             conversation.id, [m.id for m in questions], new, assistant
         )

@@ -22,7 +22,17 @@ from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
-from service.types import Author, CallPurpose, CallStatus, Delivery, InboundState, Intent, Sender
+from service.types import (
+    Author,
+    CallPurpose,
+    CallStatus,
+    Delivery,
+    InboundState,
+    Intent,
+    MediaItem,
+    Sender,
+    media_from_json,
+)
 
 MAX_PAGE_SIZE = 100
 TOKEN_MAX_CHARS = 64  # `conversation.conversation_url` is a String(64)
@@ -99,6 +109,7 @@ class Waiting:
     body: str
     subject: str | None
     headers: dict[str, str]
+    media: tuple[MediaItem, ...] = ()  # its attachments, as stored (no bytes)
 
 
 @dataclass(frozen=True)
@@ -223,7 +234,14 @@ async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> l
     """The user's messages among these that are still `received`, oldest first."""
     async with reader(engine).connect() as connection:
         rows = await connection.execute(
-            select(Message.id, Message.intent, Message.body, Message.subject, Message.headers)
+            select(
+                Message.id,
+                Message.intent,
+                Message.body,
+                Message.subject,
+                Message.headers,
+                Message.media,
+            )
             .where(
                 Message.id.in_(message_ids),
                 Message.sender == Sender.USER.value,
@@ -231,7 +249,16 @@ async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> l
             )
             .order_by(Message.id)
         )
-        return [Waiting(**{**row._asdict(), "headers": str_headers(row.headers)}) for row in rows]
+        return [
+            Waiting(
+                **{
+                    **row._asdict(),
+                    "headers": str_headers(row.headers),
+                    "media": media_from_json(row.media),
+                }
+            )
+            for row in rows
+        ]
 
 
 async def history_rows(
@@ -251,7 +278,7 @@ async def history_rows(
     after = () if after_id is None else (Message.id > after_id,)
     async with reader(engine).connect() as connection:
         rows = await connection.execute(
-            select(Message.id, Message.sender, Message.body, Message.reply_to_id)
+            select(Message.id, Message.sender, Message.body, Message.reply_to_id, Message.media)
             .where(
                 Message.conversation_id == conversation_id,
                 Message.id.not_in(new_ids),
@@ -273,7 +300,8 @@ async def history_rows(
             .limit(max_rows)
         )
         return [
-            StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id) for r in reversed(rows.all())
+            StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id, media_from_json(r.media))
+            for r in reversed(rows.all())
         ]
 
 

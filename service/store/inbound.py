@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service import storable
 from service.conversation import summary_of
 from service.db import utcnow
+from service.media import history_text
 from service.models import (
     Conversation,
     Message,
@@ -76,7 +77,7 @@ async def upsert_conversations(
             "channel": key[0],
             "remote_address": key[1],
             "local_address": key[2],
-            "summary": summary_of(inbound.body),
+            "summary": summary_of(history_text(inbound.body, inbound.media)),
             "conversation_url": new_conversation_url(),
             "opted_out": False,
             "paused": False,
@@ -144,6 +145,7 @@ async def insert_new_messages(
                 **({"meta": inbound.meta} if inbound.meta else {}),
             }
             or None,
+            "media": [item.to_json() for item in inbound.media] or None,
             "status": InboundState.RECEIVED.value,
         }
         for inbound, conversation_id in zip(inbounds, conversation_ids, strict=True)

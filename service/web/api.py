@@ -31,11 +31,12 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.channels.base import ChannelPlugin
+from service.media import describe
 from service.models import Conversation
 from service.request_body import BodyTooLarge, read_body
 from service.settings import Settings
 from service.store import conversations as admin
-from service.types import Channel
+from service.types import Channel, media_from_json
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,17 @@ class ConversationPageOut(BaseModel):
     page_size: int
 
 
+class MediaOut(BaseModel):
+    """One attachment: where Twilio keeps it, its type, its size once fetched (bytes), what
+    became of it (`declared`, `fetched`, `unavailable`, `too_large`, `not_fetched`)."""
+
+    url: str
+    content_type: str
+    size: int | None
+    state: str
+    description: str
+
+
 class MessageOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -109,10 +121,19 @@ class MessageOut(BaseModel):
     body: str
     subject: str | None
     headers: dict[str, Any] | None
+    media: list[MediaOut] = Field(default_factory=list)
     status: str
     error: str | None
     provider_message_id: str | None
     reply_to_id: int | None
+
+    @field_validator("media", mode="before")
+    @classmethod
+    def _typed_media(cls, value: object) -> list[dict[str, object]]:
+        """The stored list as typed items (none for a message without attachments)."""
+        return [
+            {**item.to_json(), "description": describe(item)} for item in media_from_json(value)
+        ]
 
 
 class AssistantCallOut(BaseModel):

@@ -20,9 +20,18 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
+from service.media import describe
 from service.models import Message
 from service.store import conversations as admin
-from service.types import Author, Delivery, FixedText, InboundState, Intent, Sender
+from service.types import (
+    Author,
+    Delivery,
+    FixedText,
+    InboundState,
+    Intent,
+    Sender,
+    media_from_json,
+)
 
 if TYPE_CHECKING:
     import jinja2
@@ -120,6 +129,7 @@ class Entry:
     status: str
     tone: str
     error: str | None
+    attachments: list[str]  # type and size of each, as `media.describe` says them
 
 
 def moment(value: dt.datetime) -> Moment:
@@ -162,6 +172,7 @@ def _entry(message: Message, remote: str) -> Entry:
         status=status,
         tone=tone,
         error=message.error if tone == "bad" else None,
+        attachments=[describe(item) for item in media_from_json(message.media)],
     )
 
 

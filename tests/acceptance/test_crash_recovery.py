@@ -83,6 +83,13 @@ class Server:
             response = await post_twilio(client, twilio_form(Body=body, **fields))
         assert response.status_code == 200, response.text
 
+    async def whatsapp(self, body: str) -> None:
+        """Message the server as WhatsApp through Twilio would; asserts the webhook's 200."""
+        form = twilio_form("twilio/whatsapp_text.json", Body=body)
+        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+            response = await post_twilio(client, form, path="/webhooks/twilio/whatsapp")
+        assert response.status_code == 200, response.text
+
     def kill(self) -> None:
         """kill -9: no shutdown code runs."""
         self.process.kill()
@@ -291,6 +298,53 @@ async def test_kill_9_between_a_retaken_answer_and_its_send_sends_it_once(
         "answered",
         "answered",
     ]
+
+
+async def assert_whatsapp_answered_once(
+    engine: AsyncEngine, providers: FakeProviders, body: str
+) -> None:
+    """One WhatsApp message to the person, stored once with its sid, on the WhatsApp thread."""
+    [sent] = providers.twilio_sent
+    assert (sent["To"], sent["Body"]) == ("whatsapp:+15550001111", f"echo: {body}")
+    [question] = await messages(engine, Message.sender == "user")
+    assert (question.channel, question.status) == ("whatsapp", "answered")
+    [reply] = await messages(engine, Message.sender == "assistant")
+    assert (reply.channel, reply.provider_message_id) == ("whatsapp", sent["sid"])
+    [job] = await jobs(engine)
+    assert job.status == "done"
+
+
+async def test_whatsapp_kill_9_during_the_model_call_then_restart_answers_once(
+    start: Callable[..., Any], engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    providers.openai_delay = 30.0
+    first = await start()
+    await first.whatsapp("Hola")
+    await providers.wait_for_async(lambda: providers.openai_requests, timeout=10)
+    first.kill()
+
+    providers.openai_delay = 0.0
+    await start()
+    await done(engine)
+    await assert_whatsapp_answered_once(engine, providers, "Hola")
+    assert len(providers.openai_requests) == 2
+
+
+async def test_whatsapp_kill_9_after_twilio_accepted_then_restart_sends_no_second_message(
+    start: Callable[..., Any], engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """The ambiguous send is looked up in Twilio's list with the `whatsapp:` addresses."""
+    providers.twilio_plan(("accept_then_hang", 60))
+    first = await start()
+    await first.whatsapp("Hola")
+    await providers.wait_for_async(lambda: providers.twilio_sent, timeout=10)
+    first.kill()
+
+    await start()
+    await done(engine)
+    await assert_whatsapp_answered_once(engine, providers, "Hola")
+    assert providers.twilio_attempts == ["accept_then_hang"]
+    assert len(providers.openai_requests) == 1
 
 
 # ------------------------------------------------------------------ SIGTERM

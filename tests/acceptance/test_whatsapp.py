@@ -184,7 +184,9 @@ async def test_a_whatsapp_image_is_stored_with_its_media_on_the_whatsapp_convers
     [photo] = await messages(engine, Message.sender == "user")
     assert photo.conversation_id == conversation.id
     assert photo.provider_message_id.startswith("MM")
-    assert photo.headers["meta"]["media"] == [form_of("twilio/whatsapp_image.json")["MediaUrl0"]]
+    assert [(m["url"], m["content_type"]) for m in photo.media] == [
+        (form_of("twilio/whatsapp_image.json")["MediaUrl0"], "image/jpeg")
+    ]
 
 
 # ------------------------------------------------------------------ the 24-hour window
@@ -273,6 +275,23 @@ async def test_twilio_63016_with_a_template_sends_the_template_at_once(
     [template] = providers.twilio_sent
     assert template["ContentSid"] == TEMPLATE_SID and "Body" not in template
     assert json.loads(template["ContentVariables"]) == {"1": "echo: hello"}
+    [reply] = await replies(engine)
+    assert (reply.status, reply.provider_message_id) == ("queued", template["sid"])
+
+
+async def test_after_a_63016_a_retried_reply_goes_as_the_template_never_free_form_again(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """Twilio says the window closed, then fails the template send with a 500: the job's
+    next try sends the template, not the free-form message Twilio already refused."""
+    providers.twilio_plan(OUTSIDE_WINDOW_63016, 500)
+    async with running_app(settings(make_settings, whatsapp_template_sid=TEMPLATE_SID)) as client:
+        await whatsapp(client, "hello")
+        await done(engine)
+
+    assert providers.twilio_attempts == ["error:63016", "500", "ok"]
+    [template] = providers.twilio_sent
+    assert template["ContentSid"] == TEMPLATE_SID and "Body" not in template
     [reply] = await replies(engine)
     assert (reply.status, reply.provider_message_id) == ("queued", template["sid"])
 

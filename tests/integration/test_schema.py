@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import delete, func, inspect, select, text
@@ -13,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import create_engine, session_factory
-from service.migrate import current_revision, head_revision, upgrade
+from service.migrate import alembic_config, current_revision, head_revision, upgrade
 from service.models import AssistantCall, Base, Conversation, Message, ReplyJob
 
 
@@ -230,3 +233,60 @@ async def test_two_processes_migrating_at_once_do_not_collide(database_url: str)
     finally:
         await first.dispose()
         await second.dispose()
+
+
+def _downgrade(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)
+
+
+async def test_media_urls_kept_in_old_headers_move_to_the_media_column(
+    engine: AsyncEngine,
+) -> None:
+    """Before revision 7c41e2a9d0f3 an MMS kept its URLs (no types) in `headers["meta"]`."""
+    url = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
+    async with engine.begin() as connection:
+        await connection.run_sync(_downgrade, "7c1e5a9d2f40")
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO conversation (id, channel, remote_address, local_address,"
+                " created_at, updated_at, summary, conversation_url, opted_out, paused)"
+                " VALUES (1, 'sms', '+15550001111', '+15559990000', :now, :now, '', 'tok',"
+                " false, false)"
+            ),
+            {"now": dt.datetime(2026, 12, 1)},
+        )
+        for id_, headers in ((1, {"meta": {"media": [url]}}), (2, None)):
+            await connection.execute(
+                text(
+                    "INSERT INTO message (id, conversation_id, created_at, updated_at, channel,"
+                    " sender, intent, body, provider_message_id, headers, status)"
+                    " VALUES (:id, 1, :now, :now, 'sms', 'user', 'message', '', :sid,"
+                    " :headers, 'answered')"
+                ),
+                {
+                    "id": id_,
+                    "now": dt.datetime(2026, 12, 1),
+                    "sid": f"MM{id_}",
+                    "headers": None if headers is None else json.dumps(headers),
+                },
+            )
+    await upgrade(engine)
+    async with engine.connect() as connection:
+        rows = (await connection.execute(select(Message).order_by(Message.id))).all()
+    assert [(row.headers, row.media) for row in rows] == [
+        (
+            None,
+            [
+                {
+                    "url": url,
+                    "content_type": "application/octet-stream",
+                    "size": None,
+                    "state": "declared",
+                }
+            ],
+        ),
+        (None, None),
+    ]

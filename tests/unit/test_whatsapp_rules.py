@@ -116,3 +116,13 @@ def test_free_form_only_within_24_hours_of_the_persons_last_message(
 def test_the_template_carries_the_first_thousand_characters() -> None:
     assert template_variables("a" * 1500) == {"1": "a" * 1000}
     assert template_variables("short") == {"1": "short"}
+
+
+def test_after_twilio_s_63016_only_a_newer_message_from_the_person_reopens_free_form() -> None:
+    now = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC)
+    last = now - dt.timedelta(hours=1)
+    assert how_to_send(last, now, "HX1", closed_at=None) is Send.FREE_FORM
+    assert how_to_send(last, now, "HX1", closed_at=now - dt.timedelta(minutes=1)) is Send.TEMPLATE
+    assert how_to_send(last, now, None, closed_at=now - dt.timedelta(minutes=1)) is Send.REFUSE
+    reopened = how_to_send(last, now, "HX1", closed_at=last - dt.timedelta(minutes=1))
+    assert reopened is Send.FREE_FORM

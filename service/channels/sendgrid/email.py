@@ -8,19 +8,27 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.channels.base import BadAddress, Intake, LookupUnsupported, Refused, WebhookRoute
+from service.channels.base import (
+    Attachment,
+    BadAddress,
+    Intake,
+    LookupUnsupported,
+    Refused,
+    WebhookRoute,
+    described,
+)
 from service.channels.sendgrid import inbound, mime
 from service.channels.sendgrid.extraction import Extractor
 from service.conversation import shape_reply
 from service.request_body import BodyTooLarge, read_body
 from service.settings import Settings
-from service.types import Channel, Outbound, SendResult
+from service.types import Channel, MediaItem, Outbound, SendResult
 
 if TYPE_CHECKING:
     from service.channels.sendgrid.rest import SendGridRest
@@ -144,6 +152,12 @@ class SendGridEmail:
         """SendGrid offers no cheap look-up; a resend carries the same Message-ID, which mail
         clients use to drop the duplicate."""
         raise LookupUnsupported
+
+    async def fetch_attachments(
+        self, media: Sequence[MediaItem], want_content: Callable[[MediaItem], bool]
+    ) -> list[Attachment]:
+        """Mail attachments are recorded in the message's metadata, never fetched."""
+        return described(media)
 
     async def close(self) -> None:
         await self.extractor.close()

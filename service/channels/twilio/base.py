@@ -5,17 +5,18 @@ read by `webhook`) and sending through `rest`. A Twilio channel (SMS, WhatsApp) 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.channels.base import Intake, InvalidWebhook, Refused, WebhookRoute
+from service.channels.base import Attachment, Intake, InvalidWebhook, Refused, WebhookRoute
 from service.channels.twilio import webhook
+from service.channels.twilio.media import TwilioMedia
 from service.conversation import shape_reply
 from service.settings import Settings
-from service.types import Channel, Inbound, Outbound, SendResult
+from service.types import Channel, Inbound, MediaItem, Outbound, SendResult
 
 if TYPE_CHECKING:
     from service.channels.twilio.rest import TwilioRest
@@ -51,8 +52,10 @@ class TwilioChannel:
             raise InvalidWebhook(f"no Twilio channel for addresses prefixed {prefix!r}")
         return owner
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, media: TwilioMedia | None = None) -> None:
         self._settings = settings
+        # Shared by the registry between the Twilio channels: one media HTTP client a process.
+        self._media = media if media is not None else TwilioMedia(settings)
         self._rest: TwilioRest | None = None
         self._credentials = bool(settings.twilio_account_sid and settings.twilio_auth_tokens)
         if self._credentials:
@@ -140,7 +143,13 @@ class TwilioChannel:
     async def find_sent(self, outbound: Outbound, since: dt.datetime) -> list[str]:
         return await self._client().find_sent(outbound, since)
 
+    async def fetch_attachments(
+        self, media: Sequence[MediaItem], want_content: Callable[[MediaItem], bool]
+    ) -> list[Attachment]:
+        return await self._media.fetch(media, want_content)
+
     async def close(self) -> None:
+        await self._media.close()
         rest, self._rest = self._rest, None
         if rest is not None:
             await rest.close()

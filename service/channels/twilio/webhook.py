@@ -22,7 +22,7 @@ from service.channels.base import BadAddress, InvalidWebhook, Refused, StatusUpd
 from service.conversation import classify_sms
 from service.request_body import BodyTooLarge, read_body
 from service.settings import Settings
-from service.types import Channel, Delivery, Inbound
+from service.types import Channel, Delivery, Inbound, MediaItem
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +161,6 @@ def parse_inbound(
     check_sids(form)
     if not form["From"].strip() or not form["To"].strip():
         raise InvalidWebhook("From and To must not be empty")
-    media = [
-        form[f"MediaUrl{i}"] for i in range(_int(form.get("NumMedia"))) if f"MediaUrl{i}" in form
-    ]
     return Inbound(
         channel=channel,
         provider_message_id=form["MessageSid"],
@@ -171,7 +168,21 @@ def parse_inbound(
         local_address=address(form["To"]),
         body=form["Body"],
         intent=classify_sms(form["Body"], form.get("OptOutType")),
-        meta={"media": media} if media else {},
+        media=media_of(form),
+    )
+
+
+def media_of(form: Mapping[str, Any]) -> tuple[MediaItem, ...]:
+    """`NumMedia` (0-10) items of `MediaUrl{i}` and `MediaContentType{i}`, in Twilio's order;
+    nothing is fetched here (the worker does, before the model call)."""
+    return tuple(
+        MediaItem(
+            url=form[f"MediaUrl{i}"].strip(),
+            content_type=(form.get(f"MediaContentType{i}") or "").strip().lower()
+            or "application/octet-stream",
+        )
+        for i in range(_int(form.get("NumMedia")))
+        if (form.get(f"MediaUrl{i}") or "").strip()
     )
 
 

@@ -11,8 +11,10 @@ from dataclasses import replace
 
 from service.channels.base import WebhookRoute
 from service.channels.twilio.base import TwilioChannel
+from service.channels.twilio.media import TwilioMedia
 from service.channels.twilio.sms import SMS_MAX_CHARS
 from service.channels.twilio.webhook import normalise_phone
+from service.settings import Settings
 from service.types import Channel, Inbound, Outbound, SendError, SendResult
 
 PREFIX = "whatsapp:"
@@ -32,11 +34,18 @@ class Send(enum.Enum):
 
 
 def how_to_send(
-    last_inbound_at: dt.datetime | None, now: dt.datetime, template_sid: str | None
+    last_inbound_at: dt.datetime | None,
+    now: dt.datetime,
+    template_sid: str | None,
+    closed_at: dt.datetime | None = None,
 ) -> Send:
-    """Free-form within 24 hours of the person's last message; after it, the approved
-    template if there is one, else nothing (Twilio would refuse with 63016)."""
-    if last_inbound_at is not None and now - last_inbound_at <= WINDOW:
+    """Free-form within 24 hours of the person's last message, unless Twilio said the window
+    was closed (63016, at `closed_at`) after that message; otherwise the approved template
+    if there is one, else nothing (Twilio would refuse with 63016)."""
+    refused_since = closed_at is not None and (
+        last_inbound_at is None or closed_at >= last_inbound_at
+    )
+    if last_inbound_at is not None and now - last_inbound_at <= WINDOW and not refused_since:
         return Send.FREE_FORM
     return Send.TEMPLATE if template_sid else Send.REFUSE
 
@@ -53,6 +62,14 @@ class TwilioWhatsApp(TwilioChannel):
     message_path = "/webhooks/twilio/whatsapp"
     status_path = "/webhooks/twilio/status"  # the SMS plugin's route, which serves both
     address_prefix = PREFIX
+    CLOSED_WINDOWS_KEPT = 10_000  # conversations whose 63016 this process remembers
+
+    def __init__(self, settings: Settings, media: TwilioMedia | None = None) -> None:
+        super().__init__(settings, media)
+        # (to, from) -> when Twilio answered 63016: a retry of the job (or the next reply) goes
+        # as the template until the person writes again. Per process: a retry taken over by
+        # another process tries free-form once more, gets 63016 again, and sends the template.
+        self._closed_at: dict[tuple[str, str], dt.datetime] = {}
 
     # ------------------------------------------------------------ inbound
 
@@ -89,7 +106,13 @@ class TwilioWhatsApp(TwilioChannel):
         except SendError as exc:
             if exc.code != OUTSIDE_WINDOW_ERROR:
                 raise
+            self._remember_closed(outbound)
             return await self._send_template(addressed)
+
+    def _remember_closed(self, outbound: Outbound) -> None:
+        if len(self._closed_at) >= self.CLOSED_WINDOWS_KEPT:
+            self._closed_at.pop(next(iter(self._closed_at)))  # the oldest
+        self._closed_at[(outbound.to, outbound.from_)] = dt.datetime.now(dt.UTC)
 
     async def _send_template(self, outbound: Outbound) -> SendResult:
         from service.channels.twilio.rest import Template
@@ -112,6 +135,7 @@ class TwilioWhatsApp(TwilioChannel):
             outbound.last_inbound_at,
             dt.datetime.now(dt.UTC),
             self._settings.whatsapp_template_sid,
+            self._closed_at.get((outbound.to, outbound.from_)),
         )
 
 
