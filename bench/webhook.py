@@ -64,6 +64,7 @@ def start_target(name: str, port: int, database_url: str, workdir: Path) -> subp
         "TWILIO_AUTH_TOKEN": TOKEN,
         "PUBLIC_BASE_URL": PUBLIC,
         "EMBEDDED_WORKER": "false",
+        "REPLY_DEBOUNCE_S": "0",  # the figures in the README are without SPEC §12's debounce
         "LOG_LEVEL": "INFO",
         "PYTHONPATH": str(ROOT),
     }

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     embedded_worker: bool = True
     worker_concurrency: int = Field(256, ge=1)  # see README, "Decisions": SPEC said 32
     reply_max_attempts: int = Field(6, ge=1)
+    reply_debounce_s: float = Field(1.5, ge=0)  # quiet time a burst waits for; 0 = off (§12)
+    reply_debounce_max_s: float = Field(8.0, ge=0)  # never longer after its oldest message
     # Beyond the spec's table: tuning knobs with safe defaults (see README, "Configuration").
     reply_retry_base_s: float = Field(2.0, gt=0)  # first retry's delay; doubles each try
     reply_lease_s: float = Field(30.0, ge=1)  # a dead worker's jobs are taken over after this

@@ -93,6 +93,17 @@ class InboundState(enum.StrEnum):
     FAILED = "failed"
 
 
+class CallStatus(enum.StrEnum):
+    """How a model call ended (`assistant_call.status`)."""
+
+    OK = "ok"  # answered, and the answer stored
+    ERROR = "error"
+    # Answered, but a newer message of the person arrived before the answer was stored: the
+    # answer was dropped and the model asked again with every waiting message (SPEC §12).
+    # Not the worker's `Superseded` (a worker that lost its claim).
+    SUPERSEDED = "superseded"
+
+
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

@@ -141,6 +141,8 @@ def make_settings(database_url: str, providers: FakeProviders) -> SettingsFactor
             "openai_model": "gpt-test",
             "assistant_timeout_s": 5.0,
             "reply_retry_base_s": 0.05,
+            # SPEC §12's debounce would add 1.5 s to every reply; the burst tests turn it on.
+            "reply_debounce_s": 0.0,
             "_env_file": None,
         }
         values.update(overrides)

@@ -22,13 +22,16 @@ def free_port() -> int:
 
 
 def parley_env(**variables: str) -> dict[str, str]:
-    """The inherited environment minus any Parley variable, plus `variables`."""
+    """The inherited environment minus any Parley variable, with the reply debounce off, plus
+    `variables`."""
     ours = {
         "DATABASE_URL", "PUBLIC_BASE_URL", "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN",
         "OPENAI_API_KEY", "OPENAI_BASE_URL", "SENDGRID_API_KEY", "ADMIN_TOKEN", "PARLEY_DEV",
-        "EMBEDDED_WORKER", "AUTO_MIGRATE", "LOG_FORMAT", "LOG_LEVEL",
+        "EMBEDDED_WORKER", "AUTO_MIGRATE", "LOG_FORMAT", "LOG_LEVEL", "REPLY_DEBOUNCE_S",
+        "REPLY_DEBOUNCE_MAX_S",
     }  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ours}
+    env["REPLY_DEBOUNCE_S"] = "0"  # SPEC §12's 1.5 s quiet time, unless a test asks for it
     env.update(variables)
     return env
 

@@ -4,7 +4,9 @@ enqueue, claim, renew, finish, retry, fail, release, and the queue state `/metri
 A job row is the only truth about pending work. The unit of work is a conversation: a claim
 takes every due job of a conversation that has none running, so a burst of messages is answered
 once, together, and no two workers ever hold one conversation. A claimed job carries a lease
-that its worker renews; a job whose lease ran out (its process died) is queued again.
+that its worker renews; a job whose lease ran out (its process died) is queued again. A job is
+due at its `run_after`: a person's message waits for its conversation to be quiet (SPEC §12,
+`debounce.py`), a retry for its backoff.
 
 Claims never wait for one another on PostgreSQL: a claim locks the conversation rows it takes
 (`FOR NO KEY UPDATE SKIP LOCKED`, which leaves the foreign-key locks of a concurrent intake
@@ -30,6 +32,7 @@ from sqlalchemy.orm import aliased
 
 from service.db import reader, utcnow
 from service.models import Conversation, ReplyJob
+from service.queue.debounce import OFF, Debounce
 from service.queue.notify import notify_jobs
 from service.types import JobStatus
 
@@ -38,18 +41,24 @@ _T_REPLYJOB = cast(Table, ReplyJob.__table__)
 
 @dataclass(frozen=True)
 class NewJob:
-    """A reply owed in a conversation, for the message (or first stored part) `message_id`."""
+    """A reply owed in a conversation, for the message (or first stored part) `message_id`.
+    `waits_for_quiet`: a person's message, debounced (SPEC §12); a HELP or an operator's reply
+    is due at once, and ends the wait of the conversation's waiting messages."""
 
     conversation_id: int
     message_id: int
+    waits_for_quiet: bool = False
 
 
-async def enqueue(connection: AsyncConnection, jobs: Sequence[NewJob]) -> None:
+async def enqueue(
+    connection: AsyncConnection, jobs: Sequence[NewJob], debounce: Debounce = OFF
+) -> None:
     """Queue these jobs inside the caller's transaction (the one that stored their messages),
-    and wake the workers of other processes once it commits."""
+    due when `debounce` says, and wake the workers of other processes once it commits."""
     if not jobs:
         return
     now = utcnow()
+    due = await _reschedule_waiting(connection, jobs, debounce, now)
     await connection.execute(
         insert(ReplyJob),
         [
@@ -58,7 +67,7 @@ async def enqueue(connection: AsyncConnection, jobs: Sequence[NewJob]) -> None:
                 "message_id": job.message_id,
                 "status": JobStatus.QUEUED.value,
                 "attempts": 0,
-                "run_after": now,
+                "run_after": due.get(job.conversation_id, now),
                 "created_at": now,
                 "updated_at": now,
             }
@@ -66,6 +75,73 @@ async def enqueue(connection: AsyncConnection, jobs: Sequence[NewJob]) -> None:
         ],
     )
     await notify_jobs(connection)
+
+
+async def _reschedule_waiting(
+    connection: AsyncConnection, jobs: Sequence[NewJob], debounce: Debounce, now: dt.datetime
+) -> dict[int, dt.datetime]:
+    """When each conversation's jobs are due (`Debounce.due_at`, or now for a job that does
+    not wait), applied here to the conversation's waiting jobs: queued, never claimed (a retry
+    keeps its backoff, a running job is left alone). One SELECT, and an UPDATE only where
+    earlier jobs wait; nothing at all when the debounce is off and no job ends a wait."""
+    at_once = {job.conversation_id for job in jobs if not job.waits_for_quiet}
+    scheduled = {job.conversation_id for job in jobs} if debounce.on else at_once
+    if not scheduled:
+        return {}
+    waiting = ReplyJob.status == JobStatus.QUEUED.value, ReplyJob.attempts == 0
+    oldest = {
+        row.conversation_id: _aware(row.oldest)
+        for row in await connection.execute(
+            select(ReplyJob.conversation_id, func.min(ReplyJob.created_at).label("oldest"))
+            .where(ReplyJob.conversation_id.in_(scheduled), *waiting)
+            .group_by(ReplyJob.conversation_id)
+        )
+    }
+    due = {
+        conversation_id: now
+        if conversation_id in at_once
+        else debounce.due_at(now, oldest.get(conversation_id))
+        for conversation_id in scheduled
+    }
+    by_due: dict[dt.datetime, list[int]] = defaultdict(list)
+    for conversation_id in oldest:
+        by_due[due[conversation_id]].append(conversation_id)
+    for run_after, conversation_ids in by_due.items():
+        await connection.execute(
+            update(ReplyJob)
+            .where(ReplyJob.conversation_id.in_(conversation_ids), *waiting)
+            .values(run_after=run_after)
+        )
+    return due
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """An aggregate may skip the column type's decoding (SQLite): naive means UTC."""
+    return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment
+
+
+async def close_taken_over(connection: AsyncConnection, message_ids: Sequence[int]) -> None:
+    """In the transaction that stores a reply: the queued jobs of messages that reply answers
+    are done. A running claim takes the newer messages of its conversation into its answer
+    (SPEC §12's supersede); their jobs close with it, so they are never answered again."""
+    await connection.execute(
+        update(ReplyJob)
+        .where(ReplyJob.message_id.in_(message_ids), ReplyJob.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.DONE.value, updated_at=utcnow())
+    )
+
+
+async def next_due(engine: AsyncEngine, now: dt.datetime | None = None) -> dt.datetime | None:
+    """The earliest `run_after` still ahead among queued jobs (a debounce or a retry ending),
+    so an idle worker sleeps until then rather than a whole poll interval."""
+    now = now or utcnow()
+    async with reader(engine).connect() as connection:
+        moment = await connection.scalar(
+            select(func.min(ReplyJob.run_after)).where(
+                ReplyJob.status == JobStatus.QUEUED.value, ReplyJob.run_after > now
+            )
+        )
+    return None if moment is None else _aware(moment)
 
 
 async def count_jobs(connection: AsyncConnection, conversation_ids: Sequence[int]) -> int:

@@ -17,13 +17,16 @@ import secrets
 import socket
 import time
 
+from service.db import utcnow
 from service.models import LEASE_OWNER_CHARS
-from service.queue.manager import Claim, JobManager
+from service.queue.manager import Claim, JobManager, next_due
 from service.queue.notify import listen_for_jobs
 from service.reply.flow import GiveUp, Outcome, ReplyContext, ReplyFlow, RetryLater, Superseded
 from service.retry import backoff_s
 
 log = logging.getLogger(__name__)
+
+DUE_MARGIN_S = 0.002  # wake just after a job's `run_after`, not a hair before it
 
 
 def worker_id(host: str | None = None) -> str:
@@ -46,6 +49,7 @@ class Worker:
         self.flow = ReplyFlow(context)
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s
+        self._engine = context.engine
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -116,10 +120,25 @@ class Worker:
             asyncio.create_task(self._stopping.wait()),
         ]
         await asyncio.wait(
-            waiters, timeout=self._poll_interval_s, return_when=asyncio.FIRST_COMPLETED
+            waiters, timeout=await self._nap_s(), return_when=asyncio.FIRST_COMPLETED
         )
         for waiter in waiters:
             waiter.cancel()
+
+    async def _nap_s(self) -> float:
+        """The poll interval, or less when a queued job falls due sooner (a burst's quiet time
+        ending), so a debounced reply goes out when due, not at the next poll."""
+        if self._settings.reply_debounce_s <= 0:
+            return self._poll_interval_s
+        try:
+            due = await next_due(self._engine)
+        except Exception:
+            log.exception("reading the next due reply job failed")
+            return self._poll_interval_s
+        if due is None:
+            return self._poll_interval_s
+        until_due = (due - utcnow()).total_seconds() + DUE_MARGIN_S
+        return min(self._poll_interval_s, max(until_due, DUE_MARGIN_S))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -6,6 +6,7 @@ channel's limits, before anything is sent."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from service.reply.attachments import Attachments
 from service.reply.calls import ModelCaller
 from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
 from service.reply.memory import Memory
-from service.store import fixed, outbox
+from service.store import bursts, conversations, fixed, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
 from service.types import (
@@ -32,6 +33,8 @@ from service.types import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_RETAKES = 2  # SPEC §12: a reply's model call is asked again at most twice for newer messages
 
 
 class Answerer:
@@ -69,16 +72,9 @@ class Answerer:
                 if not await self._after_hours(conversation, questions, assistant, now):
                     outcome = Outcome.CLOSED
             elif scope := await self._limit_reached(conversation):
-                await outbox.mark_inbound(
-                    self._engine, [m.id for m in questions], InboundState.RATE_LIMITED
-                )
-                metrics.count_rate_limited(scope, len(questions))
-                outcome = Outcome.RATE_LIMITED
+                outcome = await self._rate_limited(questions, scope)
             else:
-                completion, call_id = await self._ask_model(conversation, questions, assistant)
-                await self._store(
-                    conversation, questions, completion.text, assistant, Author.MODEL, call_id
-                )
+                outcome = await self._answer_burst(conversation, questions, assistant)
         return outcome
 
     async def _after_hours(
@@ -109,6 +105,41 @@ class Answerer:
         return await fixed.store_after_hours(
             self._engine, reply, assistant.hours.closed_period(now)
         )
+
+    async def _answer_burst(
+        self, conversation: ConversationView, questions: list[Waiting], assistant: Assistant
+    ) -> Outcome:
+        """One model call for the questions; when the person wrote more before its answer was
+        stored, the answer is dropped (its call recorded `superseded`) and the model asked
+        again with the newer messages too, at most `MAX_RETAKES` times, after which the answer
+        is stored whatever came meanwhile (SPEC §12). One reply per burst, in order."""
+        claimed = len(questions)
+        for retake in range(MAX_RETAKES + 1):
+            completion, call_id = await self._ask_model(conversation, questions, assistant)
+            stored = await self._store(
+                conversation,
+                questions,
+                completion.text,
+                assistant,
+                Author.MODEL,
+                call_id,
+                interruptible=retake < MAX_RETAKES,
+                taken_over=[m.id for m in questions[claimed:]],
+            )
+            if stored:
+                return Outcome.ANSWERED
+            newer = await bursts.newer_waiting(self._engine, conversation.id, questions[-1].id)
+            questions = [*questions, *await conversations.waiting_messages(self._engine, newer)]
+            if scope := await self._limit_reached(conversation):
+                return await self._rate_limited(questions, scope)
+        raise AssertionError("the last retake is stored unconditionally")
+
+    async def _rate_limited(self, questions: Sequence[Waiting], scope: str) -> Outcome:
+        await outbox.mark_inbound(
+            self._engine, [m.id for m in questions], InboundState.RATE_LIMITED
+        )
+        metrics.count_rate_limited(scope, len(questions))
+        return Outcome.RATE_LIMITED
 
     # ------------------------------------------------------------ limits
 
@@ -188,14 +219,21 @@ class Answerer:
         author: Author,
         call_id: int | None = None,
         kind: FixedText | None = None,
-    ) -> None:
+        *,
+        interruptible: bool = False,
+        taken_over: Sequence[int] = (),
+    ) -> bool:
         """The reply's parts and the answered messages' new state, in one transaction; the
-        profile's greeting first when this is the conversation's first reply."""
+        profile's greeting first when this is the conversation's first reply. False when
+        `interruptible` and a newer message of the person waits (the answer is not stored)."""
         answer = self._answer(conversation, answered, text, author, kind, call_id)
+        answer = dataclasses.replace(answer, interruptible=interruptible, taken_over=taken_over)
         await self._greet(conversation, answered, assistant)
-        if not await outbox.store_answer(self._engine, answer):
+        stored = await outbox.store_answer(self._engine, answer)
+        if stored is outbox.Stored.ANSWERED_ELSEWHERE:
             # Another worker answered them while this one was stalled past its lease.
             raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
+        return stored is outbox.Stored.STORED
 
     async def _greet(
         self, conversation: ConversationView, answered: Sequence[Waiting], assistant: Assistant

@@ -1,7 +1,7 @@
 """One conversation's reply job, step by step, each step recorded before the next.
 
 0. Read the job's state once (`store.reply_state`): the conversation, the claimed messages
-   still waiting, the parts it still owes and the history the model is shown.
+   still waiting and the parts it still owes.
 1. Send whatever this conversation still owes (a reply stored before a crash, an operator's
    message, a fixed text), in order.
 2. Answer the claimed messages still waiting: HELP with the fixed text, the rest with one model

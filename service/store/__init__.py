@@ -4,8 +4,9 @@ delivery reports and the model-call budget.
 The one convention for the database handle: a store function takes an `AsyncEngine` and opens
 its own unit of work (reads through `db.reader`, which never waits for SQLite's write lock),
 except the few that are steps of a caller's transaction, which take an `AsyncConnection`
-(`inbound.record_inbound` and its parts, run by `InboundWriter`'s batch transaction; the queue's
-`enqueue` and `count_jobs`, run inside the transaction that stores or deletes the messages).
+(`inbound.record_inbound` and its parts, run by `InboundWriter`'s batch transaction;
+`bursts.interrupted`, run inside `outbox.store_answer`'s; the queue's `enqueue`, `count_jobs` and
+`close_taken_over`, run inside the transaction that stores or deletes the messages).
 Reads for the reply flow return small frozen dataclasses, never ORM rows, so no caller holds a
 session.
 """

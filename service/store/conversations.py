@@ -25,6 +25,7 @@ from service.store.outbox import str_headers
 from service.types import (
     Author,
     CallPurpose,
+    CallStatus,
     Delivery,
     InboundState,
     Intent,
@@ -317,15 +318,16 @@ async def is_own_address(engine: AsyncEngine, address: str) -> bool:
 
 
 async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
-    """The conversation's answered model calls for replies since then (`REPLY_RATE_LIMIT`;
-    summary calls do not count against the person)."""
+    """The conversation's model calls for replies since then (`REPLY_RATE_LIMIT`): answered
+    ones and those whose answer a newer message superseded (they were made); summary calls do
+    not count against the person."""
     async with reader(engine).connect() as connection:
         count = await connection.scalar(
             select(func.count())
             .select_from(AssistantCall)
             .where(
                 AssistantCall.conversation_id == conversation_id,
-                AssistantCall.status == "ok",
+                AssistantCall.status.in_([CallStatus.OK.value, CallStatus.SUPERSEDED.value]),
                 AssistantCall.purpose == CallPurpose.REPLY.value,
                 AssistantCall.created_at >= since,
             )

@@ -28,6 +28,7 @@ from service.models import (
     Message,
     new_conversation_url,
 )
+from service.queue.debounce import OFF, Debounce
 from service.queue.manager import NewJob, enqueue
 from service.store.errors import StoreUnavailable, storage_failure
 from service.types import Inbound, InboundState, Intent, Sender
@@ -164,7 +165,7 @@ def _answerable(inbound: Inbound) -> bool:
 
 
 async def record_inbound(
-    connection: AsyncConnection, inbounds: Sequence[Inbound]
+    connection: AsyncConnection, inbounds: Sequence[Inbound], debounce: Debounce = OFF
 ) -> list[Recorded]:
     """Store a batch of inbound messages and enqueue their replies, inside the caller's
     transaction: conversation upsert, message insert, job insert, plus the rare state changes
@@ -190,7 +191,7 @@ async def record_inbound(
             .where(Message.id.in_(not_answered))
             .values(status=InboundState.NOT_ANSWERED.value)
         )
-    await enqueue(connection, jobs)
+    await enqueue(connection, jobs, debounce)
     enqueued = {job.message_id for job in jobs}
     results = []
     for inbound in inbounds:
@@ -222,7 +223,8 @@ def _route(
         if not _answerable(inbound) or opted_out[key] or conversations[key].paused:
             not_answered.append(message_id)
         else:
-            jobs.append(NewJob(conversations[key].id, message_id))
+            quiet = inbound.intent is Intent.MESSAGE  # HELP's fixed text is not debounced
+            jobs.append(NewJob(conversations[key].id, message_id, waits_for_quiet=quiet))
     return jobs, not_answered
 
 
@@ -281,9 +283,15 @@ class _Pending:
 class InboundWriter:
     """Group commit for webhooks: one writer task, one transaction per batch of arrivals."""
 
-    def __init__(self, engine: AsyncEngine, on_commit: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        on_commit: Callable[[], None] = lambda: None,
+        debounce: Debounce = OFF,
+    ) -> None:
         self._engine = intake(engine)
         self._on_commit = on_commit
+        self._debounce = debounce  # when the replies to a burst are due (SPEC §12)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -345,7 +353,7 @@ class InboundWriter:
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:
         async with self._engine.begin() as connection:
-            return await record_inbound(connection, inbounds)
+            return await record_inbound(connection, inbounds, self._debounce)
 
 
 def _settle(future: asyncio.Future[Recorded], outcome: Recorded | BaseException) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,9 +24,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from service import storable
 from service.db import reader, utcnow
 from service.models import AssistantCall, Conversation, DeliveryReport, Message
-from service.queue.manager import Claim, finish_jobs
+from service.queue.manager import Claim, close_taken_over, finish_jobs
+from service.store import bursts
 from service.store.errors import storage_errors
-from service.types import DELIVERY_RANK, Author, Delivery, InboundState, Intent, Sender
+from service.types import DELIVERY_RANK, Author, CallStatus, Delivery, InboundState, Intent, Sender
 
 _T_ASSISTANTCALL = cast(Table, AssistantCall.__table__)
 _T_CONVERSATION = cast(Table, Conversation.__table__)
@@ -124,15 +126,19 @@ class Answer:
     headers: dict[str, str]
     call_id: int | None = None
     fixed_kind: str | None = None  # which fixed text (`types.FixedText`), for author `fixed`
-    call: CallRecord | None = None  # the model call that wrote it, recorded with it
-    start_sending: bool = False  # also move the first part `pending -> sending` (`start_sending`)
+    # SPEC §12: not stored when a newer message of the person waits (`bursts.interrupted`).
+    interruptible: bool = False
+    # The newer messages among `answered_ids` a running claim took over: their queued jobs
+    # close with this answer.
+    taken_over: Sequence[int] = ()
 
 
-@dataclass(frozen=True)
-class Stored:
-    """An answer as stored: its parts in order (the first `held` when asked for and won)."""
+class Stored(enum.Enum):
+    """What `store_answer` did."""
 
-    parts: list[Part]
+    STORED = "stored"
+    ANSWERED_ELSEWHERE = "answered elsewhere"  # another worker answered them (a lost claim)
+    INTERRUPTED = "interrupted"  # a newer message waits: nothing stored, the call superseded
 
 
 @dataclass(frozen=True)
@@ -161,39 +167,35 @@ def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
 async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
     """Store a model call's record (a failed one, or one whose answer was not needed)."""
     async with engine.begin() as connection:
-        return await _insert_call(connection, call)
+        result = await connection.execute(
+            insert(AssistantCall).returning(AssistantCall.id),
+            {
+                "conversation_id": call.conversation_id,
+                "model": call.model,
+                "purpose": call.purpose,
+                "generation_params": call.generation_params,
+                "processing_time": call.processing_time,
+                "status": (CallStatus.OK if call.ok else CallStatus.ERROR).value,
+                "prompt_tokens": call.prompt_tokens,
+                "completion_tokens": call.completion_tokens,
+                "total_tokens": call.total_tokens,
+                "error": call.error,
+                "created_at": utcnow(),
+            },
+        )
+        return int(result.scalar_one())
 
 
-async def _insert_call(
-    connection: AsyncConnection, call: CallRecord, message_id: int | None = None
-) -> int:
-    result = await connection.execute(
-        _INSERT_CALL,
-        {
-            "conversation_id": call.conversation_id,
-            "message_id": message_id,
-            "model": call.model,
-            "purpose": call.purpose,
-            "generation_params": call.generation_params,
-            "processing_time": call.processing_time,
-            "status": "ok" if call.ok else "error",
-            "prompt_tokens": call.prompt_tokens,
-            "completion_tokens": call.completion_tokens,
-            "total_tokens": call.total_tokens,
-            "error": call.error,
-            "created_at": utcnow(),
-        },
-    )
-    return int(result.scalar_one())
-
-
-async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored | None:
-    """The reply's parts, the answered messages' new state and the model call's record, in one
-    transaction (with `start_sending`, also the first part's compare-and-set). None (and only
-    the call's record stored) when the messages were no longer waiting: another worker answered
-    them while this one was stalled past its lease."""
+async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored:
+    """The reply's parts and the answered messages' new state, in one transaction. Nothing is
+    stored when the messages were no longer waiting (another worker answered them while this
+    one was stalled past its lease), nor when an interruptible answer finds a newer message."""
     try:
         async with engine.begin() as connection:
+            if answer.interruptible and await bursts.interrupted(
+                connection, answer.conversation_id, max(answer.answered_ids), answer.call_id
+            ):
+                return Stored.INTERRUPTED
             claimed = await connection.execute(
                 _MARK_ANSWERED, {"answered_ids": list(answer.answered_ids), "now": utcnow()}
             )
@@ -201,21 +203,17 @@ async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored | None:
                 raise _AnsweredElsewhere  # rolls the transaction back
             parts = await _insert_parts(connection, answer)
             first_id = parts[0].id if parts else None
-            if answer.call is not None:
-                await _insert_call(connection, answer.call, first_id)
-            elif answer.call_id is not None and first_id is not None:
+            if answer.call_id is not None and first_id is not None:
                 await connection.execute(
                     update(AssistantCall)
                     .where(AssistantCall.id == answer.call_id)
                     .values(message_id=first_id)
                 )
-            if answer.start_sending and parts and await _start_sending(connection, parts[0]):
-                parts[0] = _held(parts[0])
+            if answer.taken_over:
+                await close_taken_over(connection, answer.taken_over)
     except _AnsweredElsewhere:
-        if answer.call is not None:  # the call was made (and may have cost): keep its record
-            await record_call(engine, answer.call)
-        return None
-    return Stored(parts)
+        return Stored.ANSWERED_ELSEWHERE
+    return Stored.STORED
 
 
 class _AnsweredElsewhere(Exception):

@@ -146,7 +146,9 @@ class AssistantCallOut(BaseModel):
     purpose: str = Field(description="reply, or summary (folding old turns; never sent)")
     generation_params: dict[str, Any]
     processing_time: int = Field(description="milliseconds")
-    status: str
+    status: str = Field(
+        description="ok; error; superseded: answered, but dropped unsent for a newer message"
+    )
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None

@@ -22,6 +22,7 @@ from service import runtime
 from service.assistant import Model
 from service.channels.registry import Channels, build_channels
 from service.profiles import Profiles, profiles_of
+from service.queue.debounce import Debounce
 from service.queue.worker import Worker
 from service.settings import Settings
 from service.store.errors import storage_failure
@@ -57,7 +58,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         clock=app.state.clock,
     ) as ready:
         worker = ready.worker
-        writer = InboundWriter(ready.engine, on_commit=worker.wake if worker else lambda: None)
+        writer = InboundWriter(
+            ready.engine,
+            on_commit=worker.wake if worker else lambda: None,
+            debounce=Debounce(settings.reply_debounce_s, settings.reply_debounce_max_s),
+        )
         writer.start()
         services = Services(settings, ready.engine, writer, ready.channels, ready.model, worker)
         if worker:

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.models import Message
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN
 from tests.fakes import FakeProviders
-from tests.helpers import eventually, jobs, messages, post_twilio, settled, twilio_form
+from tests.helpers import calls, eventually, jobs, messages, post_twilio, settled, twilio_form
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 1.0  # REPLY_LEASE_S: how long a killed process's job stays claimed
@@ -137,6 +137,7 @@ async def start(
         "REPLY_RETRY_BASE_S": "0.1",
         "REPLY_LEASE_S": str(LEASE_S),
         "WORKER_POLL_S": "0.1",
+        "REPLY_DEBOUNCE_S": "0",  # the burst tests turn SPEC §12's quiet time on
         "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
         "LOG_LEVEL": "INFO",
     }
@@ -245,6 +246,58 @@ async def test_kill_9_after_twilio_accepted_then_restart_sends_no_second_sms(
     await assert_answered_once(engine, providers, "Hello there")
     assert providers.twilio_attempts == ["accept_then_hang"]
     assert len(providers.openai_requests) == 1
+
+
+async def test_kill_9_during_the_debounce_wait_then_restart_answers_the_burst_once(
+    start: Callable[..., Any], engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """The burst was acknowledged and waits for quiet (SPEC §12); the process died meanwhile."""
+    first = await start(REPLY_DEBOUNCE_S="1.0")
+    await first.text("is the shop open")
+    await first.text("on Sunday?")
+    first.kill()
+
+    waiting = await jobs(engine)
+    assert [j.status for j in waiting] == ["queued", "queued"]  # durable: the wait is a row
+    assert waiting[0].run_after == waiting[1].run_after > waiting[1].created_at
+    assert providers.openai_requests == []
+    await start(REPLY_DEBOUNCE_S="1.0")
+    await done(engine)
+    [request] = providers.openai_requests
+    assert [m["content"] for m in request["messages"] if m["role"] == "user"] == [
+        "is the shop open",
+        "on Sunday?",
+    ]
+    assert bodies_sent(providers) == ["echo: on Sunday?"]
+
+
+async def test_kill_9_between_a_retaken_answer_and_its_send_sends_it_once(
+    start: Callable[..., Any], engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A text arrived during the model call, so the model was asked again; Twilio accepted that
+    answer but the process died before it heard so. The dropped answer is never sent."""
+    providers.openai_delay = 0.5
+    providers.twilio_plan(("accept_then_hang", 60))
+    first = await start(REPLY_DEBOUNCE_S="0.2")
+    await first.text("is the shop open")
+    await providers.wait_for_async(lambda: providers.openai_requests, timeout=10)
+    await first.text("on Sunday?")
+    await providers.wait_for_async(lambda: providers.twilio_sent, timeout=10)
+    first.kill()
+
+    [reply] = await messages(engine, Message.sender == "assistant")
+    assert (reply.status, reply.body) == ("sending", "echo: on Sunday?")
+    providers.openai_delay = 0.0
+    await start(REPLY_DEBOUNCE_S="0.2")
+    await done(engine)
+    assert bodies_sent(providers) == ["echo: on Sunday?"]
+    assert providers.twilio_attempts == ["accept_then_hang"]  # found by the lookup, not resent
+    assert len(providers.openai_requests) == 2  # the dropped call and the retake, no third
+    assert [c.status for c in await calls(engine)] == ["superseded", "ok"]
+    assert [m.status for m in await messages(engine, Message.sender == "user")] == [
+        "answered",
+        "answered",
+    ]
 
 
 async def assert_whatsapp_answered_once(

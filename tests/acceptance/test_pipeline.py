@@ -356,9 +356,11 @@ async def burst(client: httpx.AsyncClient, providers: FakeProviders) -> float:
     return time.monotonic() - started
 
 
-async def test_a_burst_while_a_reply_is_pending_is_answered_together_once_in_order(
+async def test_a_burst_during_the_model_call_is_answered_once_together_in_order(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
+    """SPEC §12: the answer to "one" is dropped unsent when the rest arrive during its model
+    call, and the model is asked again with all five (the debounce is off here)."""
     async with running_app(fast(make_settings)) as client:
         elapsed = await burst(client, providers)
         await done(engine)
@@ -366,34 +368,16 @@ async def test_a_burst_while_a_reply_is_pending_is_answered_together_once_in_ord
     assert elapsed < providers.openai_delay  # all of them arrived while "one" was answered
     first, second = providers.openai_requests
     assert first["messages"][1:] == [{"role": "user", "content": "one"}]
-    assert user_turns(second) == BURST  # the four new ones oldest first, after the history
-    assert second["messages"][-4:] == [{"role": "user", "content": b} for b in BURST[1:]]
+    assert second["messages"][1:] == [{"role": "user", "content": b} for b in BURST]
     assert [(s["To"], s["From"], s["Body"]) for s in providers.twilio_sent] == [
-        (TEXTER, OUR_NUMBER, "echo: one"),
         (TEXTER, OUR_NUMBER, "echo: five"),
     ]
     received = await inbound(engine)
     assert [m.body for m in received] == BURST
     assert {m.status for m in received} == {"answered"}
-    reply_one, reply_burst = await replies(engine)
-    assert reply_one.reply_to_id == received[0].id
-    assert reply_burst.reply_to_id == received[-1].id
-    assert reply_one.id < reply_burst.id
-
-
-async def test_the_burst_prompt_includes_the_reply_already_sent(
-    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
-) -> None:
-    async with running_app(fast(make_settings)) as client:
-        await burst(client, providers)
-        await done(engine)
-
-    _, second = providers.openai_requests
-    assert second["messages"][1:] == [
-        {"role": "user", "content": "one"},
-        {"role": "assistant", "content": "echo: one"},
-        *({"role": "user", "content": body} for body in BURST[1:]),
-    ]
+    [reply] = await replies(engine)
+    assert reply.reply_to_id == received[-1].id
+    assert [c.status for c in await calls(engine)] == ["superseded", "ok"]
 
 
 async def test_rate_limit_marks_the_message_and_skips_the_model_with_one_warning(

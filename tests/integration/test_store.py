@@ -55,7 +55,7 @@ async def _answered(engine: AsyncEngine, text_parts: list[str]) -> list[outbox.P
             headers={},
         ),
     )
-    assert stored
+    assert stored is outbox.Stored.STORED
     return await outbox.unsent_parts(engine, recorded.conversation_id)
 
 
@@ -102,7 +102,7 @@ async def test_an_answer_already_given_elsewhere_stores_nothing(engine: AsyncEng
         subject=None,
         headers={},
     )
-    assert not await outbox.store_answer(engine, again)
+    assert await outbox.store_answer(engine, again) is outbox.Stored.ANSWERED_ELSEWHERE
     assert await _count(engine, Message) == 2  # the question and its one reply
 
 
@@ -181,36 +181,3 @@ async def test_a_part_left_sending_is_taken_over_by_one_caller_only(engine: Asyn
     assert not await outbox.take_over(engine, left)  # its `attempted_at` has moved on
     [again] = await outbox.unsent_parts(engine, part.conversation_id)
     assert again.attempted_at is not None and again.attempted_at > left.attempted_at
-
-
-async def test_an_answer_is_stored_with_its_call_and_its_first_part_taken(
-    engine: AsyncEngine,
-) -> None:
-    """One transaction: the parts, the answered message, the call's record linked to the first
-    part, and that part moved to `sending` for this caller (the rest stay `pending`)."""
-    [recorded] = await _record(engine, _sms("+15550001111", "two parts, please"))
-    assert recorded.conversation_id and recorded.message_id
-    call = outbox.CallRecord(recorded.conversation_id, "gpt-test", {}, 12, ok=True)
-    stored = await outbox.store_answer(
-        engine,
-        outbox.Answer(
-            conversation_id=recorded.conversation_id,
-            channel=Channel.SMS.value,
-            answered_ids=[recorded.message_id],
-            parts=["First.", "Second."],
-            author=Author.MODEL,
-            subject=None,
-            headers={},
-            call=call,
-            start_sending=True,
-        ),
-    )
-    assert stored is not None
-    first, second = stored.parts
-    assert first.held and not second.held
-    assert (await _message(engine, first.id)).status == Delivery.SENDING.value
-    assert (await _message(engine, second.id)).status == Delivery.PENDING.value
-    assert (await _message(engine, recorded.message_id)).status == InboundState.ANSWERED.value
-    async with engine.connect() as connection:
-        linked = await connection.scalar(select(AssistantCall.message_id))
-    assert linked == first.id

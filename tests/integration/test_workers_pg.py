@@ -58,6 +58,7 @@ from tests.conftest import (
     running_app,
 )
 from tests.fakes import FakeProviders, default_openai_reply
+from tests.helpers import calls as call_records
 from tests.helpers import eventually, jobs, post_twilio, settled, twilio_form
 from tests.processes import free_port, parley_env, start, stop, wait_healthy
 
@@ -127,8 +128,24 @@ class ModelRecorder:
             pairs += [(a, b) for a, b in itertools.pairwise(calls) if b.started < a.ended]
         return pairs
 
+    def retaken(self) -> list[Call]:
+        """Calls asked again with newer messages (SPEC §12): the sender's next call asks the
+        same texts first, then the newer ones."""
+        by_sender: dict[str, list[Call]] = defaultdict(list)
+        for call in sorted(self.calls, key=lambda c: c.started):
+            by_sender[call.sender].append(call)
+        return [
+            a
+            for calls in by_sender.values()
+            for a, b in itertools.pairwise(calls)
+            if b.new[: len(a.new)] == a.new
+        ]
+
     def asked_twice(self) -> list[str]:
-        counts = Counter(text for call in self.calls for text in call.new)
+        """Texts asked in two calls, a call asked again with newer messages aside."""
+        retaken = set(map(id, self.retaken()))
+        kept = [call for call in self.calls if id(call) not in retaken]
+        counts = Counter(text for call in kept for text in call.new)
         return sorted(text for text, n in counts.items() if n > 1)
 
 
@@ -167,7 +184,10 @@ async def assert_each_answered_once_in_order(
     assert not [k for k, n in Counter((s["To"], s["Body"]) for s in sent).items() if n > 1]
     assert sorted(s["sid"] for s in sent) == sorted(r.provider_message_id for r in replies)
     assert model.asked_twice() == []
-    assert len(model.calls) == len(replies) == len(providers.openai_requests)
+    statuses = Counter(c.status for c in await call_records(engine))
+    assert statuses["superseded"] == len(model.retaken())  # each dropped answer was asked again
+    assert len(model.calls) == len(providers.openai_requests) == sum(statuses.values())
+    assert statuses["ok"] == len(replies)
 
     seq = {s["sid"]: s["seq"] for s in sent}
     text_of = {r.id: r.body for r in rows}

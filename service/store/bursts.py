@@ -1,0 +1,64 @@
+"""A person still typing while the model answers (SPEC §12): the newer messages that interrupt
+an answer before it is stored.
+
+A reply job answers the messages it claimed. A newer message of the person (not a keyword, not
+HELP: those have their own fixed answers) that arrived meanwhile is still `received`, its job
+queued behind the running one. The check for one and the storing of the answer are one
+transaction (`outbox.store_answer`), so an answer is either stored before the newer message
+arrived (which then gets its own reply, after this one) or dropped, its call recorded
+`superseded`, and the model asked again with the newer messages too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import reader
+from service.models import AssistantCall, Message
+from service.types import CallStatus, InboundState, Intent, Sender
+
+
+def _newer_waiting(conversation_id: int, after_id: int) -> tuple[Any, ...]:
+    return (
+        Message.conversation_id == conversation_id,
+        Message.id > after_id,
+        Message.sender == Sender.USER.value,
+        Message.intent == Intent.MESSAGE.value,
+        Message.status == InboundState.RECEIVED.value,
+    )
+
+
+async def interrupted(
+    connection: AsyncConnection, conversation_id: int, after_id: int, call_id: int | None
+) -> bool:
+    """Inside the transaction that would store an answer to the messages up to `after_id`:
+    whether a newer one waits. If so the answer is not stored and its call (`call_id`) is
+    recorded `superseded`, in the same transaction."""
+    newer = await connection.scalar(
+        select(Message.id).where(*_newer_waiting(conversation_id, after_id)).limit(1)
+    )
+    if newer is None:
+        return False
+    if call_id is not None:
+        await connection.execute(
+            update(AssistantCall)
+            .where(AssistantCall.id == call_id)
+            .values(status=CallStatus.SUPERSEDED.value)
+        )
+    return True
+
+
+async def newer_waiting(engine: AsyncEngine, conversation_id: int, after_id: int) -> list[int]:
+    """The ids of the person's messages newer than `after_id` still waiting for their reply,
+    oldest first: what an interrupted answer takes over and asks the model again with."""
+    async with reader(engine).connect() as connection:
+        return list(
+            await connection.scalars(
+                select(Message.id)
+                .where(*_newer_waiting(conversation_id, after_id))
+                .order_by(Message.id)
+            )
+        )
