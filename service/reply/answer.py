@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from service import memory, metrics, storable
 from service.assistant import CallOptions, Completion, ModelError
@@ -18,11 +19,12 @@ from service.db import utcnow
 from service.profiles import Assistant, from_variables, no_profiles
 from service.reply.attachments import Attachments
 from service.reply.calls import ModelCaller
-from service.reply.flow import GiveUp, Outcome, ReplyContext, RetryLater, Superseded
+from service.reply.flow import Answered, GiveUp, Outcome, ReplyContext, RetryLater, Superseded
 from service.reply.memory import Memory
 from service.store import bursts, conversations, fixed, outbox
 from service.store.budget import ModelCallBudget
 from service.store.conversations import ConversationView, Waiting
+from service.store.reply_state import History, HistoryWanted
 from service.types import (
     Author,
     CallPurpose,
@@ -35,6 +37,16 @@ from service.types import (
 log = logging.getLogger(__name__)
 
 MAX_RETAKES = 2  # SPEC §12: a reply's model call is asked again at most twice for newer messages
+
+
+@dataclass(frozen=True)
+class _Store:
+    """How a job stores its next reply: for which profile, with the greeting checked for
+    (`greet`) and the first part's compare-and-set (`start_sending`: nothing stored before it)."""
+
+    assistant: Assistant
+    greet: bool
+    start_sending: bool
 
 
 class Answerer:
@@ -55,37 +67,59 @@ class Answerer:
             context.engine, self._caller, self._budget, settings.summary_keep_messages
         )
 
-    async def answer(self, conversation: ConversationView, waiting: list[Waiting]) -> Outcome:
+    def history_wanted(self, local_address: str) -> HistoryWanted:
+        """What history the job's state read fetches for a conversation at this address."""
+        return self._memory.wanted(self._profiles.pick(local_address))
+
+    async def answer(
+        self,
+        conversation: ConversationView,
+        waiting: list[Waiting],
+        history: History | None = None,
+        *,
+        replied: bool = False,
+    ) -> Answered:
         """HELP with its fixed text, the rest with one model call (or, outside the profile's
-        hours, its after-hours reply); in the order they came."""
+        hours, its after-hours reply); in the order they came. `history`: read with the job's
+        state; `replied`: the conversation is known to have an assistant message (no greeting
+        owed, none checked for). The first part stored is also moved to `sending`."""
         assistant = self._profiles.pick(conversation.local_address)
         helps = [m for m in waiting if m.intent == Intent.HELP.value]
         questions = [m for m in waiting if m.intent != Intent.HELP.value]
         groups = sorted((group for group in (helps, questions) if group), key=lambda g: g[0].id)
         outcome = Outcome.ANSWERED
+        parts: list[outbox.Part] = []
         for group in groups:
+            greet = assistant.greeting is not None and not (replied or parts)
+            store = _Store(assistant, greet, start_sending=not parts)
             if group is helps:
-                await self._store(
-                    conversation, helps, HELP_TEXT, assistant, Author.FIXED, kind=FixedText.HELP
+                parts += (
+                    await self._store(
+                        conversation, helps, HELP_TEXT, store, Author.FIXED, kind=FixedText.HELP
+                    )
+                    or []
                 )
             elif not assistant.is_open(now := self._clock()):
-                if not await self._after_hours(conversation, questions, assistant, now):
-                    outcome = Outcome.CLOSED
+                stored = await self._after_hours(conversation, questions, store, now)
+                outcome = outcome if stored else Outcome.CLOSED
+                parts += stored
             elif scope := await self._limit_reached(conversation):
                 outcome = await self._rate_limited(questions, scope)
             else:
-                outcome = await self._answer_burst(conversation, questions, assistant)
-        return outcome
+                answered = await self._answer_burst(conversation, questions, store, history)
+                outcome, parts = answered.outcome, parts + answered.parts
+        return Answered(outcome, parts)
 
     async def _after_hours(
         self,
         conversation: ConversationView,
         questions: Sequence[Waiting],
-        assistant: Assistant,
+        store: _Store,
         now: dt.datetime,
-    ) -> bool:
+    ) -> list[outbox.Part]:
         """The profile's after-hours reply, once per closed period; later messages of the period
-        (or all, without an `after_hours_reply`) are `not_answered`. True when a reply is owed."""
+        (or all, without an `after_hours_reply`) are `not_answered`. Returns what it stored."""
+        assistant = store.assistant
         if assistant.after_hours_reply is None or assistant.hours is None:
             await outbox.mark_inbound(
                 self._engine,
@@ -93,7 +127,7 @@ class Answerer:
                 InboundState.NOT_ANSWERED,
                 error=fixed.CLOSED,
             )
-            return False
+            return []
         reply = self._answer(
             conversation,
             questions,
@@ -101,37 +135,48 @@ class Answerer:
             Author.FIXED,
             FixedText.AFTER_HOURS,
         )
-        await self._greet(conversation, questions, assistant)
+        reply = dataclasses.replace(reply, greeting=self._greeting(conversation, questions, store))
         return await fixed.store_after_hours(
-            self._engine, reply, assistant.hours.closed_period(now)
+            self._engine,
+            reply,
+            assistant.hours.closed_period(now),
+            start_sending=store.start_sending,
         )
 
     async def _answer_burst(
-        self, conversation: ConversationView, questions: list[Waiting], assistant: Assistant
-    ) -> Outcome:
+        self,
+        conversation: ConversationView,
+        questions: list[Waiting],
+        store: _Store,
+        history: History | None,
+    ) -> Answered:
         """One model call for the questions; when the person wrote more before its answer was
         stored, the answer is dropped (its call recorded `superseded`) and the model asked
         again with the newer messages too, at most `MAX_RETAKES` times, after which the answer
-        is stored whatever came meanwhile (SPEC §12). One reply per burst, in order."""
+        is stored whatever came meanwhile (SPEC §12). One reply per burst, in order. `history`
+        (read with the job's state) serves the first call; a retake reads its own."""
         claimed = len(questions)
         for retake in range(MAX_RETAKES + 1):
-            completion, call_id = await self._ask_model(conversation, questions, assistant)
+            completion, call = await self._ask_model(
+                conversation, questions, store.assistant, history
+            )
+            history = None
             stored = await self._store(
                 conversation,
                 questions,
                 completion.text,
-                assistant,
+                store,
                 Author.MODEL,
-                call_id,
+                call,
                 interruptible=retake < MAX_RETAKES,
                 taken_over=[m.id for m in questions[claimed:]],
             )
-            if stored:
-                return Outcome.ANSWERED
+            if stored is not None:
+                return Answered(Outcome.ANSWERED, stored)
             newer = await bursts.newer_waiting(self._engine, conversation.id, questions[-1].id)
             questions = [*questions, *await conversations.waiting_messages(self._engine, newer)]
             if scope := await self._limit_reached(conversation):
-                return await self._rate_limited(questions, scope)
+                return Answered(await self._rate_limited(questions, scope), [])
         raise AssertionError("the last retake is stored unconditionally")
 
     async def _rate_limited(self, questions: Sequence[Waiting], scope: str) -> Outcome:
@@ -171,19 +216,23 @@ class Answerer:
     # ------------------------------------------------------------ the model
 
     async def _prompt(
-        self, conversation: ConversationView, questions: Sequence[Waiting], assistant: Assistant
+        self,
+        conversation: ConversationView,
+        questions: Sequence[Waiting],
+        assistant: Assistant,
+        history: History | None,
     ) -> list[PromptMessage]:
         """The profile's system prompt, the summary (summary memory), the history bounded by
         count and tokens (`conversation.build_prompt`), then the questions with their
         attachments (`Attachments.new_turns`: fetched now, images for this turn only)."""
         new = await self._attachments.new_turns(Channel(conversation.channel), questions)
-        summary, history = await self._memory.history(
-            conversation.id, [m.id for m in questions], new, assistant
+        summary, turns = await self._memory.history(
+            conversation.id, [m.id for m in questions], new, assistant, history
         )
         prompt = build_prompt(
             assistant.system_prompt,
             self._channels[Channel(conversation.channel)].style,
-            history,
+            turns,
             new,
             max_messages=assistant.history_messages,
             max_tokens=assistant.history_tokens - memory.summary_cost(summary),
@@ -191,9 +240,14 @@ class Answerer:
         return memory.with_summary(prompt, summary)
 
     async def _ask_model(
-        self, conversation: ConversationView, questions: Sequence[Waiting], assistant: Assistant
-    ) -> tuple[Completion, int]:
-        prompt = await self._prompt(conversation, questions, assistant)
+        self,
+        conversation: ConversationView,
+        questions: Sequence[Waiting],
+        assistant: Assistant,
+        history: History | None,
+    ) -> tuple[Completion, outbox.CallRecord]:
+        """The model's answer and its call's record, stored with the answer."""
+        prompt = await self._prompt(conversation, questions, assistant, history)
         options = CallOptions(assistant.model, assistant.temperature, assistant.max_tokens)
         try:
             return await self._caller.call(
@@ -215,36 +269,45 @@ class Answerer:
         conversation: ConversationView,
         answered: Sequence[Waiting],
         text: str,
-        assistant: Assistant,
+        store: _Store,
         author: Author,
-        call_id: int | None = None,
+        call: outbox.CallRecord | None = None,
         kind: FixedText | None = None,
         *,
         interruptible: bool = False,
         taken_over: Sequence[int] = (),
-    ) -> bool:
-        """The reply's parts and the answered messages' new state, in one transaction; the
-        profile's greeting first when this is the conversation's first reply. False when
-        `interruptible` and a newer message of the person waits (the answer is not stored)."""
-        answer = self._answer(conversation, answered, text, author, kind, call_id)
-        answer = dataclasses.replace(answer, interruptible=interruptible, taken_over=taken_over)
-        await self._greet(conversation, answered, assistant)
-        stored = await outbox.store_answer(self._engine, answer)
-        if stored is outbox.Stored.ANSWERED_ELSEWHERE:
+    ) -> list[outbox.Part] | None:
+        """The reply's parts and the answered messages' new state, in one transaction with the
+        model call's record, the profile's greeting first when owed and the first part's
+        compare-and-set (`outbox.store_reply`). Returns the parts stored, in the order they go
+        out; None when `interruptible` and a newer message of the person waits (nothing stored,
+        the call recorded `superseded`)."""
+        answer = self._answer(conversation, answered, text, author, kind)
+        answer = dataclasses.replace(
+            answer,
+            interruptible=interruptible,
+            taken_over=taken_over,
+            call=call,
+            greeting=self._greeting(conversation, answered, store),
+            start_sending=store.start_sending,
+        )
+        stored = await outbox.store_reply(self._engine, answer)
+        if stored.outcome is outbox.Stored.ANSWERED_ELSEWHERE:
             # Another worker answered them while this one was stalled past its lease.
             raise Superseded(f"messages {[m.id for m in answered]} were answered elsewhere")
-        return stored is outbox.Stored.STORED
+        return stored.parts if stored.outcome is outbox.Stored.STORED else None
 
-    async def _greet(
-        self, conversation: ConversationView, answered: Sequence[Waiting], assistant: Assistant
-    ) -> None:
+    def _greeting(
+        self, conversation: ConversationView, answered: Sequence[Waiting], store: _Store
+    ) -> outbox.Answer | None:
         """The greeting, its own message, exactly the configured text, before the first reply of
-        the conversation and never again (`store_greeting` checks, in its transaction)."""
-        if assistant.greeting:
-            greeting = self._answer(
-                conversation, answered, assistant.greeting, Author.FIXED, FixedText.GREETING
-            )
-            await fixed.store_greeting(self._engine, greeting)
+        the conversation and never again (`outbox.insert_greeting` checks, in the reply's
+        transaction); None when none is configured or the conversation is known to have one."""
+        if not store.greet or store.assistant.greeting is None:
+            return None
+        return self._answer(
+            conversation, answered, store.assistant.greeting, Author.FIXED, FixedText.GREETING
+        )
 
     def _answer(
         self,
@@ -253,7 +316,6 @@ class Answerer:
         text: str,
         author: Author,
         kind: FixedText | None = None,
-        call_id: int | None = None,
     ) -> outbox.Answer:
         """A reply to `answered`, cut to the channel's limits, in its envelope."""
         channel = Channel(conversation.channel)
@@ -270,6 +332,5 @@ class Answerer:
             author=author,
             subject=subject,
             headers=headers,
-            call_id=call_id,
             fixed_kind=kind.value if kind else None,
         )

@@ -1,6 +1,8 @@
 """One model call with its time limit, its metrics and its record (`assistant_call`), for the
 reply and for the summary alike: the record says which (`purpose`) and for which assistant
-profile (`generation_params["profile"]`)."""
+profile (`generation_params["profile"]`). A failed call is recorded here; an answered one's
+record is handed back, to be stored in the transaction that stores what it wrote (the answer,
+`outbox.store_reply`; the summary, `memory.save_summary`)."""
 
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ class ModelCaller:
         *,
         purpose: CallPurpose,
         profile: str | None,
-    ) -> tuple[Completion, int]:
-        """The completion and its record's id; a failure is recorded, then raised as a
-        `ModelError` (a timeout is a retryable one)."""
+    ) -> tuple[Completion, outbox.CallRecord]:
+        """The completion and its record, not stored yet; a failure is recorded, then raised as
+        a `ModelError` (a timeout is a retryable one)."""
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout_s + 5):
@@ -44,7 +46,7 @@ class ModelCaller:
             error.latency_ms = error.latency_ms or int((time.perf_counter() - started) * 1000)
             metrics.observe_model_call(error.latency_ms / 1000, False, None, None)
             params = {**self._model.params, **options.as_params()}
-            await self._record(
+            failed = _record(
                 conversation_id,
                 model=options.model or self._model.name,
                 params=_with_profile(params, profile),
@@ -53,6 +55,7 @@ class ModelCaller:
                 ok=False,
                 error=str(error),
             )
+            await outbox.record_call(self._engine, failed)
             if error is not exc:
                 raise error from exc
             raise
@@ -62,7 +65,7 @@ class ModelCaller:
             completion.prompt_tokens,
             completion.completion_tokens,
         )
-        call_id = await self._record(
+        return completion, _record(
             conversation_id,
             model=completion.model,
             params=_with_profile(completion.params, profile),
@@ -73,31 +76,27 @@ class ModelCaller:
             completion_tokens=completion.completion_tokens,
             total_tokens=completion.total_tokens,
         )
-        return completion, call_id
 
-    async def _record(
-        self,
-        conversation_id: int,
-        *,
-        model: str,
-        params: dict[str, Any],
-        processing_time: int,
-        purpose: CallPurpose,
-        ok: bool,
-        **rest: Any,
-    ) -> int:
-        return await outbox.record_call(
-            self._engine,
-            outbox.CallRecord(
-                conversation_id=conversation_id,
-                model=model,
-                generation_params=params,
-                processing_time=processing_time,
-                ok=ok,
-                purpose=purpose.value,
-                **rest,
-            ),
-        )
+
+def _record(
+    conversation_id: int,
+    *,
+    model: str,
+    params: dict[str, Any],
+    processing_time: int,
+    purpose: CallPurpose,
+    ok: bool,
+    **rest: Any,
+) -> outbox.CallRecord:
+    return outbox.CallRecord(
+        conversation_id=conversation_id,
+        model=model,
+        generation_params=params,
+        processing_time=processing_time,
+        ok=ok,
+        purpose=purpose.value,
+        **rest,
+    )
 
 
 def _with_profile(params: dict[str, Any], profile: str | None) -> dict[str, Any]:

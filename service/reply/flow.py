@@ -1,7 +1,7 @@
 """One conversation's reply job, step by step, each step recorded before the next.
 
 0. Read the job's state once (`store.reply_state`): the conversation, the claimed messages
-   still waiting and the parts it still owes.
+   still waiting, the parts it still owes and the history (and summary) the model is shown.
 1. Send whatever this conversation still owes (a reply stored before a crash, an operator's
    message, a fixed text), in order.
 2. Answer the claimed messages still waiting: HELP with the fixed text, the rest with one model
@@ -13,9 +13,12 @@
    whose compare-and-set takes it over. A lost compare-and-set stops the job: the parts
    after it are not sent out of order.
 
-Writes that follow each other share a transaction (each send's record with the next part's
-compare-and-set), and the transaction that records the last send also finishes the job. A job
-that ends without a last send is finished on its own.
+Writes that follow each other share a transaction (the answer with its model call's record,
+the supersede check, the greeting when owed and the first part's compare-and-set; each send's
+record with the next part's compare-and-set), and the transaction that records the last send
+also finishes the job: a one-part reply costs the state read, the model-call budget, the
+answer and the send, four transactions. A job that ends without a last send is finished on
+its own.
 
 Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
 """
@@ -57,6 +60,15 @@ class Outcome(enum.StrEnum):
     SUPERSEDED = "superseded"
     RELEASED = "released"
     ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What `Answerer.answer` stored: how it went, and the parts to send in order (the first
+    one already moved to `sending` by this job where it could)."""
+
+    outcome: Outcome
+    parts: list[outbox.Part]
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,7 @@ class ReplyFlow:
             claim.conversation_id,
             claim.message_ids,
             calls_since=utcnow() - self._rate_window,
+            history=self._answerer.history_wanted,
         )
         if state is None:
             return Outcome.DELETED, False
@@ -144,13 +157,14 @@ class ReplyFlow:
         if conversation.own_address:
             await self._not_answered(claim)
             return Outcome.OWN_ADDRESS, False  # answering ourselves is a loop
-        outcome = await self._answerer.answer(conversation, waiting)
         # What it stored (a greeting, the answer, an after-hours text), in the order it goes.
-        parts = await outbox.unsent_parts(self._engine, conversation.id)
-        if not parts:
-            return outcome, False
-        stopped = await self._sender.send(conversation, parts, claim)
-        return stopped or outcome, stopped is None
+        answered = await self._answerer.answer(
+            conversation, waiting, state.history, replied=state.replied
+        )
+        if not answered.parts:
+            return answered.outcome, False
+        stopped = await self._sender.send(conversation, answered.parts, claim)
+        return stopped or answered.outcome, stopped is None
 
     async def give_up(self, claim: Claim, error: str) -> None:
         """After the last try: the waiting messages and anything unsent are marked failed."""

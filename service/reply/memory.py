@@ -22,6 +22,8 @@ from service.reply.calls import ModelCaller
 from service.store import AsyncEngine, conversations
 from service.store import memory as memory_store
 from service.store.budget import ModelCallBudget
+from service.store.memory import Summary
+from service.store.reply_state import History, HistoryWanted
 from service.types import CallPurpose, Turn
 
 log = logging.getLogger(__name__)
@@ -36,25 +38,29 @@ class Memory:
         self._budget = budget
         self._keep = keep
 
+    def wanted(self, assistant: Assistant) -> HistoryWanted:
+        """The history a reply of this profile shows: read with the job's state when it can."""
+        if assistant.memory != "summary":
+            return HistoryWanted(history_rows_for(assistant.history_messages), False)
+        return HistoryWanted(history_rows_for(max(assistant.history_messages, self._keep)), True)
+
     async def history(
         self,
         conversation_id: int,
         new_ids: Sequence[int],
         new: Sequence[Turn],
         assistant: Assistant,
+        known: History | None = None,
     ) -> tuple[str | None, list[Turn]]:
         """The summary (None in window memory or before the first fold) and the earlier turns
-        for the prompt, oldest first; `build_prompt` still bounds them."""
-        rows_wanted = history_rows_for(max(assistant.history_messages, self._keep))
-        if assistant.memory != "summary":
-            rows = await conversations.history_rows(
-                self._engine, conversation_id, new_ids, history_rows_for(assistant.history_messages)
-            )
-            return None, join_parts(rows)
-        summary = await memory_store.read_summary(self._engine, conversation_id)
-        rows = await conversations.history_rows(
-            self._engine, conversation_id, new_ids, rows_wanted, after_id=summary.through_id
-        )
+        for the prompt, oldest first; `build_prompt` still bounds them. `known`: as read with
+        the job's state for these `new_ids` (else read here)."""
+        plan = self.wanted(assistant)
+        if known is None:
+            known = await self._read(conversation_id, new_ids, plan)
+        if not plan.after_summary:
+            return None, join_parts(known.rows)
+        summary, rows = known.summary, known.rows
         fold = memory.plan_fold(
             rows,
             new,
@@ -71,6 +77,17 @@ class Memory:
             return summary.text, join_parts(rows)  # the window, as before
         return folded, fold.kept
 
+    async def _read(
+        self, conversation_id: int, new_ids: Sequence[int], plan: HistoryWanted
+    ) -> History:
+        summary = Summary()
+        if plan.after_summary:
+            summary = await memory_store.read_summary(self._engine, conversation_id)
+        rows = await conversations.history_rows(
+            self._engine, conversation_id, new_ids, plan.rows, after_id=summary.through_id
+        )
+        return History(summary, rows)
+
     async def _fold(
         self,
         conversation_id: int,
@@ -85,7 +102,7 @@ class Memory:
             model=assistant.model, max_tokens=memory.summary_max_tokens(assistant.history_tokens)
         )
         try:
-            completion, _ = await self._caller.call(
+            completion, call = await self._caller.call(
                 conversation_id,
                 memory.summary_request(previous, fold.folded),
                 options,
@@ -101,5 +118,5 @@ class Memory:
             return None
         text = memory.clip_summary(completion.text, assistant.history_tokens)
         stored = memory_store.Summary(text, fold.through_id)
-        await memory_store.save_summary(self._engine, conversation_id, stored)
+        await memory_store.save_summary(self._engine, conversation_id, stored, call)
         return text

@@ -12,9 +12,9 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import StoredTurn
@@ -264,8 +264,48 @@ async def waiting_messages(engine: AsyncEngine, message_ids: Sequence[int]) -> l
         ]
 
 
+_H = cast(Table, Message.__table__).c
+# The history statement, built once: a job only binds its values.
+_HISTORY = (
+    select(_H.id, _H.sender, _H.body, _H.reply_to_id, _H.media)
+    .where(
+        _H.conversation_id == bindparam("conversation_id"),
+        _H.id.not_in(bindparam("new_ids", expanding=True)),
+        _H.id > bindparam("after_id"),
+        or_(
+            and_(
+                _H.sender == Sender.USER.value,
+                _H.intent == Intent.MESSAGE.value,
+                _H.id < bindparam("newest_id"),
+            ),
+            and_(
+                _H.sender == Sender.ASSISTANT.value,
+                _H.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
+                _H.status != Delivery.FAILED.value,
+            ),
+        ),
+    )
+    .order_by(_H.id.desc())
+    .limit(bindparam("max_rows"))
+)
+
+
 async def history_rows(
     engine: AsyncEngine,
+    conversation_id: int,
+    new_ids: Sequence[int],
+    max_rows: int,
+    after_id: int | None = None,
+) -> list[StoredTurn]:
+    """`read_history` in a read transaction of its own."""
+    if max_rows == 0:
+        return []
+    async with reader(engine).connect() as connection:
+        return await read_history(connection, conversation_id, new_ids, max_rows, after_id)
+
+
+async def read_history(
+    connection: AsyncConnection,
     conversation_id: int,
     new_ids: Sequence[int],
     max_rows: int,
@@ -278,34 +318,20 @@ async def history_rows(
     `after_id`: only rows after it (a summary covers the rest)."""
     if max_rows == 0:
         return []
-    after = () if after_id is None else (Message.id > after_id,)
-    async with reader(engine).connect() as connection:
-        rows = await connection.execute(
-            select(Message.id, Message.sender, Message.body, Message.reply_to_id, Message.media)
-            .where(
-                Message.conversation_id == conversation_id,
-                Message.id.not_in(new_ids),
-                *after,
-                or_(
-                    and_(
-                        Message.sender == Sender.USER.value,
-                        Message.intent == Intent.MESSAGE.value,
-                        Message.id < max(new_ids),
-                    ),
-                    and_(
-                        Message.sender == Sender.ASSISTANT.value,
-                        Message.author.in_([Author.MODEL.value, Author.OPERATOR.value]),
-                        Message.status != Delivery.FAILED.value,
-                    ),
-                ),
-            )
-            .order_by(Message.id.desc())
-            .limit(max_rows)
-        )
-        return [
-            StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id, media_from_json(r.media))
-            for r in reversed(rows.all())
-        ]
+    rows = await connection.execute(
+        _HISTORY,
+        {
+            "conversation_id": conversation_id,
+            "new_ids": list(new_ids),
+            "after_id": after_id or 0,
+            "newest_id": max(new_ids),
+            "max_rows": max_rows,
+        },
+    )
+    return [
+        StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id, media_from_json(r.media))
+        for r in reversed(rows.all())
+    ]
 
 
 async def is_own_address(engine: AsyncEngine, address: str) -> bool:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import reader
 from service.models import Conversation
+from service.store.outbox import CallRecord, insert_call
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,15 @@ async def read_summary(engine: AsyncEngine, conversation_id: int) -> Summary:
     return Summary() if row is None else Summary(row.memory_summary, row.memory_through_id)
 
 
-async def save_summary(engine: AsyncEngine, conversation_id: int, summary: Summary) -> bool:
+async def save_summary(
+    engine: AsyncEngine, conversation_id: int, summary: Summary, call: CallRecord | None = None
+) -> bool:
     """Store a newer summary; a watermark never moves back (a stalled worker's older fold
-    loses). True when stored."""
+    loses). The record of the call that wrote it (`call`) is stored in the same transaction,
+    kept either way. True when the summary was stored."""
     async with engine.begin() as connection:
+        if call is not None:
+            await insert_call(connection, call)
         result = await connection.execute(
             update(Conversation)
             .where(

@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, delete, func, insert, select, update
@@ -43,7 +43,21 @@ _M = _T_MESSAGE.c
 _C = _T_CONVERSATION.c
 _R = _T_DELIVERYREPORT.c
 _INSERT_PART = insert(_T_MESSAGE).returning(_M.id)
-_INSERT_CALL = insert(_T_ASSISTANTCALL).returning(_T_ASSISTANTCALL.c.id)
+_A = _T_ASSISTANTCALL.c
+_INSERT_CALL = insert(_T_ASSISTANTCALL).returning(_A.id)
+_LINK_CALL = (
+    update(_T_ASSISTANTCALL)
+    .where(_A.id == bindparam("call_id"))
+    .values(message_id=bindparam("first_id"))
+)
+_ANY_REPLY = (
+    select(_M.id)
+    .where(
+        _M.conversation_id == bindparam("conversation_id"),
+        _M.sender == Sender.ASSISTANT.value,
+    )
+    .limit(1)
+)
 _MARK_ANSWERED = (
     update(_T_MESSAGE)
     .where(
@@ -131,6 +145,12 @@ class Answer:
     # The newer messages among `answered_ids` a running claim took over: their queued jobs
     # close with this answer.
     taken_over: Sequence[int] = ()
+    # Stored in the answer's transaction: the model call that wrote it (its record), the
+    # profile's greeting (before it, when the conversation has no assistant message yet) and
+    # the first part's `pending -> sending` compare-and-set.
+    call: CallRecord | None = None
+    greeting: Answer | None = None
+    start_sending: bool = False
 
 
 class Stored(enum.Enum):
@@ -139,6 +159,15 @@ class Stored(enum.Enum):
     STORED = "stored"
     ANSWERED_ELSEWHERE = "answered elsewhere"  # another worker answered them (a lost claim)
     INTERRUPTED = "interrupted"  # a newer message waits: nothing stored, the call superseded
+
+
+@dataclass(frozen=True)
+class StoredReply:
+    """What `store_reply` did, and the parts it stored in the order they go out (the greeting's
+    first); the first one `held` when `start_sending` won its compare-and-set."""
+
+    outcome: Stored
+    parts: list[Part] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -155,6 +184,7 @@ class CallRecord:
     total_tokens: int | None = None
     error: str | None = None
     purpose: str = "reply"  # `types.CallPurpose`
+    created_at: dt.datetime = field(default_factory=utcnow)  # when the call returned
 
 
 def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
@@ -165,55 +195,104 @@ def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
 
 
 async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
-    """Store a model call's record (a failed one, or one whose answer was not needed)."""
+    """Store a model call's record (a failed one, or one whose answer was not stored)."""
     async with engine.begin() as connection:
-        result = await connection.execute(
-            insert(AssistantCall).returning(AssistantCall.id),
-            {
-                "conversation_id": call.conversation_id,
-                "model": call.model,
-                "purpose": call.purpose,
-                "generation_params": call.generation_params,
-                "processing_time": call.processing_time,
-                "status": (CallStatus.OK if call.ok else CallStatus.ERROR).value,
-                "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": call.completion_tokens,
-                "total_tokens": call.total_tokens,
-                "error": call.error,
-                "created_at": utcnow(),
-            },
-        )
-        return int(result.scalar_one())
+        return await insert_call(connection, call)
+
+
+async def insert_call(
+    connection: AsyncConnection,
+    call: CallRecord,
+    *,
+    status: CallStatus | None = None,
+    message_id: int | None = None,
+) -> int:
+    """Insert a model call's record in the caller's transaction; returns its id."""
+    result = await connection.execute(
+        _INSERT_CALL,
+        {
+            "conversation_id": call.conversation_id,
+            "message_id": message_id,
+            "model": call.model,
+            "purpose": call.purpose,
+            "generation_params": call.generation_params,
+            "processing_time": call.processing_time,
+            "status": (status or (CallStatus.OK if call.ok else CallStatus.ERROR)).value,
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": call.completion_tokens,
+            "total_tokens": call.total_tokens,
+            "error": call.error,
+            "created_at": call.created_at,
+        },
+    )
+    return int(result.scalar_one())
 
 
 async def store_answer(engine: AsyncEngine, answer: Answer) -> Stored:
-    """The reply's parts and the answered messages' new state, in one transaction. Nothing is
-    stored when the messages were no longer waiting (another worker answered them while this
-    one was stalled past its lease), nor when an interruptible answer finds a newer message."""
+    """`store_reply`, for callers that only need to know what it did."""
+    return (await store_reply(engine, answer)).outcome
+
+
+async def store_reply(engine: AsyncEngine, answer: Answer) -> StoredReply:
+    """The reply's parts and the answered messages' new state, in one transaction, with the
+    model call's record (`answer.call`), the greeting when owed and the first part's
+    compare-and-set. Nothing is stored when the messages were no longer waiting (another worker
+    answered them while this one was stalled past its lease; the call is then recorded on its
+    own), nor when an interruptible answer finds a newer message (its call recorded
+    `superseded`, in the same transaction)."""
     try:
         async with engine.begin() as connection:
             if answer.interruptible and await bursts.interrupted(
                 connection, answer.conversation_id, max(answer.answered_ids), answer.call_id
             ):
-                return Stored.INTERRUPTED
+                if answer.call is not None:
+                    await insert_call(connection, answer.call, status=CallStatus.SUPERSEDED)
+                return StoredReply(Stored.INTERRUPTED)
             claimed = await connection.execute(
                 _MARK_ANSWERED, {"answered_ids": list(answer.answered_ids), "now": utcnow()}
             )
             if claimed.rowcount != len(answer.answered_ids):
                 raise _AnsweredElsewhere  # rolls the transaction back
-            parts = await _insert_parts(connection, answer)
-            first_id = parts[0].id if parts else None
-            if answer.call_id is not None and first_id is not None:
-                await connection.execute(
-                    update(AssistantCall)
-                    .where(AssistantCall.id == answer.call_id)
-                    .values(message_id=first_id)
-                )
+            parts = await insert_greeting(connection, answer.greeting)
+            answer_parts = await _insert_parts(connection, answer)
+            await _link_call(connection, answer, answer_parts[0].id if answer_parts else None)
             if answer.taken_over:
                 await close_taken_over(connection, answer.taken_over)
+            parts += answer_parts
+            if answer.start_sending:
+                parts = await start_first(connection, parts)
     except _AnsweredElsewhere:
-        return Stored.ANSWERED_ELSEWHERE
-    return Stored.STORED
+        if answer.call is not None:
+            await record_call(engine, answer.call)  # the call was made: it stays on record
+        return StoredReply(Stored.ANSWERED_ELSEWHERE)
+    return StoredReply(Stored.STORED, parts)
+
+
+async def insert_greeting(connection: AsyncConnection, greeting: Answer | None) -> list[Part]:
+    """The greeting's parts, unless the conversation already has an assistant message (it is
+    not new, or it was greeted): checked in the answer's transaction, so "once" holds across
+    retries and racing workers."""
+    if greeting is None:
+        return []
+    replied = await connection.scalar(_ANY_REPLY, {"conversation_id": greeting.conversation_id})
+    return [] if replied is not None else await _insert_parts(connection, greeting)
+
+
+async def start_first(connection: AsyncConnection, parts: list[Part]) -> list[Part]:
+    """The parts, the first one `held` when its compare-and-set (in the caller's transaction,
+    the one that stored it) was won."""
+    if parts and await _start_sending(connection, parts[0]):
+        return [_held(parts[0]), *parts[1:]]
+    return parts
+
+
+async def _link_call(connection: AsyncConnection, answer: Answer, first_id: int | None) -> None:
+    """The answer's model call: its record inserted here (`answer.call`), or, recorded
+    already (`answer.call_id`), linked to the answer's first part."""
+    if answer.call is not None:
+        await insert_call(connection, answer.call, message_id=first_id)
+    elif answer.call_id is not None and first_id is not None:
+        await connection.execute(_LINK_CALL, {"call_id": answer.call_id, "first_id": first_id})
 
 
 class _AnsweredElsewhere(Exception):
