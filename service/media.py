@@ -22,6 +22,11 @@ IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # every image counts as that photo (a tall screenshot costs up to 1,445, a tiny one 85).
 IMAGE_TOKENS = 85 + 4 * 170
 
+# Image bytes one prompt may carry. Base64 and the SDK's JSON encoding of the request run on
+# the event loop (about 60 ms per 10 MB here): ten 5 MB photos in one burst would stall it
+# for most of a second and hold ~2.4x their size in memory. Past the budget, an image is a note.
+PROMPT_IMAGE_BYTES = 10 * 1024 * 1024
+
 
 def base_type(content_type: str) -> str:
     """`image/JPEG; charset=x` as `image/jpeg`."""
@@ -96,17 +101,24 @@ def history_text(body: str, media: Sequence[MediaItem]) -> str:
     return with_notes(body, (note(item) for item in media)) if media else body
 
 
-def arriving_turn(body: str, attachments: Sequence[tuple[MediaItem, bytes | None]]) -> Turn:
+def arriving_turn(
+    body: str,
+    attachments: Sequence[tuple[MediaItem, bytes | None]],
+    image_budget: int = PROMPT_IMAGE_BYTES,
+) -> tuple[Turn, int]:
     """The message a person just sent as the model's new turn: its text with a note per
     attachment the model cannot look at, and its readable images (fetched, with their bytes)
-    as `data:` URLs in the order they were sent."""
+    as `data:` URLs in the order they were sent, while they fit `image_budget` bytes. Returns
+    the turn and the budget left for the prompt's next turns."""
     images: list[str] = []
     notes: list[str] = []
     for item, content in attachments:
-        readable = content is not None and item.state is MediaState.FETCHED
+        fits = content is not None and len(content) <= image_budget
+        readable = fits and item.state is MediaState.FETCHED
         url = data_url(content) if readable and content is not None else None
         if url is None:
             notes.append(note(item))
         else:
             images.append(url)
-    return Turn(Sender.USER, with_notes(body, notes), tuple(images))
+            image_budget -= len(content or b"")
+    return Turn(Sender.USER, with_notes(body, notes), tuple(images)), image_budget

@@ -99,6 +99,11 @@ def parse_hours(hours: Mapping[str, str], timezone: ZoneInfo) -> Hours:
 # ---------------------------------------------------------------- the file's shape
 
 
+MAX_TOKENS = 1_000_000  # no model answers more in one call
+MAX_HISTORY_MESSAGES = 1_000
+MAX_HISTORY_TOKENS = 2_000_000
+
+
 class ProfileIn(BaseModel):
     """One `[[profile]]` table as written; every key but `name` and `addresses` optional."""
 
@@ -109,9 +114,10 @@ class ProfileIn(BaseModel):
     system_prompt: str | None = None
     model: str | None = Field(None, min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
-    history_messages: int | None = Field(None, ge=0)
-    history_tokens: int | None = Field(None, ge=0)
+    # Bounded, so a typo is caught by `profiles check`, not by every model call failing.
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    history_messages: int | None = Field(None, ge=0, le=MAX_HISTORY_MESSAGES)
+    history_tokens: int | None = Field(None, ge=0, le=MAX_HISTORY_TOKENS)
     memory: Memory | None = None
     greeting: str | None = Field(None, min_length=1)
     timezone: str | None = None

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_model: str = "gpt-4o-mini"
     assistant_system_prompt: str | None = None
-    assistant_history_messages: int = Field(20, ge=0)
+    assistant_history_messages: int = Field(20, ge=0, le=1000)
     assistant_history_tokens: int = Field(4000, ge=0)
     assistant_timeout_s: float = Field(30.0, gt=0)
     assistant_vision: bool = True  # MMS images to the model as image parts (else a note)

@@ -299,6 +299,8 @@ class JobManager:
         query = update(ReplyJob).where(
             ReplyJob.status == JobStatus.QUEUED.value,
             ReplyJob.conversation_id.in_(conversations),
+            # A message committed since `_claimable` read is not due yet (its burst's quiet).
+            ReplyJob.run_after <= now,
         )
         if connection.dialect.name == "postgresql":
             # Run once the conversation locks are held, so its snapshot holds every claim that

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Insert, delete, exists, func, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
@@ -352,6 +353,15 @@ class InboundWriter:
             self._on_commit()
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:
+        """One transaction for the batch, tried once more on a fresh connection when the pooled
+        one turned out dead (a database restart: pools skip the pre-ping round trip). A
+        retried batch is safe: its messages deduplicate on their provider ids."""
+        try:
+            async with self._engine.begin() as connection:
+                return await record_inbound(connection, inbounds, self._debounce)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
         async with self._engine.begin() as connection:
             return await record_inbound(connection, inbounds, self._debounce)
 

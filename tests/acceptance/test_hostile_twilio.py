@@ -487,6 +487,22 @@ async def test_while_the_database_is_unavailable_webhooks_answer_503(
     one_warning(logged.records, "the database is unavailable")
 
 
+async def test_after_a_database_restart_the_next_webhook_is_stored_not_refused(
+    make_settings: SettingsFactory, database_url: str, engine: AsyncEngine
+) -> None:
+    if make_url(database_url).get_backend_name() != "postgresql":
+        pytest.skip("a server restart drops pooled connections: a PostgreSQL case")
+    async with running_app(silent_settings(make_settings)) as client:
+        assert (await post_twilio(client, twilio_form(Body="before"))).status_code == 200
+        await _pg_admin(  # what a restart does to every pooled connection
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{make_url(database_url).database}' AND pid <> pg_backend_pid()"
+        )
+        after = twilio_form(Body="after", From="+15550002222")
+        assert (await post_twilio(client, after)).status_code == 200  # Twilio would not retry
+    assert sorted(m.body for m in await user_messages(engine)) == ["after", "before"]
+
+
 async def test_with_postgresql_not_listening_webhooks_answer_503(
     make_settings: SettingsFactory, database_url: str, logged: pytest.LogCaptureFixture
 ) -> None:

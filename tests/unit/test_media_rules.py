@@ -70,7 +70,7 @@ def test_each_attachment_the_model_cannot_see_is_a_short_note(media: MediaItem, 
 
 
 def test_images_follow_the_text_in_the_order_sent_and_other_types_are_notes() -> None:
-    turn = arriving_turn(
+    turn, _ = arriving_turn(
         "Which one?",
         [(item("image/jpeg"), JPEG), (item("text/vcard"), None), (item("image/png"), PNG)],
     )
@@ -83,17 +83,25 @@ def test_images_follow_the_text_in_the_order_sent_and_other_types_are_notes() ->
     ]
 
 
+def test_images_past_the_prompts_image_budget_are_notes() -> None:
+    pictures = [(item("image/jpeg"), JPEG), (item("image/png"), PNG), (item("image/jpeg"), JPEG)]
+    turn, left = arriving_turn("", pictures, image_budget=len(JPEG) + len(PNG) // 2)
+    assert turn.images == (data_url(JPEG),)  # the PNG does not fit; the second JPEG would not
+    assert turn.body.count("[attachment: ") == 2
+    assert left == len(PNG) // 2
+
+
 def b64(content: bytes) -> str:
     return base64.b64encode(content).decode()
 
 
 def test_a_picture_alone_has_no_empty_text_part() -> None:
-    turn = arriving_turn("", [(item("image/jpeg"), JPEG)])
+    turn, _ = arriving_turn("", [(item("image/jpeg"), JPEG)])
     assert content_of(turn) == [{"type": "image_url", "image_url": {"url": data_url(JPEG)}}]
 
 
 def test_bytes_that_are_not_the_image_they_claim_become_a_note() -> None:
-    turn = arriving_turn("", [(item("image/jpeg"), b"<html>not a picture</html>")])
+    turn, _ = arriving_turn("", [(item("image/jpeg"), b"<html>not a picture</html>")])
     assert (turn.body, turn.images) == ("[attachment: image/jpeg, 12 KB]", ())
     assert sniff_image(PNG) == "image/png" and data_url(PNG).startswith("data:image/png;base64,")
     assert sniff_image(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "image/webp"
@@ -125,6 +133,8 @@ def test_only_the_api_s_own_origin_is_twilio_s_media_host() -> None:
     assert not on_media_host("https://evil.example/x", API)
     assert not on_media_host("http://127.0.0.1:81/x", "http://127.0.0.1:80")
     assert not on_media_host("file:///etc/passwd", API)
+    assert not on_media_host("https://[::1/x", API)  # unparsable: described, not a crash
+    assert follow(MEDIA, "https://[::1/x", API, CDN) is None
 
 
 def test_redirects_keep_credentials_on_the_api_host_and_drop_them_on_its_cdn() -> None:

@@ -146,6 +146,14 @@ def test_without_a_default_profile_other_addresses_get_the_variables_alone(
             '[[profile]]\nname = "a"\naddresses = ["*"]\nmax_tokens = "400"\n',
             "'a': key 'max_tokens'",
         ),
+        (
+            '[[profile]]\nname = "a"\naddresses = ["*"]\nmax_tokens = 99999999999999999999\n',
+            "'a': key 'max_tokens'",
+        ),
+        (
+            '[[profile]]\nname = "a"\naddresses = ["*"]\nhistory_messages = 5000000\n',
+            "'a': key 'history_messages'",
+        ),
         ('[[profile]]\nname = "a"\naddresses = ["*"]\nmemory = "forever"\n', "'a': key 'memory'"),
         (
             '[[profile]]\nname = "a"\naddresses = ["555-0100"]\n',

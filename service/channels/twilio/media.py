@@ -41,13 +41,14 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the scheme's default port made explicit."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    """(scheme, host, port) with the scheme's default port made explicit; an unparsable URL
+    (`https://[::1/x`) has no origin, so it is on no allowed host."""
     try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
         port = parts.port or {"https": 443, "http": 80}.get(scheme)
     except ValueError:
-        port = None
+        return "", "", None
     return scheme, (parts.hostname or "").lower(), port
 
 
@@ -69,7 +70,10 @@ def follow(
 ) -> Hop | None:
     """The next hop of a redirect from `current`, or None when it leads off the allowed hosts:
     the API's own origin keeps the credentials; a CDN host (https only) gets none."""
-    target = urljoin(current, location.strip())
+    try:
+        target = urljoin(current, location.strip())
+    except ValueError:
+        return None
     if on_media_host(target, api_base_url):
         return Hop(target, credentials=True)
     scheme, host, _ = origin(target)
@@ -136,6 +140,8 @@ class TwilioMedia:
                 return await self._get(item, with_content)
         except (TimeoutError, httpx2.TimeoutException):
             raise FetchFailed(f"media fetch timed out after {self._timeout_s:g} s") from None
+        except httpx2.InvalidURL:  # a URL only the HTTP client finds malformed: not retryable
+            return Attachment(dataclasses.replace(item, state=MediaState.NOT_FETCHED))
         except httpx2.HTTPError as exc:
             raise FetchFailed(f"media fetch failed: {type(exc).__name__}: {exc}") from None
 
