@@ -168,14 +168,17 @@ class Answerer:
                 store,
                 Author.MODEL,
                 call,
-                interruptible=retake < MAX_RETAKES,
+                # An answer is dropped only for a retake the person's limit allows: past it,
+                # the answer in hand goes out and the newer texts wait for their own job.
+                interruptible=retake < MAX_RETAKES
+                and self._within_rate_limit(conversation, made=retake + 1),
                 taken_over=[m.id for m in questions[claimed:]],
             )
             if stored is not None:
                 return Answered(Outcome.ANSWERED, stored)
             newer = await bursts.newer_waiting(self._engine, conversation.id, questions[-1].id)
             questions = [*questions, *await conversations.waiting_messages(self._engine, newer)]
-            if scope := await self._limit_reached(conversation):
+            if scope := await self._limit_reached(conversation, made=retake + 1):
                 return Answered(await self._rate_limited(questions, scope), [])
         raise AssertionError("the last retake is stored unconditionally")
 
@@ -188,20 +191,25 @@ class Answerer:
 
     # ------------------------------------------------------------ limits
 
-    async def _limit_reached(self, conversation: ConversationView) -> str | None:
+    async def _limit_reached(self, conversation: ConversationView, made: int = 0) -> str | None:
         """Which limit forbids a model call now, "conversation" (`REPLY_RATE_LIMIT`) or
         "global" (`MODEL_CALLS_LIMIT`), or None; passing the global one takes a place in its
-        window, so only ask right before the call."""
-        if await self._over_rate_limit(conversation):
+        window, so only ask right before the call. `made`: reply calls this job has made
+        since its state was read."""
+        if await self._over_rate_limit(conversation, made):
             return "conversation"
         if not await self._budget.take():
             return "global"
         return None
 
-    async def _over_rate_limit(self, conversation: ConversationView) -> bool:
-        """`REPLY_RATE_LIMIT`, counted from the reply calls read with the job's state."""
+    def _within_rate_limit(self, conversation: ConversationView, made: int) -> bool:
+        return conversation.recent_model_calls + made < self._settings.rate_limit.count
+
+    async def _over_rate_limit(self, conversation: ConversationView, made: int) -> bool:
+        """`REPLY_RATE_LIMIT`, counted from the reply calls read with the job's state plus the
+        ones this job made since."""
         limit = self._settings.rate_limit
-        if conversation.recent_model_calls < limit.count:
+        if self._within_rate_limit(conversation, made):
             return False
         now = utcnow().timestamp()
         if self._warned_until.get(conversation.id, 0) < now:

@@ -99,7 +99,7 @@ class ConversationView:
     paused: bool
     last_inbound_at: dt.datetime | None = None  # the person's latest message
     # Read with the job's state (`reply_state.read_reply_state`), for the limits and loops:
-    recent_model_calls: int = 0  # answered reply calls in the `REPLY_RATE_LIMIT` window
+    recent_model_calls: int = 0  # reply calls, ok or superseded, in the rate limit window
     own_address: bool = False  # the remote side is one of our own addresses
 
 

@@ -26,7 +26,7 @@ from service.models import AssistantCall, Conversation, Message
 from service.store.conversations import ConversationView, Waiting, read_history
 from service.store.memory import Summary
 from service.store.outbox import UNSENT, Part, part_of, str_headers
-from service.types import CallPurpose, InboundState, Intent, Sender, media_from_json
+from service.types import CallPurpose, CallStatus, InboundState, Intent, Sender, media_from_json
 
 _T_ASSISTANTCALL = cast(Table, AssistantCall.__table__)
 _T_CONVERSATION = cast(Table, Conversation.__table__)
@@ -85,7 +85,8 @@ _CONVERSATION = select(
     select(func.count())
     .where(
         _A.conversation_id == _C.id,
-        _A.status == "ok",
+        # A superseded call was made and paid for: it counts (README, "Bursts").
+        _A.status.in_((CallStatus.OK.value, CallStatus.SUPERSEDED.value)),
         _A.purpose == CallPurpose.REPLY.value,  # summary calls do not count against the person
         _A.created_at >= bindparam("since", type_=_A.created_at.type),
     )

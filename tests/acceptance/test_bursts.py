@@ -85,6 +85,39 @@ async def test_a_text_during_a_slow_model_call_gets_one_reply_covering_both(
     assert [c["status"] for c in shown] == ["superseded", "ok"]
 
 
+async def test_at_the_rate_limit_an_interrupted_answer_goes_out_instead_of_a_retake(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    providers.openai_delay = 0.4
+    settings = make_settings(reply_debounce_s=0.2, reply_rate_limit="1/hour", **SLOW_POLL)
+    async with running_app(settings) as client:
+        await text(client, "is the shop open")
+        await providers.wait_for_async(lambda: providers.openai_requests, timeout=5)
+        await text(client, "on Sunday?")  # a retake would pass REPLY_RATE_LIMIT
+        await done(engine)
+    assert len(providers.openai_requests) == 1
+    assert bodies_sent(providers) == ["echo: is the shop open"]  # the answer is not lost
+    assert [c.status for c in await calls(engine)] == ["ok"]
+    assert [m.status for m in await inbound(engine)] == ["answered", "rate_limited"]
+
+
+async def test_superseded_calls_count_for_the_rate_limit(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    providers.openai_delay = 0.4
+    settings = make_settings(reply_debounce_s=0.2, reply_rate_limit="2/hour", **SLOW_POLL)
+    async with running_app(settings) as client:
+        await text(client, "is the shop open")
+        await providers.wait_for_async(lambda: providers.openai_requests, timeout=5)
+        await text(client, "on Sunday?")  # one retake: two calls, the limit
+        await done(engine)
+        await text(client, "and Monday?")
+        await done(engine)
+    assert [c.status for c in await calls(engine)] == ["superseded", "ok"]
+    assert bodies_sent(providers) == ["echo: on Sunday?"]
+    assert [m.status for m in await inbound(engine)] == ["answered", "answered", "rate_limited"]
+
+
 async def test_the_model_is_asked_again_at_most_twice_then_the_reply_goes_out(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
