@@ -24,8 +24,6 @@ from service.queue.manager import NewJob, count_jobs, enqueue
 from service.store.outbox import str_headers
 from service.types import (
     Author,
-    CallPurpose,
-    CallStatus,
     Delivery,
     InboundState,
     Intent,
@@ -314,7 +312,7 @@ async def read_history(
     """The newest `max_rows` stored turns before the new messages, oldest first: the user's
     messages (not keywords) and the replies written by the model or an operator, one row per
     part. A reply stored after a new message arrived (a burst) is still history, so it counts
-    by id but the new messages themselves do not. `conversation.select_history` trims them.
+    by id but the new messages themselves do not. `conversation.bounded_history` trims them.
     `after_id`: only rows after it (a summary covers the rest)."""
     if max_rows == 0:
         return []
@@ -332,33 +330,6 @@ async def read_history(
         StoredTurn(Sender(r.sender), r.body, r.reply_to_id, r.id, media_from_json(r.media))
         for r in reversed(rows.all())
     ]
-
-
-async def is_own_address(engine: AsyncEngine, address: str) -> bool:
-    """Whether Parley itself receives at this address (any conversation's local side)."""
-    async with reader(engine).connect() as connection:
-        found = await connection.scalar(
-            select(Conversation.id).where(Conversation.local_address == address).limit(1)
-        )
-    return found is not None
-
-
-async def model_calls_since(engine: AsyncEngine, conversation_id: int, since: dt.datetime) -> int:
-    """The conversation's model calls for replies since then (`REPLY_RATE_LIMIT`): answered
-    ones and those whose answer a newer message superseded (they were made); summary calls do
-    not count against the person."""
-    async with reader(engine).connect() as connection:
-        count = await connection.scalar(
-            select(func.count())
-            .select_from(AssistantCall)
-            .where(
-                AssistantCall.conversation_id == conversation_id,
-                AssistantCall.status.in_([CallStatus.OK.value, CallStatus.SUPERSEDED.value]),
-                AssistantCall.purpose == CallPurpose.REPLY.value,
-                AssistantCall.created_at >= since,
-            )
-        )
-    return int(count or 0)
 
 
 async def is_stored(engine: AsyncEngine, channel: str, provider_message_id: str) -> bool:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import utcnow
 from service.models import Conversation, Message
-from service.store.outbox import Answer, Part, _insert_parts, insert_greeting, start_first
+from service.store.outbox import Answer, Part, insert_greeting, insert_parts, start_first
 from service.types import InboundState
 
 ALREADY_TOLD = "outside opening hours: the after-hours reply was already sent"
@@ -43,7 +43,7 @@ async def store_after_hours(
             return []
         parts = await insert_greeting(connection, reply.greeting)
         await _mark(connection, reply.answered_ids, InboundState.ANSWERED, None)
-        parts += await _insert_parts(connection, reply)
+        parts += await insert_parts(connection, reply)
         return await start_first(connection, parts) if start_sending else parts
 
 

@@ -254,7 +254,7 @@ async def store_reply(engine: AsyncEngine, answer: Answer) -> StoredReply:
             if claimed.rowcount != len(answer.answered_ids):
                 raise _AnsweredElsewhere  # rolls the transaction back
             parts = await insert_greeting(connection, answer.greeting)
-            answer_parts = await _insert_parts(connection, answer)
+            answer_parts = await insert_parts(connection, answer)
             await _link_call(connection, answer, answer_parts[0].id if answer_parts else None)
             if answer.taken_over:
                 await close_taken_over(connection, answer.taken_over)
@@ -275,7 +275,7 @@ async def insert_greeting(connection: AsyncConnection, greeting: Answer | None) 
     if greeting is None:
         return []
     replied = await connection.scalar(_ANY_REPLY, {"conversation_id": greeting.conversation_id})
-    return [] if replied is not None else await _insert_parts(connection, greeting)
+    return [] if replied is not None else await insert_parts(connection, greeting)
 
 
 async def start_first(connection: AsyncConnection, parts: list[Part]) -> list[Part]:
@@ -299,7 +299,7 @@ class _AnsweredElsewhere(Exception):
     pass
 
 
-async def _insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part]:
+async def insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part]:
     """Insert the parts in order; returns them as `Part`s, pending."""
     now = utcnow()
     parts = []
