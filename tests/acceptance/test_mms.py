@@ -196,6 +196,27 @@ async def test_recorded_mms_with_media_off_this_twilio_host_is_described_not_fet
     assert len(providers.twilio_sent) == 2
 
 
+async def test_without_twilio_credentials_a_photo_is_described_at_once_not_fetched(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """The laptop mode: `parley serve --dev` with no account has no Twilio to fetch from."""
+    photo = providers.serve_media("ME" + "4" * 32, FakeMedia(JPEG, "image/jpeg"))
+    laptop = settings(
+        make_settings, twilio_account_sid=None, twilio_auth_token=None, parley_dev=True
+    )
+    async with running_app(laptop) as client:
+        await mms(client, "what is this?", [(photo, "image/jpeg")])
+        await done(engine)
+
+    assert providers.media_requests == []
+    [request] = providers.openai_requests
+    assert last_user_content(request) == (
+        "what is this?\n[attachment: image/jpeg at 127.0.0.1, not fetched]"
+    )
+    [job] = await jobs(engine)
+    assert (job.status, job.attempts) == ("done", 1)
+
+
 async def test_without_vision_images_are_notes_and_are_not_downloaded(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:

@@ -133,7 +133,9 @@ class TwilioMedia:
     async def _one(self, item: MediaItem, with_content: bool) -> Attachment:
         import httpx2
 
-        if not on_media_host(item.url, self._api_base_url):
+        if self._auth is None or not on_media_host(item.url, self._api_base_url):
+            # Without the account's credentials there is no Twilio to fetch from (the laptop
+            # mode): retrying an unreachable media host for every try would only delay the reply.
             return Attachment(dataclasses.replace(item, state=MediaState.NOT_FETCHED))
         try:
             async with asyncio.timeout(self._timeout_s):
