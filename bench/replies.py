@@ -65,6 +65,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -138,7 +139,32 @@ def _quiet(measure: object, pid: int, default: float) -> float:
         return default  # the process ended meanwhile
 
 
-class DatabaseCpu:
+class _Sampler:
+    """Runs `sample()` every RSS_SAMPLE_S while the block runs, and once more at its end."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(RSS_SAMPLE_S)
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sample()
+
+
+class DatabaseCpu(_Sampler):
     """CPU seconds of the PostgreSQL backends serving one database while the block runs,
     sampled every RSS_SAMPLE_S (a backend's title names its database; one that closes
     between samples loses at most its last interval). Other databases on the server, such
@@ -149,7 +175,6 @@ class DatabaseCpu:
         self.start: dict[int, float] = {}
         self.last: dict[int, float] = {}
         self.peak_connections = 0
-        self._task: asyncio.Task[None] | None = None
 
     def _backends(self) -> dict[int, float]:
         found = {}
@@ -160,53 +185,29 @@ class DatabaseCpu:
                         found[int(proc.name)] = cpu_s(int(proc.name))
         return found
 
-    async def _sample(self) -> None:
-        while True:
-            backends = self._backends()
-            self.last.update(backends)
-            self.peak_connections = max(self.peak_connections, len(backends))
-            await asyncio.sleep(RSS_SAMPLE_S)
+    def sample(self) -> None:
+        backends = self._backends()
+        self.last.update(backends)
+        self.peak_connections = max(self.peak_connections, len(backends))
 
     @property
     def seconds(self) -> float:
         return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.last.items())
 
-    async def __aenter__(self) -> DatabaseCpu:
+    async def __aenter__(self) -> Self:
         self.start = self._backends()
         self.last = dict(self.start)
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.last.update(self._backends())
+        return await super().__aenter__()
 
 
-class PeakRss:
+class PeakRss(_Sampler):
     """The largest RSS of a process (and its children) while the block runs."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_mib = 0.0
-        self._task: asyncio.Task[None] | None = None
 
-    async def _sample(self) -> None:
-        while True:
-            self.peak_mib = max(self.peak_mib, family_rss_mib(self.pid))
-            await asyncio.sleep(RSS_SAMPLE_S)
-
-    async def __aenter__(self) -> PeakRss:
-        self._task = asyncio.create_task(self._sample())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+    def sample(self) -> None:
         self.peak_mib = max(self.peak_mib, family_rss_mib(self.pid))
 
 
