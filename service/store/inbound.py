@@ -8,7 +8,6 @@ commits at once. Every request gets its 2xx only after its rows are durable.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -17,12 +16,12 @@ from typing import Any
 
 from sqlalchemy import Insert, delete, exists, func, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
 from service.db import intake, utcnow
+from service.group_commit import Batcher, once_more_if_dead
 from service.media import history_text
 from service.models import (
     Conversation,
@@ -275,14 +274,9 @@ async def _apply_opt_changes(
             )
 
 
-@dataclass
-class _Pending:
-    inbound: Inbound
-    future: asyncio.Future[Recorded]
-
-
 class InboundWriter:
-    """Group commit for webhooks: one writer task, one transaction per batch of arrivals."""
+    """Group commit for webhooks: one transaction per batch of arrivals (`group_commit.Batcher`),
+    the batch's messages stored by one `record_inbound`."""
 
     def __init__(
         self,
@@ -293,83 +287,53 @@ class InboundWriter:
         self._engine = intake(engine)
         self._on_commit = on_commit
         self._debounce = debounce  # when the replies to a burst are due (SPEC §12)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._batches: Batcher[Inbound, Recorded] = Batcher(
+            self._write,
+            name="parley-inbound-writer",
+            max_batch=MAX_BATCH,
+            # A database that is away blames no row: fail them all now, not one by one.
+            alone_may_help=lambda exc: not isinstance(storage_failure(exc), StoreUnavailable),
+            failure=_failure,
+        )
+        self._started = False
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="parley-inbound-writer")
+        self._started = True
 
     async def stop(self) -> None:
         """Finish what was handed in, then stop."""
-        if self._task is None:
-            return
-        await self._queue.join()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        await self._batches.drained()
+        self._started = False
 
     async def record(self, inbound: Inbound) -> Recorded:
         """Store one message once its batch commits. Every channel's message is made storable
         here, before it can join a batch (`storable.Unstorable` when it cannot be); the
-        database's own refusal is `StoreRefused`, and its absence `StoreUnavailable`."""
-        if self._task is None:
+        database's own refusal is `StoreRefused`, and its absence `StoreUnavailable`. A client
+        hanging up does not undo the write."""
+        if not self._started:
             raise RuntimeError("InboundWriter.start() was not called")
-        clean = storable.inbound(inbound)
-        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(clean, future))
-        return await asyncio.shield(future)  # a client hanging up must not undo the write
+        return await self._batches.submit(storable.inbound(inbound))
 
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await self._write(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        try:
-            results = await self._commit([p.inbound for p in batch])
-        except Exception as exc:
-            failure = storage_failure(exc)
-            if isinstance(failure, StoreUnavailable):  # no row is to blame: fail them all now
-                for pending in batch:
-                    _settle(pending.future, StoreUnavailable(*failure.args))
-                return
-            if len(batch) > 1:  # one bad row must not fail its neighbours: retry one by one
-                for pending in batch:
-                    await self._write([pending])
-                return
-            if failure is None:  # not the database's doing: a bug, with its traceback
-                log.exception("storing inbound message failed")
-            _settle(batch[0].future, failure or exc)
-            return
-        for pending, result in zip(batch, results, strict=True):
-            _settle(pending.future, result)
+    async def _write(self, inbounds: list[Inbound]) -> list[Recorded]:
+        results = await self._commit(inbounds)
         if any(r.enqueued for r in results):
             self._on_commit()
+        return results
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:
-        """One transaction for the batch, tried once more on a fresh connection when the pooled
-        one turned out dead (a database restart: pools skip the pre-ping round trip). A
-        retried batch is safe: its messages deduplicate on their provider ids."""
-        try:
-            async with self._engine.begin() as connection:
-                return await record_inbound(connection, inbounds, self._debounce)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
+        """One transaction for the batch (`once_more_if_dead`: a retried batch is safe, its
+        messages deduplicate on their provider ids)."""
+        return await once_more_if_dead(lambda: self._transaction(inbounds))
+
+    async def _transaction(self, inbounds: list[Inbound]) -> list[Recorded]:
         async with self._engine.begin() as connection:
             return await record_inbound(connection, inbounds, self._debounce)
 
 
-def _settle(future: asyncio.Future[Recorded], outcome: Recorded | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _failure(exc: Exception) -> BaseException:
+    """What a caller whose batch failed sees: the `StorageFailure` the exception means, or,
+    not the database's doing, the exception itself (a bug, logged with its traceback)."""
+    failure = storage_failure(exc)
+    if failure is None:
+        log.error("storing inbound message failed", exc_info=exc)
+    return failure or exc
