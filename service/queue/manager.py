@@ -21,6 +21,7 @@ lease requeue), so its cost is shared by many jobs.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
 from service.db import reader, utcnow
+from service.group_commit import group_commit
 from service.models import Conversation, ReplyJob
 from service.queue.debounce import OFF, Debounce
 from service.queue.notify import notify_jobs
@@ -256,9 +258,8 @@ async def finish_jobs(connection: AsyncConnection, claim: Claim) -> None:
 
 
 async def finish_claim(engine: AsyncEngine, claim: Claim) -> None:
-    """Mark the claim's jobs done in a transaction of their own (a job that wrote nothing last)."""
-    async with engine.begin() as connection:
-        await finish_jobs(connection, claim)
+    """Mark the claim's jobs done in a unit of their own (a job that wrote nothing last)."""
+    await group_commit(engine).run(functools.partial(finish_jobs, claim=claim))
 
 
 class JobManager:

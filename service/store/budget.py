@@ -2,7 +2,8 @@
 
 The windows are fixed (an hour from each full hour UTC, for `N/hour`), counted in one database
 row each (`model_call_window`), so every process of a deployment draws on the same count.
-Taking a place is one short write transaction:
+Taking a place is one short unit of a write transaction (`group_commit`: it shares the
+transaction with the other reply jobs' writes of the moment):
 
 1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it);
 2. `UPDATE … SET calls = calls + 1 WHERE calls < limit`: granted when a row was updated.
@@ -22,6 +23,7 @@ ends (a full window stays full). The first refusal in a window, deployment-wide,
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from typing import Any, cast
 
@@ -30,6 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import utcnow
+from service.group_commit import group_commit
 from service.models import ModelCallWindow
 from service.settings import RateLimit
 
@@ -86,10 +89,11 @@ class ModelCallBudget:
         start = window_start(now, self._limit.window_s)
         if start == self._full_window:
             return False
-        async with self._engine.begin() as connection:
-            if await self._take(connection, start, now):
-                return True
-            first = await self._mark_warned(connection, start, now)
+        taken, first = await group_commit(self._engine).run(
+            functools.partial(self._take_or_refuse, start=start, now=now)
+        )
+        if taken:
+            return True
         self._full_window = start
         if first:
             log.warning(
@@ -99,6 +103,14 @@ class ModelCallBudget:
                 (start + dt.timedelta(seconds=self._limit.window_s)).isoformat(),
             )
         return False
+
+    async def _take_or_refuse(
+        self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
+    ) -> tuple[bool, bool]:
+        """(granted, this is the window's first refusal anywhere in the deployment)."""
+        if await self._take(connection, start, now):
+            return True, False
+        return False, await self._mark_warned(connection, start, now)
 
     def _key(self, start: dt.datetime) -> tuple[ColumnElement[bool], ...]:
         assert self._limit is not None

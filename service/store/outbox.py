@@ -2,11 +2,16 @@
 record, the `pending -> sending` compare-and-set, record a send (merged with a delivery report
 that came first), apply delivery callbacks, fail what can no longer be sent.
 
-Each function is one short transaction of its own (it takes the `AsyncEngine`), so the reply
-flow records every step before it takes the next. Steps that follow each other with nothing
-outside the database in between share a transaction: the answer, its model-call record and the
-first part's compare-and-set; a send's record and the next part's compare-and-set, or, after
-the last part, the job's end.
+Each function is one short unit of work of its own (it takes the `AsyncEngine`), committed
+before it returns, so the reply flow records every step before it takes the next. The reply
+job's writes (storing an answer, a send's record, the compare-and-sets, a call's record,
+`mark_inbound`) are units of the engine's group commit (`service/group_commit.py`): they share
+a transaction with the other jobs' writes of the moment, and a unit that raises (such as
+"answered elsewhere", whose writes must be undone) is run again alone, so it fails as if it had
+never been batched. The cold paths (failing unsent parts, delivery callbacks) keep their own
+transactions. Steps that follow each other with nothing outside the database in between share
+a unit: the answer, its model-call record and the first part's compare-and-set; a send's
+record and the next part's compare-and-set, or, after the last part, the job's end.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -23,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.db import reader, utcnow
+from service.group_commit import group_commit
 from service.models import AssistantCall, Conversation, DeliveryReport, Message
 from service.queue.manager import Claim, close_taken_over, finish_jobs
 from service.store import bursts
@@ -196,8 +203,7 @@ def str_headers(headers: dict[str, Any] | None) -> dict[str, str]:
 
 async def record_call(engine: AsyncEngine, call: CallRecord) -> int:
     """Store a model call's record (a failed one, or one whose answer was not stored)."""
-    async with engine.begin() as connection:
-        return await insert_call(connection, call)
+    return await group_commit(engine).run(functools.partial(insert_call, call=call))
 
 
 async def insert_call(
@@ -241,30 +247,33 @@ async def store_reply(engine: AsyncEngine, answer: Answer) -> StoredReply:
     own), nor when an interruptible answer finds a newer message (its call recorded
     `superseded`, in the same transaction)."""
     try:
-        async with engine.begin() as connection:
-            if answer.interruptible and await bursts.interrupted(
-                connection, answer.conversation_id, max(answer.answered_ids), answer.call_id
-            ):
-                if answer.call is not None:
-                    await insert_call(connection, answer.call, status=CallStatus.SUPERSEDED)
-                return StoredReply(Stored.INTERRUPTED)
-            claimed = await connection.execute(
-                _MARK_ANSWERED, {"answered_ids": list(answer.answered_ids), "now": utcnow()}
-            )
-            if claimed.rowcount != len(answer.answered_ids):
-                raise _AnsweredElsewhere  # rolls the transaction back
-            parts = await insert_greeting(connection, answer.greeting)
-            answer_parts = await insert_parts(connection, answer)
-            await _link_call(connection, answer, answer_parts[0].id if answer_parts else None)
-            if answer.taken_over:
-                await close_taken_over(connection, answer.taken_over)
-            parts += answer_parts
-            if answer.start_sending:
-                parts = await start_first(connection, parts)
-    except _AnsweredElsewhere:
+        return await group_commit(engine).run(functools.partial(_store_reply, answer=answer))
+    except _AnsweredElsewhere:  # its unit ran alone, and its writes were rolled back
         if answer.call is not None:
             await record_call(engine, answer.call)  # the call was made: it stays on record
         return StoredReply(Stored.ANSWERED_ELSEWHERE)
+
+
+async def _store_reply(connection: AsyncConnection, answer: Answer) -> StoredReply:
+    if answer.interruptible and await bursts.interrupted(
+        connection, answer.conversation_id, max(answer.answered_ids), answer.call_id
+    ):
+        if answer.call is not None:
+            await insert_call(connection, answer.call, status=CallStatus.SUPERSEDED)
+        return StoredReply(Stored.INTERRUPTED)
+    claimed = await connection.execute(
+        _MARK_ANSWERED, {"answered_ids": list(answer.answered_ids), "now": utcnow()}
+    )
+    if claimed.rowcount != len(answer.answered_ids):
+        raise _AnsweredElsewhere  # rolls the transaction back
+    parts = await insert_greeting(connection, answer.greeting)
+    answer_parts = await insert_parts(connection, answer)
+    await _link_call(connection, answer, answer_parts[0].id if answer_parts else None)
+    if answer.taken_over:
+        await close_taken_over(connection, answer.taken_over)
+    parts += answer_parts
+    if answer.start_sending:
+        parts = await start_first(connection, parts)
     return StoredReply(Stored.STORED, parts)
 
 
@@ -353,9 +362,12 @@ async def mark_inbound(
     values: dict[str, Any] = {"status": state.value, "updated_at": utcnow()}
     if error is not None:
         values["error"] = error
-    async with engine.begin() as connection:
-        result = await connection.execute(query.values(**values))
-    return int(result.rowcount)
+    statement = query.values(**values)
+
+    async def mark(connection: AsyncConnection) -> int:
+        return int((await connection.execute(statement)).rowcount)
+
+    return await group_commit(engine).run(mark)
 
 
 # ---------------------------------------------------------------- sending
@@ -409,8 +421,7 @@ async def start_sending(engine: AsyncEngine, part: Part) -> bool:
     """`pending -> sending` by compare-and-set, only while the person has not opted out and,
     for the model's replies, the conversation is not paused: both may change during a model
     call. True for the one caller that moved it."""
-    async with engine.begin() as connection:
-        return await _start_sending(connection, part)
+    return await group_commit(engine).run(functools.partial(_start_sending, part=part))
 
 
 def _sendable(part: Part) -> Any:
@@ -436,18 +447,21 @@ async def take_over(engine: AsyncEngine, part: Part) -> bool:
     worker that wakes up later finds it changed and does not send it a second time."""
     assert part.attempted_at is not None
     now = utcnow()
-    async with engine.begin() as connection:
-        result = await connection.execute(
-            update(Message)
-            .where(
-                Message.id == part.id,
-                Message.status == Delivery.SENDING.value,
-                Message.attempted_at == part.attempted_at,
-                Message.conversation_id.in_(_sendable(part)),
-            )
-            .values(attempted_at=now, updated_at=now)
+    statement = (
+        update(Message)
+        .where(
+            Message.id == part.id,
+            Message.status == Delivery.SENDING.value,
+            Message.attempted_at == part.attempted_at,
+            Message.conversation_id.in_(_sendable(part)),
         )
-    return bool(result.rowcount)
+        .values(attempted_at=now, updated_at=now)
+    )
+
+    async def take(connection: AsyncConnection) -> bool:
+        return bool((await connection.execute(statement)).rowcount)
+
+    return await group_commit(engine).run(take)
 
 
 def _held(part: Part) -> Part:
@@ -477,11 +491,13 @@ async def _then(connection: AsyncConnection, then: Then | None) -> Part | None:
 async def set_status(
     engine: AsyncEngine, message_id: int, status: Delivery, then: Then | None = None
 ) -> Part | None:
-    async with engine.begin() as connection:
+    async def set_it(connection: AsyncConnection) -> Part | None:
         await connection.execute(
             _SET_STATUS, {"part_id": message_id, "new_status": status.value, "now": utcnow()}
         )
         return await _then(connection, then)
+
+    return await group_commit(engine).run(set_it)
 
 
 async def first_unrecorded(
@@ -511,28 +527,31 @@ async def record_sent(
 ) -> Part | None:
     """Store a send's provider id and status, merged with any callback that came first; then
     `then` in the same transaction (returns the next part when held)."""
-    async with engine.begin() as connection:
+
+    async def record(connection: AsyncConnection) -> Part | None:
         reports = (
             await connection.execute(
                 _TAKE_REPORTS, {"channel": channel, "sid": provider_message_id}
             )
         ).all()
-        error = None
+        final, error = status, None
         for report in reports:
             reported = Delivery(report.status)
-            if DELIVERY_RANK[reported] > DELIVERY_RANK[status]:
-                status, error = reported, report.error or error
+            if DELIVERY_RANK[reported] > DELIVERY_RANK[final]:
+                final, error = reported, report.error or error
         await connection.execute(
             _MARK_SENT,
             {
                 "part_id": message_id,
-                "new_status": status.value,
+                "new_status": final.value,
                 "sid": provider_message_id,
                 "new_error": error or None,
                 "now": utcnow(),
             },
         )
         return await _then(connection, then)
+
+    return await group_commit(engine).run(record)
 
 
 # ---------------------------------------------------------------- failing
