@@ -14,7 +14,10 @@ group commit waits for SQLite's lock behind at most the one reply-job transactio
 never behind a queue of hundreds of jobs waiting for the writers' connection. On PostgreSQL
 the pool is sized from the worker's concurrency (`settings.pool_size`): a reply job holds a
 connection only for a short transaction, never during a model call or a send, so a few
-connections serve hundreds of jobs in flight. There is no pre-ping: a connection that broke
+connections serve hundreds of jobs in flight. The reply jobs' writes go through the engine's
+group commit (`service/group_commit.py`), one transaction at a time on one connection (on
+SQLite the writers' one connection), shared by every job whose write is ready then; so a job
+in flight costs its read transaction and a share of one write transaction. There is no pre-ping: a connection that broke
 fails the one transaction that meets it, and the job attempt is retried like any other
 failure; the pool replaces the connection.
 """

@@ -13,12 +13,15 @@
    whose compare-and-set takes it over. A lost compare-and-set stops the job: the parts
    after it are not sent out of order.
 
-Writes that follow each other share a transaction (the answer with its model call's record,
+Writes that follow each other share a unit of work (the answer with its model call's record,
 the supersede check, the greeting when owed and the first part's compare-and-set; each send's
-record with the next part's compare-and-set), and the transaction that records the last send
-also finishes the job: a one-part reply costs the state read, the model-call budget, the
-answer and the send, four transactions. A job that ends without a last send is finished on
-its own.
+record with the next part's compare-and-set), and the unit that records the last send also
+finishes the job: a one-part reply costs the state read, the model-call budget, the answer and
+the send, four units. The three writes go through the engine's group commit
+(`service/group_commit.py`): the jobs' writes ready at the same time share one transaction, so
+with many jobs in flight a reply costs its read transaction and a share of one write
+transaction. Each step still hears of its write only after the commit. A job that ends
+without a last send is finished on its own unit.
 
 Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
 """

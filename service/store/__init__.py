@@ -6,7 +6,8 @@ its own unit of work (reads through `db.reader`, which never waits for SQLite's 
 except the few that are steps of a caller's transaction, which take an `AsyncConnection`
 (`inbound.record_inbound` and its parts, run by `InboundWriter`'s batch transaction;
 `bursts.interrupted`, run inside `outbox.store_answer`'s; the queue's `enqueue`, `count_jobs` and
-`close_taken_over`, run inside the transaction that stores or deletes the messages).
+`close_taken_over`, run inside the transaction that stores or deletes the messages). The reply
+job's writes open theirs as units of the engine's group commit (`service/group_commit.py`).
 Reads for the reply flow return small frozen dataclasses, never ORM rows, so no caller holds a
 session.
 """
