@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.assistant import Model, create_model
 from service.channels.registry import Channels, build_channels
 from service.db import create_engine
+from service.group_commit import group_commit
 from service.migrate import upgrade
 from service.profiles import Profiles, profiles_of
 from service.queue.worker import Worker
@@ -60,4 +61,5 @@ async def started(
             await channels.close()
             await model.close()
     finally:
+        await group_commit(engine).drained()  # what stopped jobs handed in, written first
         await engine.dispose()
