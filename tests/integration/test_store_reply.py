@@ -4,6 +4,7 @@ not stored still leaves its call on record."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 from typing import Any
@@ -20,8 +21,10 @@ OUR_NUMBER = "+15550009999"
 _sids = itertools.count(1)
 
 
-async def _inbound(engine: AsyncEngine, body: str = "what time is it?") -> Recorded:
-    inbound = Inbound(Channel.SMS, f"SM{next(_sids):032d}", "+15550001111", OUR_NUMBER, body)
+async def _inbound(
+    engine: AsyncEngine, body: str = "what time is it?", sender: str = "+15550001111"
+) -> Recorded:
+    inbound = Inbound(Channel.SMS, f"SM{next(_sids):032d}", sender, OUR_NUMBER, body)
     async with engine.begin() as connection:
         [recorded] = await record_inbound(connection, [inbound])
     return recorded
@@ -112,3 +115,31 @@ async def test_an_answer_not_stored_keeps_its_call_on_record(engine: AsyncEngine
         (CallStatus.OK.value, None),
     ]
     assert [body for _, body, _ in await _replies(engine)] == ["It is noon."]
+
+
+async def test_answers_stored_at_the_same_moment_each_fare_as_if_stored_alone(
+    engine: AsyncEngine,
+) -> None:
+    """They share a transaction (the group commit); one answered elsewhere meanwhile must
+    neither store its parts nor undo its neighbour's answer."""
+    answered = await _inbound(engine)
+    assert await outbox.store_answer(engine, _answer(answered, "It is noon.")) is (
+        outbox.Stored.STORED
+    )
+    other = await _inbound(engine, "hello?", sender="+15550002222")
+
+    elsewhere, stored = await asyncio.gather(
+        outbox.store_reply(engine, _answer(answered, "Noon again.", call=_call(answered))),
+        outbox.store_reply(engine, _answer(other, "Hello!", call=_call(other), start_sending=True)),
+    )
+
+    assert (elsewhere.outcome, elsewhere.parts) == (outbox.Stored.ANSWERED_ELSEWHERE, [])
+    assert stored.outcome is outbox.Stored.STORED and stored.parts[0].held
+    assert [(body, status) for _, body, status in await _replies(engine)] == [
+        ("It is noon.", Delivery.PENDING.value),
+        ("Hello!", Delivery.SENDING.value),
+    ]
+    reply_ids = [reply_id for reply_id, _, _ in await _replies(engine)]
+    assert sorted(await _calls(engine), key=str) == sorted(
+        [(CallStatus.OK.value, None), (CallStatus.OK.value, reply_ids[1])], key=str
+    )
