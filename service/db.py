@@ -10,16 +10,18 @@ Pools. On SQLite a process writes through one connection (SQLite has one writer 
 writers queue for it in the pool, in order and without burning CPU, instead of each taking a
 connection and sleeping in SQLite's busy handler (which wakes in steps of up to 100 ms); readers
 have a pool of their own (`reader`), and so has the webhooks' inbound writer (`intake`): its
-group commit waits for SQLite's lock behind at most the one reply-job transaction in progress,
-never behind a queue of hundreds of jobs waiting for the writers' connection. On PostgreSQL
+group commit waits for SQLite's lock behind at most the one reply-side transaction in progress
+(a batch of the reply jobs' group commit, a claim), never behind a queue of hundreds of jobs
+waiting for the writers' connection. On PostgreSQL
 the pool is sized from the worker's concurrency (`settings.pool_size`): a reply job holds a
 connection only for a short transaction, never during a model call or a send, so a few
 connections serve hundreds of jobs in flight. The reply jobs' writes go through the engine's
 group commit (`service/group_commit.py`), one transaction at a time on one connection (on
 SQLite the writers' one connection), shared by every job whose write is ready then; so a job
-in flight costs its read transaction and a share of one write transaction. There is no pre-ping: a connection that broke
-fails the one transaction that meets it, and the job attempt is retried like any other
-failure; the pool replaces the connection.
+in flight costs its read transaction and a share of one write transaction. There is no
+pre-ping: a connection that broke fails the one transaction that meets it, and the job attempt
+is retried like any other failure (the group commit tries its batch once more); the pool
+replaces the connection.
 """
 
 from __future__ import annotations

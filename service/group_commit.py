@@ -91,7 +91,11 @@ class Batcher(Generic[ItemT, ResultT]):
         self._waiting.append(_Pending(item, future))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=self._name)
-        return await asyncio.shield(future)  # a cancelled caller must not undo its batch
+        try:
+            return await asyncio.shield(future)  # a cancelled caller must not undo its batch
+        except asyncio.CancelledError:
+            future.add_done_callback(_unheard)
+            raise
 
     async def drained(self) -> None:
         """Return once everything submitted so far is written."""
@@ -125,6 +129,12 @@ class Batcher(Generic[ItemT, ResultT]):
             return
         for pending, result in zip(batch, results, strict=True):
             _settle(pending.future, result)
+
+
+def _unheard(future: asyncio.Future[Any]) -> None:
+    """Its caller was cancelled: nobody will read the outcome (no "never retrieved" warning)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future[T], outcome: T | BaseException) -> None:
