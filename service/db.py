@@ -39,6 +39,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service import sqlite_dialect
+
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
@@ -67,7 +69,10 @@ def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) ->
 def _sqlite_engine(url: Any, kwargs: dict[str, Any]) -> AsyncEngine:
     """The writers' engine (one connection), with its readers' engine registered for `reader`
     and its intake's (one connection) for `intake`. A memory database (tests) keeps
-    SQLAlchemy's own pool: it is one connection already."""
+    SQLAlchemy's own pool: it is one connection already. aiosqlite URLs get the one-trip
+    dialect (`sqlite_dialect`)."""
+    if url.get_driver_name() == "aiosqlite":
+        url = url.set(drivername=f"sqlite+{sqlite_dialect.DRIVER}")
     if url.database in (None, "", ":memory:") or "poolclass" in kwargs:
         engine = create_async_engine(url, **kwargs)
         _configure_sqlite(engine)

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -73,8 +75,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         prometheus_client.start_http_server(args.metrics_port)
         log.info("worker metrics on :%d/metrics", args.metrics_port)
-    asyncio.run(_run_worker(settings, profiles))
+    run_loop(_run_worker(settings, profiles))
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop where it is installed (uvicorn's `standard` extra brings it on
+    Linux and macOS), as `serve` does through uvicorn; else on asyncio's own loop. A reply job
+    is mostly event-loop work (futures, callbacks, sockets): uvloop does it for less CPU."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _run_worker(settings: Settings, profiles: Profiles) -> None:

@@ -30,6 +30,7 @@ from tests.helpers import (
     settled,
     twilio_form,
 )
+from tests.processes import free_port
 
 TEXTER = "+15550001111"
 OUR_NUMBER = "+15559990000"
@@ -175,7 +176,26 @@ async def test_model_timeout_is_retried(
     assert bodies_sent(providers) == ["echo: Hello there"]
     failed, ok = await calls(engine)
     assert [failed.status, ok.status] == ["error", "ok"]
+    assert failed.error == "model call timed out"
     assert failed.processing_time >= 400  # the time spent waiting counts, not 0 ms
+
+
+async def test_an_unreachable_model_is_retried_and_recorded_as_unreachable(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A refused connection is not a timeout: the operator reading the error must be told the
+    model server is down, not slow (the SDK's aiohttp transport calls it a connect timeout)."""
+    nobody = f"http://127.0.0.1:{free_port()}/v1"
+    settings = fast(make_settings, openai_base_url=nobody, reply_max_attempts=2)
+    async with running_app(settings) as client:
+        await text(client, "Hello there")
+        await done(engine)
+
+    assert providers.twilio_attempts == []
+    [message] = await inbound(engine)
+    assert message.status == "failed"
+    assert (message.error or "").startswith("model unreachable: ")
+    assert [call.status for call in await calls(engine)] == ["error", "error"]
 
 
 async def test_a_lease_is_renewed_while_a_slow_model_answers(
