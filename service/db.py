@@ -18,10 +18,10 @@ connection only for a short transaction, never during a model call or a send, so
 connections serve hundreds of jobs in flight. The reply jobs' writes go through the engine's
 group commit (`service/group_commit.py`), one transaction at a time on one connection (on
 SQLite the writers' one connection), shared by every job whose write is ready then; so a job
-in flight costs its read transaction and a share of one write transaction. There is no
-pre-ping: a connection that broke fails the one transaction that meets it, and the job attempt
-is retried like any other failure (the group commit tries its batch once more); the pool
-replaces the connection.
+in flight costs a share of one read transaction (`group_read`) and of one write transaction.
+There is no pre-ping: a connection that broke fails the one transaction that meets it, and the
+job attempt is retried like any other failure (the group commit tries its batch once more);
+the pool replaces the connection.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ connection, and there is nothing to start or stop.
   would have been each caller's alone: nothing is run again, since a COMMIT that failed may
   have committed.
 
+`group_read(engine)` is the same for units that only read (a reply job's state): they share
+read transactions on `db.reader(engine)`; a batch begins after each of its units was handed
+in, so each sees every commit made before it asked.
+
 One `GroupCommit` serves an engine's whole process (`group_commit(engine)`), as its pool does:
 the point is that every writer of the process shares the batches (on SQLite they queue for one
 connection anyway), and its lifetime is the engine's. A kill -9 before a COMMIT loses the
@@ -46,6 +50,8 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import reader
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -155,10 +161,14 @@ class _CommitUncertain(Exception):
 
 
 class GroupCommit:
-    """Units of work on one engine, run in shared transactions (see the module docstring)."""
+    """Units of work on one engine, run in shared transactions (see the module docstring);
+    `reads`: units that only read, sharing read transactions on `db.reader(engine)`."""
 
-    def __init__(self, engine: AsyncEngine, max_units: int = MAX_UNITS) -> None:
+    def __init__(
+        self, engine: AsyncEngine, max_units: int = MAX_UNITS, *, reads: bool = False
+    ) -> None:
         self._engine = weakref.ref(engine)  # `group_commit`'s registry must not keep it alive
+        self._reads = reads
         self._batches: Batcher[Unit[Any], Any] = Batcher(
             self._commit,
             name="parley-group-commit",
@@ -181,7 +191,7 @@ class GroupCommit:
     async def _transaction(self, units: list[Unit[Any]]) -> list[Any]:
         engine = self._engine()
         assert engine is not None, "the engine is gone while its units run"
-        async with engine.connect() as connection:
+        async with (reader(engine) if self._reads else engine).connect() as connection:
             transaction = await connection.begin()
             try:
                 results = [await unit(connection) for unit in units]
@@ -222,13 +232,26 @@ def _unit_failure(exc: Exception) -> BaseException:
     return exc
 
 
-_group_commits: weakref.WeakKeyDictionary[AsyncEngine, GroupCommit] = weakref.WeakKeyDictionary()
+_Registry = weakref.WeakKeyDictionary[AsyncEngine, GroupCommit]
+_group_commits: _Registry = weakref.WeakKeyDictionary()
+_group_reads: _Registry = weakref.WeakKeyDictionary()
 
 
 def group_commit(engine: AsyncEngine) -> GroupCommit:
     """The process's group commit on `engine` (made on first use, gone with the engine): every
     writer of the process shares its batches, as they share the engine's pool."""
-    found = _group_commits.get(engine)
+    return _one_per_engine(_group_commits, engine, reads=False)
+
+
+def group_read(engine: AsyncEngine) -> GroupCommit:
+    """The process's batches of reads on `engine`: the reads ready at the same time share one
+    read transaction on one reader connection. Each unit still sees every commit made before
+    it was handed in (its batch begins after it)."""
+    return _one_per_engine(_group_reads, engine, reads=True)
+
+
+def _one_per_engine(registry: _Registry, engine: AsyncEngine, *, reads: bool) -> GroupCommit:
+    found = registry.get(engine)
     if found is None:
-        found = _group_commits[engine] = GroupCommit(engine)
+        found = registry[engine] = GroupCommit(engine, reads=reads)
     return found

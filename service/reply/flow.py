@@ -19,9 +19,10 @@ record with the next part's compare-and-set), and the unit that records the last
 finishes the job: a one-part reply costs the state read, the model-call budget, the answer and
 the send, four units. The three writes go through the engine's group commit
 (`service/group_commit.py`): the jobs' writes ready at the same time share one transaction, so
-with many jobs in flight a reply costs its read transaction and a share of one write
-transaction. Each step still hears of its write only after the commit. A job that ends
-without a last send is finished on its own unit.
+with many jobs in flight a reply costs a share of one read transaction (the state reads of
+the moment share one too, `group_read`) and a share of one write transaction. Each step
+still hears of its write only after the commit. A job that ends without a last send is
+finished by a unit of its own.
 
 Outcomes the worker acts on are exceptions: `RetryLater`, `GiveUp` and `Superseded`.
 """

@@ -4,7 +4,8 @@ whether its remote side is one of our own addresses), its claimed messages still
 parts it still owes and, when it will ask the model, the history the model is shown (with the
 summary in summary memory: what `reply/memory.py` would read). Up to three statements on one
 pooled connection instead of a transaction each: the per-transaction and per-statement cost,
-not SQL, is what a reply job spends its CPU on.
+not SQL, is what a reply job spends its CPU on. For the same reason the jobs whose state is
+read at the same moment share that read transaction (`group_commit.group_read`).
 
 The statements are built once, on the tables (not the ORM entities), with bound parameters: a
 job only binds values, and SQLAlchemy finds the compiled form in its cache at once.
@@ -21,7 +22,7 @@ from sqlalchemy import Table, and_, bindparam, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import StoredTurn
-from service.db import reader
+from service.group_commit import group_read
 from service.models import AssistantCall, Conversation, Message
 from service.store.conversations import ConversationView, Waiting, read_history
 from service.store.memory import Summary
@@ -143,8 +144,10 @@ async def read_reply_state(
 ) -> ReplyState | None:
     """None when the conversation is gone. The conversation's `recent_model_calls` counts its
     answered reply calls since `calls_since` (`REPLY_RATE_LIMIT`). `history`, from the
-    conversation's local address: what history to read for its questions, if any wait."""
-    async with reader(engine).connect() as connection:
+    conversation's local address: what history to read for its questions, if any wait. Read
+    in the read transaction of the jobs whose state is read at the same time (`group_read`)."""
+
+    async def read(connection: AsyncConnection) -> ReplyState | None:
         found = await connection.execute(
             _CONVERSATION, {"conversation_id": conversation_id, "since": calls_since}
         )
@@ -155,10 +158,12 @@ async def read_reply_state(
         summary = Summary(values.pop("memory_summary"), values.pop("memory_through_id"))
         conversation = replace(ConversationView(**values), own_address=bool(row.own_address))
         waiting, unsent = await _messages(connection, conversation_id, message_ids)
-        read = None
+        shown = None
         if history is not None and _may_ask_model(conversation, waiting):
-            read = await _history(connection, conversation, waiting, summary, history)
-    return ReplyState(conversation, waiting, unsent, read)
+            shown = await _history(connection, conversation, waiting, summary, history)
+        return ReplyState(conversation, waiting, unsent, shown)
+
+    return await group_read(engine).run(read)
 
 
 def _may_ask_model(conversation: ConversationView, waiting: Sequence[Waiting]) -> bool:

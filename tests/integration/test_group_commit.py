@@ -2,7 +2,8 @@
 caller hears of its unit only once it is committed; a unit that raises fails alone, leaving
 nothing of itself behind; a batch never grows past its bound; a cancelled caller neither
 loses its neighbours' writes nor leaves a batch half done; a dead pooled connection is
-replaced without failing anyone."""
+replaced without failing anyone. Reads handed in together share a read transaction and see
+every commit made before them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import reader, utcnow
-from service.group_commit import GroupCommit, Unit, group_commit
+from service.group_commit import GroupCommit, Unit, group_commit, group_read
 from service.models import DeliveryReport
 from tests.conftest import _pg_admin
 
@@ -155,3 +156,19 @@ async def test_after_a_database_restart_the_next_batch_is_stored_not_failed(
 
     assert results == ["a", "b"]
     assert await stored(engine) == ["a", "b", "before"]
+
+
+async def test_reads_handed_in_together_see_every_commit_made_before_them(
+    engine: AsyncEngine,
+) -> None:
+    async def reports(connection: AsyncConnection) -> list[str]:
+        return sorted(await connection.scalars(select(DeliveryReport.provider_message_id)))
+
+    assert await group_read(engine).run(reports) == []
+    await group_commit(engine).run(storing("first"))
+    seen = await asyncio.gather(*(group_read(engine).run(reports) for _ in range(5)))
+    await group_commit(engine).run(storing("second"))
+    after = await group_read(engine).run(reports)
+
+    assert seen == [["first"]] * 5
+    assert after == ["first", "second"]
