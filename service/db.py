@@ -108,10 +108,16 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        if connection.get_execution_options().get(READ_ONLY):
-            connection.exec_driver_sql("BEGIN DEFERRED")
+        begin = (
+            "BEGIN DEFERRED"
+            if connection.get_execution_options().get(READ_ONLY)
+            else "BEGIN IMMEDIATE"
+        )
+        driver = connection.connection.dbapi_connection
+        if isinstance(driver, sqlite_dialect.OneTripConnection):
+            driver.begin_with_next_statement(begin)  # no trip of its own
         else:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            connection.exec_driver_sql(begin)
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:

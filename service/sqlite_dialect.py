@@ -37,8 +37,13 @@ DRIVER = "parley_aiosqlite"  # the URL's driver name that selects this dialect
 _Outcome = tuple[Any, list[Any], int, int | None]  # description, rows, rowcount, lastrowid
 
 
-def _run_statement(raw: sqlite3.Connection, operation: str, parameters: Any) -> _Outcome:
-    """In aiosqlite's thread: the whole statement, cursor opened and closed."""
+def _run_statement(
+    raw: sqlite3.Connection, begin: str | None, operation: str, parameters: Any
+) -> _Outcome:
+    """In aiosqlite's thread: the transaction's BEGIN when it is the first statement, then the
+    whole statement, cursor opened and closed."""
+    if begin is not None:
+        raw.execute(begin)
     cursor = raw.cursor()
     try:
         cursor.execute(operation, parameters if parameters is not None else ())
@@ -49,7 +54,11 @@ def _run_statement(raw: sqlite3.Connection, operation: str, parameters: Any) -> 
         cursor.close()
 
 
-def _run_many(raw: sqlite3.Connection, operation: str, seq_of_parameters: Any) -> _Outcome:
+def _run_many(
+    raw: sqlite3.Connection, begin: str | None, operation: str, seq_of_parameters: Any
+) -> _Outcome:
+    if begin is not None:
+        raw.execute(begin)
     cursor = raw.cursor()
     try:
         cursor.executemany(operation, seq_of_parameters)
@@ -64,7 +73,9 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     __slots__ = ("_description", "_lastrowid", "_rowcount")
 
-    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+    _adapt_connection: OneTripConnection
+
+    def __init__(self, adapt_connection: OneTripConnection) -> None:
         # Not the base class's __init__: that one opens an aiosqlite cursor (a trip).
         self._adapt_connection = adapt_connection
         self._connection = adapt_connection._connection
@@ -114,24 +125,49 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     async def _in_thread(self, statement: Any, operation: Any, parameters: Any) -> _Outcome:
         async with self._adapt_connection._execute_mutex:
+            begin = self._adapt_connection.take_begin()
             connection = self._connection
-            return await connection._execute(statement, connection._conn, operation, parameters)  # type: ignore[no-any-return]
+            return await connection._execute(  # type: ignore[no-any-return]
+                statement, connection._conn, begin, operation, parameters
+            )
 
     def _take(self, outcome: _Outcome) -> None:
         self._description, rows, self._rowcount, self._lastrowid = outcome
         self._rows = collections.deque(rows)
 
 
-class _OneTripConnection(AsyncAdapt_aiosqlite_connection):
-    __slots__ = ()
+class OneTripConnection(AsyncAdapt_aiosqlite_connection):
+    """The stock connection adapter with one-trip cursors, and a transaction's BEGIN that
+    travels with its first statement (`begin_with_next_statement`): a transaction that runs no
+    statement then costs no trip at all, and one that does saves one."""
+
+    __slots__ = ("_begin",)
     _cursor_cls = OneTripCursor  # type: ignore[assignment]  # a subclass; mypy reads it as exact
+
+    def __init__(self, dbapi: Any, connection: Any) -> None:
+        super().__init__(dbapi, connection)
+        self._begin: str | None = None
+
+    def begin_with_next_statement(self, begin: str) -> None:
+        self._begin = begin
+
+    def take_begin(self) -> str | None:
+        begin, self._begin = self._begin, None
+        return begin
+
+    def commit(self) -> None:
+        if self.take_begin() is None:  # else: nothing ran, nothing to commit
+            super().commit()
+
+    def rollback(self) -> None:
+        if self.take_begin() is None:
+            super().rollback()
 
 
 class _OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
-    def connect(self, *arg: Any, **kw: Any) -> Any:
-        stock = super().connect(*arg, **kw)
-        stock.__class__ = _OneTripConnection  # same state, the one-trip cursors
-        return stock
+    def connect(self, *arg: Any, **kw: Any) -> OneTripConnection:
+        stock = super().connect(*arg, **kw)  # opens the aiosqlite connection and its thread
+        return OneTripConnection(self, stock._connection)
 
 
 class OneTripDialect(SQLiteDialect_aiosqlite):

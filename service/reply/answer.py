@@ -57,6 +57,7 @@ class Answerer:
         self._attachments = Attachments(context)
         self._warned_until: dict[int, float] = {}
         settings = context.settings
+        self._rate_limit = settings.rate_limit  # parsed once: it is read on every reply
         self._budget = ModelCallBudget(
             context.engine, settings.model_calls_cap, settings.model_calls_limit
         )
@@ -203,12 +204,12 @@ class Answerer:
         return None
 
     def _within_rate_limit(self, conversation: ConversationView, made: int) -> bool:
-        return conversation.recent_model_calls + made < self._settings.rate_limit.count
+        return conversation.recent_model_calls + made < self._rate_limit.count
 
     async def _over_rate_limit(self, conversation: ConversationView, made: int) -> bool:
         """`REPLY_RATE_LIMIT`, counted from the reply calls read with the job's state plus the
         ones this job made since."""
-        limit = self._settings.rate_limit
+        limit = self._rate_limit
         if self._within_rate_limit(conversation, made):
             return False
         now = utcnow().timestamp()

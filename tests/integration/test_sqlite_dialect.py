@@ -4,6 +4,7 @@ transactions seen by a second connection."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,3 +69,23 @@ async def test_the_databases_refusal_is_sqlalchemys_error_and_rolls_back(
             await connection.execute(text("SELECT nope FROM t"))
     async with engine.connect() as connection:
         assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar() == 0
+
+
+async def test_a_write_transaction_holds_the_write_lock_from_its_first_statement(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """BEGIN IMMEDIATE travels with the transaction's first statement, even a read: another
+    writer is kept out from then on, so a read-then-write never fails half-way."""
+    other = sqlite3.connect(tmp_path / "one-trip.db", timeout=0.05, isolation_level=None)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("SELECT count(*) FROM t"))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            await connection.execute(text("INSERT INTO t (v) VALUES ('mine')"))
+        other.execute("BEGIN IMMEDIATE")  # free again after the commit
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["mine"]
