@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import resource
@@ -63,10 +64,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -305,7 +306,10 @@ class Fake:
 
 class Serve:
     """One `parley serve` (or, with `command="worker"`, `parley worker`) process, as an
-    operator runs it."""
+    operator runs it; with `--pin`, under `taskset -c <cpu>`, each process started taking the
+    next CPU of `pin_cpus`."""
+
+    pin_cpus: ClassVar[Iterator[int] | None] = None
 
     def __init__(
         self,
@@ -332,8 +336,10 @@ class Serve:
     def start(self) -> None:
         """Returns once /healthz answers and, with a worker, the worker has started."""
         serves = self.command == "serve"
+        cpu = next(Serve.pin_cpus) if Serve.pin_cpus is not None else None
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, self.command]
+            (["taskset", "-c", str(cpu)] if cpu is not None else [])
+            + [sys.executable, "-m", self.module, self.command]
             + (["--port", str(self.port)] if serves else []),
             env=self.env,
             cwd=self.workdir,
@@ -1035,6 +1041,10 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="parley-replies-"))
     run = Run(args, workdir, Databases(args.database_url, workdir))
     print(f"start: {load_note()}; logs in {workdir}", flush=True)
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0), reverse=True)
+        Serve.pin_cpus = itertools.cycle(cpus)
+        print(f"Parley's processes pinned with taskset, one CPU each, in turn: {cpus}")
     share = MachineShare()
     try:
         if args.model_latency > 0:
@@ -1100,6 +1110,11 @@ def main() -> None:
         "--workers", help="PostgreSQL: also serve + N `parley worker`s, e.g. 1,2,4 (a queue each)"
     )
     parser.add_argument("--only-workers", action="store_true", help="only the --workers phase")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each Parley process under taskset on a CPU of its own (round robin, last first)",
+    )
     parser.add_argument(
         "--only-latency", metavar="RATES", help="only latency at these msg/s: 60,30"
     )
