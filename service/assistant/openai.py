@@ -111,7 +111,9 @@ def read_answer(content: bytes) -> Answer:
         text = message.get("content") or ""
         if not isinstance(text, str):
             raise TypeError(f"content is {type(text).__name__}")
-        usage = payload.get("usage") or {}
+        usage = payload.get("usage")
+        if not isinstance(usage, dict):  # absent, null, or a server's oddity: no counts
+            usage = {}
         answer = Answer(
             text=text.strip(),
             model=_str_or_none(payload.get("model")),
@@ -119,7 +121,7 @@ def read_answer(content: bytes) -> Answer:
             completion_tokens=_int_or_none(usage.get("completion_tokens")),
             total_tokens=_int_or_none(usage.get("total_tokens")),
         )
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
         raise ModelError(f"the model's answer is unreadable: {exc}", retryable=True) from exc
     if not answer.text:
         raise ModelError("the model returned an empty answer", retryable=True)

@@ -62,6 +62,13 @@ def test_an_empty_answer_is_retryable(body: bytes) -> None:
     assert caught.value.retryable
 
 
+@pytest.mark.parametrize("usage", [["41", "5"], "46 tokens", 46])
+def test_odd_usage_leaves_the_counts_out_of_a_good_answer(usage: object) -> None:
+    answer = read_answer(completion(usage=usage))
+    assert answer.text == "We open at nine."
+    assert (answer.prompt_tokens, answer.completion_tokens, answer.total_tokens) == (None,) * 3
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -71,8 +78,19 @@ def test_an_empty_answer_is_retryable(body: bytes) -> None:
         b'{"choices": "none"}',
         b'{"choices": [{"message": {"content": ["a", "b"]}}]}',
         b'{"choices": [{"text": "legacy completion"}]}',
+        b"[" * 100_000,
+        b'{"choices": ' * 100_000,
     ],
-    ids=["html", "truncated", "a list", "choices not a list", "content not text", "no message"],
+    ids=[
+        "html",
+        "truncated",
+        "a list",
+        "choices not a list",
+        "content not text",
+        "no message",
+        "nested too deep",
+        "objects nested too deep",
+    ],
 )
 def test_an_unreadable_body_is_a_retryable_model_error(body: bytes) -> None:
     with pytest.raises(ModelError, match="unreadable") as caught:
@@ -80,10 +98,42 @@ def test_an_unreadable_body_is_a_retryable_model_error(body: bytes) -> None:
     assert caught.value.retryable
 
 
-@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+# The names a chat completion uses, so that generated JSON reaches past the first lookup.
+FIELD_NAMES = ["choices", "message", "content", "usage", "model", "role", "total_tokens"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(FIELD_NAMES) | st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+json_bodies = json_values.map(lambda value: json.dumps(value).encode())
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode) | json_bodies)
 def test_any_body_gives_an_answer_or_a_model_error(body: bytes) -> None:
     try:
         answer = read_answer(body)
     except ModelError:
         return
     assert answer.text and answer.text == answer.text.strip()
+
+
+@given(
+    content=st.text(max_size=40).filter(str.strip),
+    usage=json_values,
+    model=json_values,
+)
+def test_a_good_answer_is_read_whatever_its_usage_and_model_hold(
+    content: str, usage: object, model: object
+) -> None:
+    """A server's odd `usage` or `model` costs the counts or the name, never the answer."""
+    body = completion(
+        choices=[{"message": {"role": "assistant", "content": content}}], usage=usage, model=model
+    )
+    answer = read_answer(body)
+    assert answer.text == content.strip()
+    assert answer.model in (None, model)
+    counts = (answer.prompt_tokens, answer.completion_tokens, answer.total_tokens)
+    assert all(count is None or isinstance(count, int) for count in counts)
