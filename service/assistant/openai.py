@@ -59,8 +59,7 @@ class OpenAIModel:
         self, messages: list[dict[str, Any]], options: CallOptions = DEFAULT_OPTIONS
     ) -> Completion:
         client = await self._sdk()
-        import httpx2  # loaded by `_sdk` with openai already: dictionary look-ups
-        import openai
+        import httpx2  # loaded by `_sdk` with openai already: a dictionary look-up
 
         started = time.perf_counter()
         body: dict[str, Any] = {"model": options.model or self.name, "messages": messages}
@@ -70,8 +69,10 @@ class OpenAIModel:
             body["max_tokens"] = options.max_tokens
         try:
             response = await client.post("/chat/completions", cast_to=httpx2.Response, body=body)
-        except openai.APIError as exc:
-            error = _model_error(exc)
+        except Exception as exc:
+            error = _call_error(exc)
+            if error is None:  # not the model's nor the network's: a bug, with its traceback
+                raise
             error.latency_ms = _ms_since(started)
             raise error from exc
         answer = read_answer(response.content)
@@ -136,14 +137,34 @@ def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _call_error(exc: Exception) -> ModelError | None:
+    """The retryable or final `ModelError` of a failed call; None for anything else (a bug).
+
+    Not every transport failure comes as the SDK's `APIError`: the aiohttp transport's
+    exception map has no entry for a malformed answer (a garbage status line or header is
+    aiohttp's `ClientResponseError`), which then escapes raw. The reply job records and retries
+    only a `ModelError`, so each of these must become one."""
+    import aiohttp  # loaded by the SDK's transport already
+    import httpx2
+    import openai
+
+    if isinstance(exc, openai.APIError):
+        return _model_error(exc)
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError too
+        return ModelError("model call timed out", retryable=True)
+    if isinstance(exc, aiohttp.ClientError | httpx2.HTTPError | OSError):
+        return ModelError(f"model unreachable: {_describe(exc)}", retryable=True)
+    return None
+
+
 def _model_error(exc: openai.APIError) -> ModelError:
     import openai
 
-    refused = _socket_error(exc)
-    if isinstance(exc, openai.APITimeoutError) and refused is None:
+    failure = _connection_failure(exc)
+    if isinstance(exc, openai.APITimeoutError) and failure is None:
         return ModelError("model call timed out", retryable=True)
     if isinstance(exc, openai.APIConnectionError):
-        return ModelError(f"model unreachable: {refused or exc}", retryable=True)
+        return ModelError(f"model unreachable: {_describe(failure or exc)}", retryable=True)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
@@ -156,16 +177,34 @@ def _model_error(exc: openai.APIError) -> ModelError:
     return ModelError(str(exc), retryable=True)
 
 
-def _socket_error(exc: BaseException) -> OSError | None:
-    """The socket's own error under a connection failure. The aiohttp transport reports a
-    refused or unresolvable connection as a connect *timeout* (its exception map picks the first
-    match, aiohttp's base connection error); the log must say "unreachable", not "timed out"."""
-    cause = exc.__cause__ or exc.__context__
+def _connection_failure(exc: BaseException) -> BaseException | None:
+    """The connection's own failure, not a timeout, under an SDK error. The aiohttp transport
+    reports a refused connection, or a server that hangs up, as a connect *timeout* (its
+    exception map picks its first match, aiohttp's base connection error); the log must say
+    "unreachable", not "timed out". Only `__cause__` is followed (each layer's `raise ... from`):
+    `__context__` may hold an unrelated error the call was handling."""
+    import aiohttp
+
+    cause = exc.__cause__
     while cause is not None:
-        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+        timeout = isinstance(cause, TimeoutError | aiohttp.ServerTimeoutError)
+        if not timeout and isinstance(cause, aiohttp.ClientConnectionError | OSError):
             return cause
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__
     return None
+
+
+def _describe(exc: BaseException) -> str:
+    """A failure's text for the log and the call record, on one line. aiohttp's parser errors
+    (`ClientResponseError`) carry a status of aiohttp's own making, 400, which is not the
+    server's answer, and draw a caret under the bad byte: only their message is kept."""
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientResponseError):
+        text = f"bad HTTP answer: {exc.message}"
+    else:
+        text = str(exc)
+    return " ".join(word for word in text.split() if word != "^") or type(exc).__name__
 
 
 def _ms_since(started: float) -> int:

@@ -31,6 +31,7 @@ from tests.helpers import (
     twilio_form,
 )
 from tests.processes import free_port
+from tests.raw_http import model_server
 
 TEXTER = "+15550001111"
 OUR_NUMBER = "+15559990000"
@@ -195,6 +196,24 @@ async def test_an_unreachable_model_is_retried_and_recorded_as_unreachable(
     [message] = await inbound(engine)
     assert message.status == "failed"
     assert (message.error or "").startswith("model unreachable: ")
+    assert [call.status for call in await calls(engine)] == ["error", "error"]
+
+
+async def test_a_model_server_answering_garbage_is_retried_and_recorded_as_unreachable(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """Not HTTP (a proxy or port mix-up): each try is a recorded failed call, then the message
+    fails, rather than the job dying on an exception the worker does not know."""
+    async with model_server(b"GARBAGE\r\n\r\n") as garbage:
+        settings = fast(make_settings, openai_base_url=garbage, reply_max_attempts=2)
+        async with running_app(settings) as client:
+            await text(client, "Hello there")
+            await done(engine)
+
+    assert providers.twilio_attempts == []
+    [message] = await inbound(engine)
+    assert message.status == "failed"
+    assert (message.error or "").startswith("model unreachable: bad HTTP answer")
     assert [call.status for call in await calls(engine)] == ["error", "error"]
 
 
