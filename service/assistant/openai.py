@@ -152,7 +152,7 @@ def _call_error(exc: Exception) -> ModelError | None:
         return _model_error(exc)
     if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError too
         return ModelError("model call timed out", retryable=True)
-    if isinstance(exc, aiohttp.ClientError | httpx2.HTTPError | OSError):
+    if isinstance(exc, aiohttp.ClientError | httpx2.RequestError | OSError):
         return ModelError(f"model unreachable: {_describe(exc)}", retryable=True)
     return None
 
