@@ -7,21 +7,18 @@ that only read go through `reader(engine)` and begin DEFERRED: they never wait f
 lock, so `/healthz`, `/metrics`, transcripts and the API answer while a writer holds it.
 
 Pools. On SQLite a process writes through one connection (SQLite has one writer anyway): its
-writers queue for it in the pool, in order and without burning CPU, instead of each taking a
-connection and sleeping in SQLite's busy handler (which wakes in steps of up to 100 ms); readers
-have a pool of their own (`reader`), and so has the webhooks' inbound writer (`intake`): its
-group commit waits for SQLite's lock behind at most the one reply-side transaction in progress
-(a batch of the reply jobs' group commit, a claim), never behind a queue of hundreds of jobs
-waiting for the writers' connection. On PostgreSQL
-the pool is sized from the worker's concurrency (`settings.pool_size`): a reply job holds a
-connection only for a short transaction, never during a model call or a send, so a few
-connections serve hundreds of jobs in flight. The reply jobs' writes go through the engine's
-group commit (`service/group_commit.py`), one transaction at a time on one connection (on
-SQLite the writers' one connection), shared by every job whose write is ready then; so a job
-in flight costs a share of one read transaction (`group_read`) and of one write transaction.
-There is no pre-ping: a connection that broke fails the one transaction that meets it, and the
-job attempt is retried like any other failure (the group commit tries its batch once more);
-the pool replaces the connection.
+writers, the webhooks' inbound writer among them, queue for it in the pool, in order and
+without burning CPU, instead of each taking a connection and sleeping in SQLite's busy handler
+(which wakes in steps of up to 100 ms, so a second connection of the same process would find
+the lock free only by luck between back-to-back batches: a reviewer measured webhooks waiting
+seconds, then failing "database is locked"). The reply jobs' writes go through the engine's
+group commit (`service/group_commit.py`), one checkout a batch, so a webhook's batch waits
+behind at most the batch in progress. Readers have a pool of their own (`reader`). On
+PostgreSQL the pool is sized from the worker's concurrency (`settings.pool_size`); the group
+commit holds one connection a batch, never during a model call or a send, so a few
+connections serve hundreds of jobs in flight. There is no pre-ping: a connection that broke
+fails the one transaction that meets it, and the job attempt is retried like any other
+failure (the group commit tries its batch once more); the pool replaces the connection.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ READ_ONLY = "parley_read_only"  # execution option: this connection's transactio
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
 POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
 _readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
-_intakes: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 
 
 def utcnow() -> dt.datetime:
@@ -67,10 +63,10 @@ def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) ->
 
 
 def _sqlite_engine(url: Any, kwargs: dict[str, Any]) -> AsyncEngine:
-    """The writers' engine (one connection), with its readers' engine registered for `reader`
-    and its intake's (one connection) for `intake`. A memory database (tests) keeps
-    SQLAlchemy's own pool: it is one connection already. aiosqlite URLs get the one-trip
-    dialect (`sqlite_dialect`)."""
+    """The writers' engine (one connection, shared by every writer of the process, the
+    webhooks' included), with its readers' engine registered for `reader`. A memory database
+    (tests) keeps SQLAlchemy's own pool: it is one connection already. aiosqlite URLs get the
+    one-trip dialect (`sqlite_dialect`)."""
     if url.get_driver_name() == "aiosqlite":
         url = url.set(drivername=f"sqlite+{sqlite_dialect.DRIVER}")
     if url.database in (None, "", ":memory:") or "poolclass" in kwargs:
@@ -82,14 +78,10 @@ def _sqlite_engine(url: Any, kwargs: dict[str, Any]) -> AsyncEngine:
     readers = create_async_engine(url, pool_size=SQLITE_READERS, max_overflow=0, **kwargs)
     _configure_sqlite(readers)
     _readers[engine.sync_engine] = readers.execution_options(**{READ_ONLY: True})
-    intakes = create_async_engine(url, pool_size=1, max_overflow=0, **kwargs)
-    _configure_sqlite(intakes)
-    _intakes[engine.sync_engine] = intakes
 
     @event.listens_for(engine.sync_engine, "engine_disposed")
-    def _dispose_others(_engine: Engine) -> None:
+    def _dispose_readers(_engine: Engine) -> None:
         readers.sync_engine.dispose()  # runs inside `AsyncEngine.dispose`'s greenlet
-        intakes.sync_engine.dispose()
 
     return engine
 
@@ -130,12 +122,6 @@ def reader(engine: AsyncEngine) -> AsyncEngine:
     if readers is not None:
         return readers
     return engine.execution_options(**{READ_ONLY: True})
-
-
-def intake(engine: AsyncEngine) -> AsyncEngine:
-    """The engine the webhooks' inbound writer commits through: on SQLite a connection of its
-    own, so the intake never queues behind the reply jobs' writes; elsewhere the same engine."""
-    return _intakes.get(engine.sync_engine, engine)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -27,7 +27,9 @@ connection, and there is nothing to start or stop.
   pre-ping) fails no unit: the batch is tried once more on a fresh connection;
 - a failure outside the units (the checkout, the BEGIN, the COMMIT) is every caller's, as it
   would have been each caller's alone: nothing is run again, since a COMMIT that failed may
-  have committed.
+  have committed; so is the database's own `OperationalError` inside a unit (locked past the
+  busy timeout, out of disk: no unit is to blame), which on SQLite is also where a busy BEGIN
+  shows, since it travels with the first statement.
 
 `group_read(engine)` is the same for units that only read (a reply job's state): they share
 read transactions on `db.reader(engine)`; a batch begins after each of its units was handed
@@ -48,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import reader
@@ -173,7 +175,7 @@ class GroupCommit:
             self._commit,
             name="parley-group-commit",
             max_batch=max_units,
-            alone_may_help=lambda exc: isinstance(exc, _UnitFailed),
+            alone_may_help=_one_unit_to_blame,
             failure=_unit_failure,
         )
 
@@ -206,6 +208,15 @@ class GroupCommit:
                     raise _CommitUncertain from exc
                 raise
         return results
+
+
+def _one_unit_to_blame(exc: Exception) -> bool:
+    """Whether running the units alone could spare some: a unit raised, and not because of the
+    database itself. An `OperationalError` is the database's (locked past the busy timeout, out
+    of disk, too many connections); on SQLite a busy BEGIN surfaces as the first unit's error,
+    since the BEGIN travels with its first statement (`sqlite_dialect`): running the batch
+    again one by one would only wait for the lock once more per unit."""
+    return isinstance(exc, _UnitFailed) and not isinstance(exc.__cause__, OperationalError)
 
 
 def _dead(exc: BaseException) -> bool:

@@ -407,10 +407,14 @@ class JobManager:
         )
 
     async def _settle(self, job_ids: Sequence[int], status: JobStatus, **values: object) -> None:
+        """A unit of the reply side's group commit, so it commits after whatever the job handed
+        in before it: a job cancelled at shutdown has its jobs released only after its last
+        write (an answer stored, a part moved to `sending`) is committed, never before, so
+        the next claimer finds that write and resumes from it."""
         if not job_ids:
             return
-        async with self._engine.begin() as connection:
-            await connection.execute(_settle(job_ids, self.owner, status, **values))
+        statement = _settle(job_ids, self.owner, status, **values)
+        await group_commit(self._engine).run(lambda connection: connection.execute(statement))
 
 
 def _group(rows: Sequence[object], owner: str) -> list[Claim]:

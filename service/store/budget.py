@@ -2,8 +2,9 @@
 
 The windows are fixed (an hour from each full hour UTC, for `N/hour`), counted in one database
 row each (`model_call_window`), so every process of a deployment draws on the same count.
-Taking a place is one short unit of a write transaction (`group_commit`: it shares the
-transaction with the other reply jobs' writes of the moment):
+Taking a place is one short unit of a write transaction (a `GroupCommit` of the budget's own:
+the takes of the moment share one short transaction, not the reply side's longer ones, whose
+lock on the row would hold every other process's takes):
 
 1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it);
 2. `UPDATE … SET calls = calls + 1 WHERE calls < limit`: granted when a row was updated.
@@ -32,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import utcnow
-from service.group_commit import group_commit
+from service.group_commit import GroupCommit
 from service.models import ModelCallWindow
 from service.settings import RateLimit
 
@@ -80,6 +81,10 @@ class ModelCallBudget:
         self._limit = limit
         self._setting = setting  # as configured, for the warning
         self._full_window: dt.datetime | None = None
+        # Batches of their own, not the reply side's: on PostgreSQL a take locks the window's one
+        # row until its transaction commits, and a long shared batch would hold every other
+        # process's takes (and so their batches) behind it.
+        self._takes = GroupCommit(engine)
 
     async def take(self) -> bool:
         """A place for one model call in the current window; False when the window is full."""
@@ -89,7 +94,7 @@ class ModelCallBudget:
         start = window_start(now, self._limit.window_s)
         if start == self._full_window:
             return False
-        taken, first = await group_commit(self._engine).run(
+        taken, first = await self._takes.run(
             functools.partial(self._take_or_refuse, start=start, now=now)
         )
         if taken:

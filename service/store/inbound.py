@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import intake, utcnow
+from service.db import utcnow
 from service.group_commit import Batcher, once_more_if_dead
 from service.media import history_text
 from service.models import (
@@ -284,7 +284,7 @@ class InboundWriter:
         on_commit: Callable[[], None] = lambda: None,
         debounce: Debounce = OFF,
     ) -> None:
-        self._engine = intake(engine)
+        self._engine = engine
         self._on_commit = on_commit
         self._debounce = debounce  # when the replies to a burst are due (SPEC §12)
         self._batches: Batcher[Inbound, Recorded] = Batcher(

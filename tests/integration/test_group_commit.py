@@ -8,15 +8,19 @@ every commit made before them."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from sqlalchemy import event, insert, select
+from sqlalchemy import event, exc, insert, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import reader, utcnow
+from service.db import create_engine, reader, utcnow
 from service.group_commit import GroupCommit, Unit, group_commit, group_read
+from service.migrate import upgrade
 from service.models import DeliveryReport
 from tests.conftest import _pg_admin
 
@@ -172,3 +176,46 @@ async def test_reads_handed_in_together_see_every_commit_made_before_them(
 
     assert seen == [["first"]] * 5
     assert after == ["first", "second"]
+
+
+async def test_a_locked_sqlite_database_fails_the_batch_once_not_unit_by_unit(
+    tmp_path: Path,
+) -> None:
+    """Another process holds SQLite's write lock past the busy timeout: the batch's BEGIN (it
+    travels with the first unit's statement) fails every caller with the database's error
+    after one wait, instead of each unit waiting out the timeout again alone."""
+    path = tmp_path / "locked.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    event.listen(
+        engine.sync_engine,
+        "connect",
+        lambda dbapi, _record: dbapi.cursor().execute("PRAGMA busy_timeout=200"),
+    )
+    await upgrade(engine)
+    started: list[str] = []
+
+    def counted(sid: str) -> Unit[str]:
+        unit = storing(sid)
+
+        async def run(connection: AsyncConnection) -> str:
+            started.append(sid)
+            return await unit(connection)
+
+        return run
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        batch = GroupCommit(engine)
+        began = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(batch.run(counted(f"SM{i}")) for i in range(8)), return_exceptions=True
+        )
+        waited = time.monotonic() - began
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await engine.dispose()
+    assert all(isinstance(o, exc.OperationalError) for o in outcomes), outcomes
+    assert started == ["SM0"]  # the others never ran, nor ran again alone
+    assert waited < 8 * 0.2

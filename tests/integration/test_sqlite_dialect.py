@@ -89,3 +89,18 @@ async def test_a_write_transaction_holds_the_write_lock_from_its_first_statement
         other.close()
     async with engine.connect() as connection:
         assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["mine"]
+
+
+async def test_a_stream_opening_a_write_transaction_holds_the_write_lock(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """A streamed statement first in a transaction still sends the BEGIN IMMEDIATE."""
+    other = sqlite3.connect(tmp_path / "one-trip.db", timeout=0.05, isolation_level=None)
+    try:
+        async with engine.begin() as connection:
+            result = await connection.stream(text("SELECT v FROM t"))
+            assert [row async for row in result] == []
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+    finally:
+        other.close()
