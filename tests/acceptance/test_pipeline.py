@@ -6,6 +6,7 @@ opt-out keywords and delivery callbacks. In-process app, real SDKs, fake provide
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -181,31 +182,28 @@ async def test_model_timeout_is_retried(
     assert failed.processing_time >= 400  # the time spent waiting counts, not 0 ms
 
 
-async def test_an_unreachable_model_is_retried_and_recorded_as_unreachable(
-    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+@pytest.mark.parametrize(
+    ("answer", "recorded"),
+    [(None, "model unreachable: "), (b"GARBAGE\r\n\r\n", "model unreachable: bad HTTP answer")],
+    ids=["connection refused", "not HTTP"],
+)
+async def test_an_unreachable_or_garbled_model_is_retried_and_recorded_as_unreachable(
+    make_settings: SettingsFactory,
+    engine: AsyncEngine,
+    providers: FakeProviders,
+    answer: bytes | None,
+    recorded: str,
 ) -> None:
-    """A refused connection is not a timeout: the operator reading the error must be told the
-    model server is down, not slow (the SDK's aiohttp transport calls it a connect timeout)."""
-    nobody = f"http://127.0.0.1:{free_port()}/v1"
-    settings = fast(make_settings, openai_base_url=nobody, reply_max_attempts=2)
-    async with running_app(settings) as client:
-        await text(client, "Hello there")
-        await done(engine)
-
-    assert providers.twilio_attempts == []
-    [message] = await inbound(engine)
-    assert message.status == "failed"
-    assert (message.error or "").startswith("model unreachable: ")
-    assert [call.status for call in await calls(engine)] == ["error", "error"]
-
-
-async def test_a_model_server_answering_garbage_is_retried_and_recorded_as_unreachable(
-    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
-) -> None:
-    """Not HTTP (a proxy or port mix-up): each try is a recorded failed call, then the message
-    fails, rather than the job dying on an exception the worker does not know."""
-    async with model_server(b"GARBAGE\r\n\r\n") as garbage:
-        settings = fast(make_settings, openai_base_url=garbage, reply_max_attempts=2)
+    """A refused connection is not a timeout, and a server that does not speak HTTP (a proxy or
+    port mix-up) is no crash: the operator reading the error is told the model server is
+    unreachable, and each try is a recorded failed call before the message fails (the SDK's
+    aiohttp transport calls the first a connect timeout and lets the second escape raw)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if answer is None:
+            base_url = f"http://127.0.0.1:{free_port()}/v1"
+        else:
+            base_url = await stack.enter_async_context(model_server(answer))
+        settings = fast(make_settings, openai_base_url=base_url, reply_max_attempts=2)
         async with running_app(settings) as client:
             await text(client, "Hello there")
             await done(engine)
@@ -213,7 +211,7 @@ async def test_a_model_server_answering_garbage_is_retried_and_recorded_as_unrea
     assert providers.twilio_attempts == []
     [message] = await inbound(engine)
     assert message.status == "failed"
-    assert (message.error or "").startswith("model unreachable: bad HTTP answer")
+    assert (message.error or "").startswith(recorded)
     assert [call.status for call in await calls(engine)] == ["error", "error"]
 
 
