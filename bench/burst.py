@@ -60,7 +60,7 @@ from service.db import create_engine  # noqa: E402
 from service.models import AssistantCall, Conversation, Message, ReplyJob  # noqa: E402
 from service.testing import inbound_form, sign  # noqa: E402
 from tests.fakes import FakeProviders, default_openai_reply  # noqa: E402
-from tests.processes import free_port, parley_env, wait_healthy  # noqa: E402
+from tests.processes import free_port, parley_env, provider_variables, wait_healthy  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 ACCOUNT = "AC32d0d85518aa25edef571b53f079c2be"
@@ -532,12 +532,13 @@ async def run(args: argparse.Namespace) -> int:
                 PYTHONPATH=str(ROOT),
                 DATABASE_URL=database_url,
                 PUBLIC_BASE_URL=PUBLIC,
-                TWILIO_ACCOUNT_SID=ACCOUNT,
-                TWILIO_AUTH_TOKEN=TOKEN,
-                TWILIO_API_BASE_URL=fake.base_url,
-                OPENAI_API_KEY="bench-key",
-                OPENAI_BASE_URL=fake.base_url + "/v1",
-                OPENAI_MODEL="gpt-bench",
+                **provider_variables(
+                    fake.base_url,
+                    account_sid=ACCOUNT,
+                    auth_token=TOKEN,
+                    openai_key="bench-key",
+                    model="gpt-bench",
+                ),
                 WORKER_CONCURRENCY=str(args.worker_concurrency),
                 EMBEDDED_WORKER="true" if args.database == "sqlite" else "false",
                 LOG_LEVEL="INFO",

@@ -37,7 +37,7 @@ from service.models import ReplyJob  # noqa: E402
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN  # noqa: E402
 from tests.fakes import FakeProviders  # noqa: E402
 from tests.helpers import post_twilio, twilio_form  # noqa: E402
-from tests.processes import parley_env, serving, stop  # noqa: E402
+from tests.processes import parley_env, provider_variables, serving, stop  # noqa: E402
 
 BURST = ["hi", "I ordered a cake", "for Saturday", "chocolate", "can it be lemon?"]
 
@@ -99,12 +99,13 @@ async def measure(args: argparse.Namespace, debounce: str, fake: FakeProviders) 
             PYTHONPATH=str(args.root),
             DATABASE_URL=database_url,
             PUBLIC_BASE_URL=PUBLIC_BASE_URL,
-            TWILIO_ACCOUNT_SID=TWILIO_SID,
-            TWILIO_AUTH_TOKEN=TWILIO_TOKEN,
-            TWILIO_API_BASE_URL=fake.base_url,
-            OPENAI_API_KEY="bench-key",
-            OPENAI_BASE_URL=fake.base_url + "/v1",
-            OPENAI_MODEL="gpt-bench",
+            **provider_variables(
+                fake.base_url,
+                account_sid=TWILIO_SID,
+                auth_token=TWILIO_TOKEN,
+                openai_key="bench-key",
+                model="gpt-bench",
+            ),
             REPLY_DEBOUNCE_S=debounce,
             REPLY_RATE_LIMIT="1000000/hour",
             LOG_LEVEL="WARNING",

@@ -94,7 +94,7 @@ from bench.webhook import run_wrk, start_target, wait_ready  # noqa: E402
 from service.db import create_engine  # noqa: E402
 from service.models import Message, ReplyJob  # noqa: E402
 from service.settings import Settings, pool_size  # noqa: E402
-from tests.processes import free_port, parley_env, wait_healthy  # noqa: E402
+from tests.processes import free_port, parley_env, provider_variables, wait_healthy  # noqa: E402
 
 TWILIO_WEBHOOK_TIMEOUT_S = 15.0
 RSS_SAMPLE_S = 0.2
@@ -379,6 +379,13 @@ class Serve:
             return self.process.wait()
 
 
+def bench_providers(base_url: str) -> dict[str, str]:
+    """Twilio and the model at the fast fake, for Parley and the inline peer alike."""
+    return provider_variables(
+        base_url, account_sid=ACCOUNT, auth_token=TOKEN, openai_key="bench-key", model="gpt-bench"
+    )
+
+
 def parley_variables(database_url: str, fake: Fake | None, worker: bool) -> dict[str, str]:
     """Every provider configured, as in production; limits meant for people out of reach."""
     fake_url = fake.base_url if fake else "http://127.0.0.1:9"
@@ -386,12 +393,7 @@ def parley_variables(database_url: str, fake: Fake | None, worker: bool) -> dict
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": database_url,
         "PUBLIC_BASE_URL": PUBLIC,
-        "TWILIO_ACCOUNT_SID": ACCOUNT,
-        "TWILIO_AUTH_TOKEN": TOKEN,
-        "TWILIO_API_BASE_URL": fake_url,
-        "OPENAI_API_KEY": "bench-key",
-        "OPENAI_BASE_URL": fake_url + "/v1",
-        "OPENAI_MODEL": "gpt-bench",
+        **bench_providers(fake_url),
         "SENDGRID_API_KEY": "SG.bench-key",
         "SENDGRID_API_BASE_URL": fake_url,
         "SENDGRID_INBOUND_USER": "bench",
@@ -768,12 +770,7 @@ class Peer:
         self.env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "TWILIO_ACCOUNT_SID": ACCOUNT,
-            "TWILIO_AUTH_TOKEN": TOKEN,
-            "TWILIO_API_BASE_URL": fake.base_url,
-            "OPENAI_API_KEY": "bench-key",
-            "OPENAI_BASE_URL": fake.base_url + "/v1",
-            "OPENAI_MODEL": "gpt-bench",
+            **bench_providers(fake.base_url),
             "PUBLIC_BASE_URL": PUBLIC,
         }
         self.log = workdir / "peer.log"

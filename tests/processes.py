@@ -36,6 +36,20 @@ def parley_env(**variables: str) -> dict[str, str]:
     return env
 
 
+def provider_variables(
+    base_url: str, *, account_sid: str, auth_token: str, openai_key: str, model: str
+) -> dict[str, str]:
+    """Twilio and an OpenAI-compatible model, both served by the fake provider at `base_url`."""
+    return {
+        "TWILIO_ACCOUNT_SID": account_sid,
+        "TWILIO_AUTH_TOKEN": auth_token,
+        "TWILIO_API_BASE_URL": base_url,
+        "OPENAI_API_KEY": openai_key,
+        "OPENAI_BASE_URL": base_url + "/v1",
+        "OPENAI_MODEL": model,
+    }
+
+
 def start(args: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "service", *args],

@@ -27,6 +27,7 @@ from service.models import Message
 from tests.conftest import PUBLIC_BASE_URL, TWILIO_SID, TWILIO_TOKEN
 from tests.fakes import FakeProviders
 from tests.helpers import calls, eventually, jobs, messages, post_twilio, settled, twilio_form
+from tests.processes import provider_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 1.0  # REPLY_LEASE_S: how long a killed process's job stays claimed
@@ -126,12 +127,13 @@ async def start(
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": database_url,
         "PUBLIC_BASE_URL": PUBLIC_BASE_URL,
-        "TWILIO_ACCOUNT_SID": TWILIO_SID,
-        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
-        "TWILIO_API_BASE_URL": providers.base_url,
-        "OPENAI_API_KEY": "test-key",
-        "OPENAI_BASE_URL": providers.base_url + "/v1",
-        "OPENAI_MODEL": "gpt-test",
+        **provider_variables(
+            providers.base_url,
+            account_sid=TWILIO_SID,
+            auth_token=TWILIO_TOKEN,
+            openai_key="test-key",
+            model="gpt-test",
+        ),
         "ASSISTANT_TIMEOUT_S": "120",  # the fake model is slow on purpose
         "PROVIDER_TIMEOUT_S": "60",  # Twilio hangs on purpose; the process dies first
         "REPLY_RETRY_BASE_S": "0.1",

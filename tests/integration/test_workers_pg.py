@@ -60,7 +60,7 @@ from tests.conftest import (
 from tests.fakes import FakeProviders, default_openai_reply
 from tests.helpers import calls as call_records
 from tests.helpers import eventually, jobs, post_twilio, settled, twilio_form
-from tests.processes import free_port, parley_env, start, stop, wait_healthy
+from tests.processes import free_port, parley_env, provider_variables, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = re.compile(r"^sender-(\d+) message (\d+)$")
@@ -234,12 +234,13 @@ async def parley_processes(
             DATABASE_URL=database_url,
             AUTO_MIGRATE="false",  # the test database is a copy of a migrated template
             PUBLIC_BASE_URL=PUBLIC_BASE_URL,
-            TWILIO_ACCOUNT_SID=TWILIO_SID,
-            TWILIO_AUTH_TOKEN=TWILIO_TOKEN,
-            TWILIO_API_BASE_URL=providers.base_url,
-            OPENAI_API_KEY="test-key",
-            OPENAI_BASE_URL=providers.base_url + "/v1",
-            OPENAI_MODEL="gpt-test",
+            **provider_variables(
+                providers.base_url,
+                account_sid=TWILIO_SID,
+                auth_token=TWILIO_TOKEN,
+                openai_key="test-key",
+                model="gpt-test",
+            ),
             EMBEDDED_WORKER="false",
             LOG_LEVEL="INFO",
             **overrides,
