@@ -106,10 +106,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             else "BEGIN IMMEDIATE"
         )
         driver = connection.connection.dbapi_connection
-        if isinstance(driver, sqlite_dialect.OneTripConnection):
-            driver.begin_with_next_statement(begin)  # no trip of its own
-        else:
-            connection.exec_driver_sql(begin)
+        # Every SQLite engine here is aiosqlite's, so the one-trip dialect's (`_sqlite_engine`).
+        assert isinstance(driver, sqlite_dialect.OneTripConnection)
+        driver.begin_with_next_statement(begin)  # no trip of its own
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:
