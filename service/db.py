@@ -40,6 +40,7 @@ from service import sqlite_dialect
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
+INLINE = "parley_inline"  # execution option: a few small statements on indexes (`inline`)
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
 POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
 _readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
@@ -108,7 +109,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         driver = connection.connection.dbapi_connection
         # Every SQLite engine here is aiosqlite's, so the one-trip dialect's (`_sqlite_engine`).
         assert isinstance(driver, sqlite_dialect.OneTripConnection)
-        driver.begin_with_next_statement(begin)  # no trip of its own
+        inline = bool(connection.get_execution_options().get(INLINE))
+        driver.begin_with_next_statement(begin, inline=inline)  # no trip of its own
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:
@@ -121,6 +123,15 @@ def reader(engine: AsyncEngine) -> AsyncEngine:
     if readers is not None:
         return readers
     return engine.execution_options(**{READ_ONLY: True})
+
+
+def inline(engine: AsyncEngine) -> AsyncEngine:
+    """`engine` (or `reader(engine)`) for transactions of a few small statements on indexes,
+    the hot path's: the reply jobs' units, the webhooks' batches, the claims. On SQLite their
+    statements run on the event loop's thread, without a trip to aiosqlite's
+    (`sqlite_dialect`); elsewhere it changes nothing. A statement that may scan a table does
+    not belong in one: it would hold the loop for as long as it runs."""
+    return engine.execution_options(**{INLINE: True})
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

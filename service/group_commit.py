@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import reader
+from service.db import inline, reader
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -193,7 +193,7 @@ class GroupCommit:
     async def _transaction(self, units: list[Unit[Any]]) -> list[Any]:
         engine = self._engine()
         assert engine is not None, "the engine is gone while its units run"
-        async with (reader(engine) if self._reads else engine).connect() as connection:
+        async with inline(reader(engine) if self._reads else engine).connect() as connection:
             transaction = await connection.begin()
             try:
                 results = [await unit(connection) for unit in units]

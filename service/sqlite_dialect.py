@@ -13,9 +13,27 @@ server-side cursors, which send a pending BEGIN on a trip of its own first) is t
 dialect's. `db.create_engine` picks this dialect for every `sqlite+aiosqlite` URL, so the
 configured URL stays the one SPEC.md documents.
 
+Inline transactions. Even one trip a statement was, profiled again, most of what was left:
+each trip is a future, a put on the thread's queue and a wake-up of the event loop from
+another thread, and on a virtual machine whose other vCPU is idle that wake-up costs more than
+the statement (9.0 ms of CPU a reply unpinned, 6.0 pinned to one CPU). A transaction begun with
+the `db.INLINE` execution option (`db.inline(engine)`: the reply jobs' units, the webhooks'
+batches, the claims; each a few small statements on indexes) runs its statements on the event
+loop's own thread instead: 4.1 ms a reply, pinned or not. What could make such a statement
+slow is kept off the loop:
+
+- waiting for a lock: only a transaction's first statement can (a `BEGIN IMMEDIATE` queuing
+  for the write lock, or a reader's first read meeting a WAL recovery); it runs with the busy
+  timeout at zero, and if SQLite answers "busy" it is run again in the thread, which waits;
+- a checkpoint (the WAL copied into the database file, with a sync): SQLite runs it in the
+  COMMIT, and COMMIT and ROLLBACK still make their trip to the thread;
+- statements that may scan (the API's listings, `/metrics`' counts, a cascading delete) are
+  not in inline transactions: they keep their trip.
+
 It relies on one private method of aiosqlite, `Connection._execute(fn, *args)` (queue `fn` for
-the connection's thread and await its result), present and unchanged from aiosqlite 0.17 to
-0.22; its absence would fail every SQLite test at once, not quietly.
+the connection's thread and await its result), and on its `_conn`, the `sqlite3.Connection`
+(opened with `check_same_thread=False`), present and unchanged from aiosqlite 0.17 to 0.22;
+their absence would fail every SQLite test at once, not quietly.
 """
 
 from __future__ import annotations
@@ -66,6 +84,29 @@ def _run_many(
         return None, [], cursor.rowcount, cursor.lastrowid
     finally:
         cursor.close()
+
+
+def _run_inline(
+    statement: Any,
+    raw: sqlite3.Connection,
+    busy_timeout_ms: int,
+    begin: str | None,
+    operation: str,
+    parameters: Any,
+) -> _Outcome | None:
+    """On the event loop's thread: `statement`'s outcome, or None when it is the transaction's
+    first and SQLite would have it wait for a lock (nothing of it ran: the thread waits)."""
+    if begin is None:
+        return statement(raw, None, operation, parameters)  # type: ignore[no-any-return]
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        return statement(raw, begin, operation, parameters)  # type: ignore[no-any-return]
+    except sqlite3.OperationalError as error:
+        if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+            raise
+        return None
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
@@ -125,11 +166,20 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
             self._adapt_connection._handle_exception(error)
 
     async def _in_thread(self, statement: Any, operation: Any, parameters: Any) -> _Outcome:
-        async with self._adapt_connection._execute_mutex:
-            begin = self._adapt_connection.take_begin()
+        adapt_connection = self._adapt_connection
+        async with adapt_connection._execute_mutex:
+            begin = adapt_connection.take_begin()
             connection = self._connection
+            raw = connection._conn
+            if adapt_connection.inline:
+                busy_timeout_ms = adapt_connection.busy_timeout_ms()
+                outcome = _run_inline(statement, raw, busy_timeout_ms, begin, operation, parameters)
+                if outcome is not None:
+                    return outcome
+                if raw.in_transaction:  # a reader's BEGIN DEFERRED ran; its first read waits
+                    begin = None
             return await connection._execute(  # type: ignore[no-any-return]
-                statement, connection._conn, begin, operation, parameters
+                statement, raw, begin, operation, parameters
             )
 
     def _take(self, outcome: _Outcome) -> None:
@@ -140,17 +190,23 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     """The stock connection adapter with one-trip cursors, and a transaction's BEGIN that
     travels with its first statement (`begin_with_next_statement`): a transaction that runs no
-    statement then costs no trip at all, and one that does saves one."""
+    statement then costs no trip at all, and one that does saves one. An inline transaction's
+    statements make no trip (the module's docstring)."""
 
-    __slots__ = ("_begin",)
+    __slots__ = ("_begin", "_busy_timeout_ms", "inline")
     _cursor_cls = OneTripCursor  # type: ignore[assignment]  # a subclass; mypy reads it as exact
 
     def __init__(self, dbapi: Any, connection: Any) -> None:
         super().__init__(dbapi, connection)
         self._begin: str | None = None
+        self._busy_timeout_ms: int | None = None
+        self.inline = False
 
-    def begin_with_next_statement(self, begin: str) -> None:
+    def begin_with_next_statement(self, begin: str, *, inline: bool = False) -> None:
+        """The next transaction begins with `begin`, sent with its first statement; `inline`:
+        its statements run on the event loop's thread."""
         self._begin = begin
+        self.inline = inline
 
     def cursor(self, server_side: bool = False) -> Any:
         if server_side and (begin := self.take_begin()) is not None:
@@ -161,15 +217,25 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
                 self._handle_exception(error)
         return super().cursor(server_side=server_side)
 
+    def busy_timeout_ms(self) -> int:
+        """The connection's busy timeout (set when it connected), restored after an inline
+        transaction's first statement, which runs without one."""
+        if self._busy_timeout_ms is None:
+            (timeout,) = self._connection._conn.execute("PRAGMA busy_timeout").fetchone()
+            self._busy_timeout_ms = int(timeout)
+        return self._busy_timeout_ms
+
     def take_begin(self) -> str | None:
         begin, self._begin = self._begin, None
         return begin
 
     def commit(self) -> None:
+        self.inline = False
         if self.take_begin() is None:  # else: nothing ran, nothing to commit
-            super().commit()
+            super().commit()  # in the thread: a checkpoint may run in it
 
     def rollback(self) -> None:
+        self.inline = False
         if self.take_begin() is None:
             super().rollback()
 

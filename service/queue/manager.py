@@ -31,7 +31,7 @@ from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, sel
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
-from service.db import reader, utcnow
+from service.db import inline, reader, utcnow
 from service.group_commit import group_commit
 from service.models import Conversation, ReplyJob
 from service.queue.debounce import OFF, Debounce
@@ -277,7 +277,7 @@ class JobManager:
         """Up to `max_conversations` conversations with due jobs, each with all its jobs."""
         if max_conversations < 1:
             return []
-        async with self._engine.begin() as connection:
+        async with inline(self._engine).begin() as connection:
             now = utcnow()
             await self._requeue_expired(connection, now)
             conversations = await self._claimable(connection, now, max_conversations)
@@ -368,7 +368,7 @@ class JobManager:
         """Extend the leases of these running jobs, where this worker still holds them."""
         if not job_ids:
             return 0
-        async with self._engine.begin() as connection:
+        async with inline(self._engine).begin() as connection:
             result = await connection.execute(
                 update(ReplyJob)
                 .where(

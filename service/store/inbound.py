@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import utcnow
+from service.db import inline, utcnow
 from service.group_commit import Batcher, once_more_if_dead
 from service.media import history_text
 from service.models import (
@@ -326,7 +326,7 @@ class InboundWriter:
         return await once_more_if_dead(lambda: self._transaction(inbounds))
 
     async def _transaction(self, inbounds: list[Inbound]) -> list[Recorded]:
-        async with self._engine.begin() as connection:
+        async with inline(self._engine).begin() as connection:
             return await record_inbound(connection, inbounds, self._debounce)
 
 

@@ -1,18 +1,23 @@
 """The one-trip SQLite dialect (`service.sqlite_dialect`) behaves as the stock aiosqlite one:
 rows, row counts, many rows at once, streamed results, the database's errors, and a file's
-transactions seen by a second connection."""
+transactions seen by a second connection. Inline transactions (`db.inline`) run their
+statements on the event loop's thread, yet one that must wait for a lock waits in
+aiosqlite's thread, with the loop free meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import exc, text
+from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import create_engine
+from service.db import create_engine, inline, reader
 
 
 @pytest.fixture
@@ -104,3 +109,80 @@ async def test_a_stream_opening_a_write_transaction_holds_the_write_lock(
                 other.execute("BEGIN IMMEDIATE")
     finally:
         other.close()
+
+
+def _thread_of(dbapi_connection: object, _record: object) -> None:
+    """`SELECT thread()` in SQL: the thread that runs the statement."""
+    raw = dbapi_connection._connection._conn  # type: ignore[attr-defined]
+    raw.create_function("thread", 0, threading.get_ident)
+
+
+async def _statement_thread(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        return int((await connection.execute(text("SELECT thread()"))).scalar_one())
+
+
+async def test_inline_transactions_run_on_the_loops_thread_and_others_do_not(
+    engine: AsyncEngine,
+) -> None:
+    await engine.dispose()  # connections made from here on get `thread()`
+    for pool in (engine, reader(engine)):
+        event.listen(pool.sync_engine, "connect", _thread_of)
+    loop_thread = threading.get_ident()
+    assert await _statement_thread(inline(engine)) == loop_thread
+    assert await _statement_thread(inline(reader(engine))) == loop_thread
+    assert await _statement_thread(engine) != loop_thread
+    assert await _statement_thread(reader(engine)) != loop_thread
+    async with engine.connect() as connection:  # inline only for its own transaction
+        assert (await connection.execute(text("SELECT thread()"))).scalar_one() != loop_thread
+
+
+async def test_an_inline_write_waits_for_the_lock_off_the_loop(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Another process holds the write lock: the inline transaction's BEGIN IMMEDIATE waits in
+    the thread (the busy timeout), the loop keeps running, and the write lands once it is free."""
+    other = sqlite3.connect(tmp_path / "one-trip.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def write() -> None:
+        async with inline(engine).begin() as connection:
+            await connection.execute(text("INSERT INTO t (v) VALUES ('after the lock')"))
+
+    ticker = asyncio.create_task(tick())
+    writing = asyncio.create_task(write())
+    started = time.monotonic()
+    await asyncio.sleep(0.3)
+    assert not writing.done()
+    assert ticks >= 10, "the event loop stalled while the write waited for the lock"
+    other.execute("ROLLBACK")
+    other.close()
+    await asyncio.wait_for(writing, 5)
+    ticker.cancel()
+    assert time.monotonic() - started >= 0.3
+    async with engine.connect() as connection:
+        rows = (await connection.execute(text("SELECT v FROM t"))).scalars().all()
+    assert rows == ["after the lock"]
+
+
+async def test_an_inline_transactions_later_statements_and_errors_behave_as_usual(
+    engine: AsyncEngine,
+) -> None:
+    with pytest.raises(exc.IntegrityError):
+        async with inline(engine).begin() as connection:
+            await connection.execute(text("INSERT INTO t (v) VALUES ('x')"))
+            await connection.execute(text("INSERT INTO t (v) VALUES ('x')"))
+    async with inline(engine).begin() as connection:
+        await connection.execute(text("INSERT INTO t (v) VALUES ('y')"))
+        assert (await connection.execute(text("SELECT count(*) FROM t"))).scalar() == 1
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["y"]
+        busy = (await connection.execute(text("PRAGMA busy_timeout"))).scalar()
+    assert busy == 10_000  # set back after the inline BEGIN
