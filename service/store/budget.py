@@ -6,7 +6,9 @@ Taking a place is one short unit of a write transaction (a `GroupCommit` of the 
 the takes of the moment share one short transaction, not the reply side's longer ones, whose
 lock on the row would hold every other process's takes):
 
-1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it);
+1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it),
+   until this process has seen it committed: from then on the row is there, since only
+   windows a day old are pruned;
 2. `UPDATE … SET calls = calls + 1 WHERE calls < limit`: granted when a row was updated.
 
 The conditional UPDATE is atomic (PostgreSQL locks the row and re-checks the condition after
@@ -81,6 +83,7 @@ class ModelCallBudget:
         self._limit = limit
         self._setting = setting  # as configured, for the warning
         self._full_window: dt.datetime | None = None
+        self._known_window: dt.datetime | None = None  # its row committed: no INSERT needed
         # Batches of their own, not the reply side's: on PostgreSQL a take locks the window's one
         # row until its transaction commits, and a long shared batch would hold every other
         # process's takes (and so their batches) behind it.
@@ -97,6 +100,7 @@ class ModelCallBudget:
         taken, first = await self._takes.run(
             functools.partial(self._take_or_refuse, start=start, now=now)
         )
+        self._known_window = start  # committed (a unit that raised would have raised here)
         if taken:
             return True
         self._full_window = start
@@ -129,9 +133,12 @@ class ModelCallBudget:
     ) -> bool:
         assert self._limit is not None
         key = {"w_s": self._limit.window_s, "w_start": start}
-        created = await connection.execute(_CREATE[connection.dialect.name], {**key, "now": now})
-        if created.rowcount:  # the window's first call: forget the old ones
-            await self._prune(connection, start)
+        if start != self._known_window:
+            created = await connection.execute(
+                _CREATE[connection.dialect.name], {**key, "now": now}
+            )
+            if created.rowcount:  # the window's first call: forget the old ones
+                await self._prune(connection, start)
         taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
         return bool(taken.rowcount)
 
