@@ -1,0 +1,81 @@
+"""The statements a reply runs on SQLite use the indexes meant for them.
+
+SQLite plans a statement when it prepares it, from the schema alone until `ANALYZE` has run
+(Parley never runs it): given `conversation_id = ? AND status = ?`, it may pick the index on
+`status`, which is one value for every message still waiting. Under a backlog such a
+statement reads every waiting message of every conversation, and it runs on the event loop's
+thread (`sqlite_dialect`'s inline transactions). This test records every statement of a
+webhook, its reply and a delivery callback, and asks SQLite how it would run each one."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import SettingsFactory, running_app
+from tests.fakes import FakeProviders
+from tests.helpers import eventually, post_twilio, settled, twilio_form
+
+# A status index stands in for a conversation's or a job's: it finds every waiting row.
+WRONG_INDEXES = ("ix_message_status",)
+# Tables whose rows grow with traffic: never read whole.
+GROWING = ("message", "reply_job", "conversation", "assistant_call", "delivery_report")
+
+
+def _plans(path: str, statements: list[tuple[str, Any]]) -> dict[str, list[str]]:
+    """Each distinct statement's query plan, as SQLite would run it now."""
+    database = sqlite3.connect(path)
+    try:
+        plans: dict[str, list[str]] = {}
+        for statement, parameters in statements:
+            if statement in plans or not statement.lstrip().upper().startswith(
+                ("SELECT", "UPDATE", "DELETE", "INSERT")
+            ):
+                continue
+            if isinstance(parameters, list):  # executemany: the first row's
+                parameters = parameters[0] if parameters else ()
+            rows = database.execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+            plans[statement] = [row[-1] for row in rows]
+        return plans
+    finally:
+        database.close()
+
+
+def _wrong(plan: list[str]) -> list[str]:
+    return [
+        step
+        for step in plan
+        if any(index in step for index in WRONG_INDEXES)
+        or any(step.startswith(f"SCAN {table}") and "USING" not in step for table in GROWING)
+    ]
+
+
+async def test_a_replys_statements_use_their_indexes(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders, database_url: str
+) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's planner without statistics; PostgreSQL keeps its own")
+    seen: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        async with running_app(make_settings(worker_poll_s=0.05)) as client:
+            for body in ("hello", "and again"):
+                response = await post_twilio(client, twilio_form(Body=body))
+                assert response.status_code == 200
+                await eventually(lambda: settled(engine), timeout=10)
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert len(providers.twilio_sent) == 2
+    plans = _plans(database_url.split("///", 1)[1], seen)
+    assert len(plans) >= 10  # the webhook's, the claim's and the reply's statements
+    wrong = {statement: _wrong(plan) for statement, plan in plans.items() if _wrong(plan)}
+    assert not wrong, wrong
