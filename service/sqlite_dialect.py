@@ -236,7 +236,8 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
 
     def rollback(self) -> None:
         self.inline = False
-        if self.take_begin() is None:
+        # After a commit, the pool's reset on return rolls back nothing: no trip for it.
+        if self.take_begin() is None and self._connection._conn.in_transaction:
             super().rollback()
 
 
