@@ -18,8 +18,8 @@ each trip is a future, a put on the thread's queue and a wake-up of the event lo
 another thread, and on a virtual machine whose other vCPU is idle that wake-up costs more than
 the statement (9.0 ms of CPU a reply unpinned, 6.0 pinned to one CPU). A transaction begun with
 the `db.INLINE` execution option (`db.inline(engine)`: the reply jobs' units, the webhooks'
-batches, the claims; each a few small statements on indexes) runs its statements on the event
-loop's own thread instead: 4.1 ms a reply, pinned or not. What could make such a statement
+batches, the lease renewals; each a few small statements on indexes) runs its statements on
+the event loop's own thread instead: 4.1 ms a reply, pinned or not. What could make such a statement
 slow is kept off the loop:
 
 - waiting for a lock: only a transaction's first statement can (a `BEGIN IMMEDIATE` queuing
@@ -27,8 +27,8 @@ slow is kept off the loop:
   timeout at zero, and if SQLite answers "busy" it is run again in the thread, which waits;
 - a checkpoint (the WAL copied into the database file, with a sync): SQLite runs it in the
   COMMIT, and COMMIT and ROLLBACK still make their trip to the thread;
-- statements that may scan (the API's listings, `/metrics`' counts, a cascading delete) are
-  not in inline transactions: they keep their trip.
+- statements that may scan (the claims, which read the whole queue; the API's listings,
+  `/metrics`' counts, a cascading delete) are not in inline transactions: they keep their trip.
 
 It relies on one private method of aiosqlite, `Connection._execute(fn, *args)` (queue `fn` for
 the connection's thread and await its result), and on its `_conn`, the `sqlite3.Connection`
@@ -102,7 +102,8 @@ def _run_inline(
     try:
         return statement(raw, begin, operation, parameters)  # type: ignore[no-any-return]
     except sqlite3.OperationalError as error:
-        if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+        # Not every OperationalError carries a code (a column that is not UTF-8 has none).
+        if getattr(error, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
             raise
         return None
     finally:

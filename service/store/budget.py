@@ -134,13 +134,19 @@ class ModelCallBudget:
         assert self._limit is not None
         key = {"w_s": self._limit.window_s, "w_start": start}
         if start != self._known_window:
-            created = await connection.execute(
-                _CREATE[connection.dialect.name], {**key, "now": now}
-            )
-            if created.rowcount:  # the window's first call: forget the old ones
-                await self._prune(connection, start)
+            await self._create(connection, key, now)
         taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
+        if not taken.rowcount and start == self._known_window:
+            # Full, or the row is gone (deleted by an operator, a restored database): make it
+            # again if need be, rather than refuse every call until the window ends.
+            await self._create(connection, key, now)
+            taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
         return bool(taken.rowcount)
+
+    async def _create(self, connection: AsyncConnection, key: dict[str, Any], now: Any) -> None:
+        created = await connection.execute(_CREATE[connection.dialect.name], {**key, "now": now})
+        if created.rowcount:  # the window's first call: forget the old ones
+            await self._prune(connection, key["w_start"])
 
     async def _mark_warned(
         self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime

@@ -12,9 +12,9 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Insert, delete, exists, func, update
+from sqlalchemy import Insert, Table, delete, exists, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -53,9 +53,37 @@ class Recorded:
         return self.message_id is None
 
 
-def _insert(connection: AsyncConnection, table: Any) -> Insert:
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)  # type: ignore[no-any-return]
+_T_CONVERSATION = cast(Table, Conversation.__table__)
+_T_MESSAGE = cast(Table, Message.__table__)
+
+
+def _upsert_conversations(dialect: Any) -> Insert:
+    """Find or create conversations: touch `updated_at`, keep a display name once known."""
+    stmt = dialect.insert(_T_CONVERSATION)
+    c = _T_CONVERSATION.c
+    return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+        index_elements=["channel", "remote_address", "local_address"],
+        set_={
+            "updated_at": stmt.excluded.updated_at,
+            "display_name": func.coalesce(stmt.excluded.display_name, c.display_name),
+        },
+    ).returning(c.id, c.channel, c.remote_address, c.local_address, c.opted_out, c.paused)
+
+
+def _insert_new_messages(dialect: Any) -> Insert:
+    """The unique (channel, provider id) constraint is the dedupe: a redelivery is skipped."""
+    c = _T_MESSAGE.c
+    return (  # type: ignore[no-any-return]
+        dialect.insert(_T_MESSAGE)
+        .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])
+        .returning(c.id, c.channel, c.provider_message_id)
+    )
+
+
+# Built once per dialect: a batch only binds its rows (building one costs more than running it).
+_DIALECTS = (("postgresql", postgresql), ("sqlite", sqlite))
+_UPSERT_CONVERSATIONS = {name: _upsert_conversations(d) for name, d in _DIALECTS}
+_INSERT_NEW_MESSAGES = {name: _insert_new_messages(d) for name, d in _DIALECTS}
 
 
 def _key(inbound: Inbound) -> ConversationKey:
@@ -87,26 +115,7 @@ async def upsert_conversations(
         }
         for key, inbound in first_of.items()
     ]
-    table = Conversation.__table__
-    stmt = _insert(connection, table)
-    stmt = stmt.on_conflict_do_update(  # type: ignore[attr-defined]
-        index_elements=["channel", "remote_address", "local_address"],
-        set_={
-            "updated_at": stmt.excluded.updated_at,  # type: ignore[attr-defined]
-            "display_name": func.coalesce(
-                stmt.excluded.display_name,  # type: ignore[attr-defined]
-                table.c.display_name,
-            ),
-        },
-    ).returning(
-        table.c.id,
-        table.c.channel,
-        table.c.remote_address,
-        table.c.local_address,
-        table.c.opted_out,
-        table.c.paused,
-    )
-    result = await connection.execute(stmt, rows)
+    result = await connection.execute(_UPSERT_CONVERSATIONS[connection.dialect.name], rows)
     return {(r.channel, r.remote_address, r.local_address): r for r in result}
 
 
@@ -150,13 +159,7 @@ async def insert_new_messages(
         }
         for inbound, conversation_id in zip(inbounds, conversation_ids, strict=True)
     ]
-    table = Message.__table__
-    stmt = (
-        _insert(connection, table)
-        .on_conflict_do_nothing(index_elements=["channel", "provider_message_id"])  # type: ignore[attr-defined]
-        .returning(table.c.id, table.c.channel, table.c.provider_message_id)
-    )
-    result = await connection.execute(stmt, rows)
+    result = await connection.execute(_INSERT_NEW_MESSAGES[connection.dialect.name], rows)
     return {(r.channel, r.provider_message_id): r.id for r in result}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import utcnow
@@ -160,6 +160,27 @@ async def test_a_new_window_starts_afresh_and_old_windows_are_pruned(
         (today - dt.timedelta(days=1), 2),
         (today, 1),
     ]
+
+
+async def test_a_window_row_deleted_meanwhile_is_made_again_not_read_as_full(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A process that has seen the window's row stops inserting it; an operator who deletes
+    it (to reset the budget) gets a fresh count, not every call refused until midnight."""
+    async with running_app(make_settings(model_calls_limit="2/day", **FAST)) as client:
+        await text_from(client, 1)
+        await eventually(lambda: settled(engine))
+        async with engine.begin() as connection:
+            await connection.execute(delete(ModelCallWindow))
+        for n in (2, 3, 4):
+            await text_from(client, n)
+            await eventually(lambda: settled(engine))
+
+    assert len(providers.openai_requests) == 3
+    assert await statuses(engine) == ["answered"] * 3 + ["rate_limited"]
+    async with engine.connect() as connection:
+        calls = (await connection.execute(select(ModelCallWindow.calls))).scalars().all()
+    assert calls == [2]
 
 
 async def test_zero_means_unlimited_and_touches_no_ledger(
