@@ -11,9 +11,9 @@ one transaction and commits once.
 a time, while the next items gather; each caller gets its result only once its batch has
 committed. A batch that fails is written again one item at a time when one item may be to
 blame, so a bad item fails alone and its neighbours are stored as if alone. A caller that is
-cancelled while it waits does not take its item out of the batch (its future is shielded):
-the batch task alone decides what is written, so a cancellation never leaves a batch half
-done. The task exists only while there is work: an idle process holds no task and no
+cancelled while it waits does not take its item out of the batch (only its future is
+cancelled): the batch task alone decides what is written, so a cancellation never leaves a
+batch half done. The task exists only while there is work: an idle process holds no task and no
 connection, and there is nothing to start or stop.
 
 `GroupCommit` is the batcher whose items are units of work, `async (AsyncConnection) -> T`:
@@ -99,11 +99,9 @@ class Batcher(Generic[ItemT, ResultT]):
         self._waiting.append(_Pending(item, future))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=self._name)
-        try:
-            return await asyncio.shield(future)  # a cancelled caller must not undo its batch
-        except asyncio.CancelledError:
-            future.add_done_callback(_unheard)
-            raise
+        # A cancelled caller cancels only its future: its item stays in the batch, which the
+        # batch task alone writes (`_settle` skips a future that is done already).
+        return await future
 
     async def drained(self) -> None:
         """Return once everything submitted so far is written."""
@@ -137,12 +135,6 @@ class Batcher(Generic[ItemT, ResultT]):
             return
         for pending, result in zip(batch, results, strict=True):
             _settle(pending.future, result)
-
-
-def _unheard(future: asyncio.Future[Any]) -> None:
-    """Its caller was cancelled: nobody will read the outcome (no "never retrieved" warning)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _settle(future: asyncio.Future[T], outcome: T | BaseException) -> None:

@@ -35,6 +35,9 @@ class Template:
     variables: dict[str, str]
 
 
+_FORM_HEADERS = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+
+
 class _RetryAfterHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
     async def request(self, *args: Any, **kwargs: Any) -> TwilioResponse:
         response = await super().request(*args, **kwargs)
@@ -60,20 +63,27 @@ class TwilioRest:
         self._http = _RetryAfterHttpClient()
         self._client = Client(account_sid, auth_token, http_client=self._http)
         self._client.api.base_url = api_base_url.rstrip("/")
+        # Sends go through the API version's own `create_async`, as the generated
+        # `messages.create_async` does, without building a `MessageInstance` of ~30 parsed
+        # fields (dates, prices) of which Parley reads two: ~0.1 ms of CPU a reply.
+        self._api = self._client.api.v2010
+        self._messages_uri = f"/Accounts/{account_sid}/Messages.json"
 
     async def send(self, outbound: Outbound, template: Template | None = None) -> SendResult:
         """Send `outbound`'s body, or instead the approved `template` (no body)."""
-        params: dict[str, Any] = {"to": outbound.to, "from_": outbound.from_}
+        data: dict[str, object] = {"To": outbound.to, "From": outbound.from_}
         if template is None:
-            params["body"] = outbound.body
+            data["Body"] = outbound.body
         else:
-            params["content_sid"] = template.content_sid
-            params["content_variables"] = json.dumps(template.variables)
+            data["ContentSid"] = template.content_sid
+            data["ContentVariables"] = json.dumps(template.variables)
         if self._status_callback:
-            params["status_callback"] = self._status_callback
+            data["StatusCallback"] = self._status_callback
         try:
             async with asyncio.timeout(self._timeout_s):
-                message = await self._client.messages.create_async(**params)
+                message = await self._api.create_async(
+                    method="POST", uri=self._messages_uri, data=data, headers=_FORM_HEADERS
+                )
         except TwilioRestException as exc:
             raise _send_error(exc) from exc
         except TimeoutError as exc:
@@ -84,7 +94,13 @@ class TwilioRest:
             raise SendError(
                 f"connection to Twilio lost: {exc}", retryable=True, ambiguous=True
             ) from exc
-        return SendResult(message.sid, TWILIO_STATUS.get(str(message.status), Delivery.QUEUED))
+        sid = message.get("sid") if isinstance(message, dict) else None
+        if not sid:  # accepted, yet no id to look it up by: whether it went out is unknown
+            raise SendError(
+                "Twilio accepted a message without its sid", retryable=True, ambiguous=True
+            )
+        status = TWILIO_STATUS.get(str(message.get("status")), Delivery.QUEUED)
+        return SendResult(str(sid), status)
 
     async def find_sent(
         self, outbound: Outbound, since: dt.datetime, any_body: bool = False
