@@ -123,7 +123,12 @@ class Message(Base):
     `Delivery` for the assistant's."""
 
     __tablename__ = "message"
-    __table_args__ = (UniqueConstraint("channel", "provider_message_id"),)
+    __table_args__ = (
+        UniqueConstraint("channel", "provider_message_id"),
+        # A reply's state read asks when the person last wrote: one index seek, however long
+        # the conversation (it runs on the event loop's thread: `db.inline`).
+        Index("ix_message_conversation_sender_time", "conversation_id", "sender", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(
@@ -158,6 +163,10 @@ class AssistantCall(Base):
     """One call to the model: what was asked, what it cost, how long it took, how it ended."""
 
     __tablename__ = "assistant_call"
+    # The rate limit counts a conversation's recent calls: a range, not all its calls.
+    __table_args__ = (
+        Index("ix_assistant_call_conversation_time", "conversation_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(

@@ -105,3 +105,9 @@ async def test_a_replys_statements_use_their_indexes(
         statement: bad for statement, plan in plans.items() if (bad := _wrong(statement, plan))
     }
     assert not wrong, wrong
+    # The reply's state read: when the person last wrote and the recent calls, each a seek or
+    # a range, not every message or call of the conversation.
+    [state_read] = [plan for statement, plan in plans.items() if "last_inbound_at" in statement]
+    steps = " ".join(state_read)
+    assert "ix_message_conversation_sender_time" in steps, state_read
+    assert "ix_assistant_call_conversation_time (conversation_id=? AND created_at>?)" in steps
