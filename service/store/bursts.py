@@ -11,24 +11,28 @@ arrived (which then gets its own reply, after this one) or dropped, its call rec
 
 from __future__ import annotations
 
-from typing import Any
-
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import reader, unindexed
 from service.models import AssistantCall, Message
 from service.types import CallStatus, InboundState, Intent, Sender
 
-
-def _newer_waiting(conversation_id: int, after_id: int) -> tuple[Any, ...]:
-    return (
-        Message.conversation_id == conversation_id,
-        Message.id > after_id,
-        Message.sender == Sender.USER.value,
-        Message.intent == Intent.MESSAGE.value,
-        unindexed(Message.status) == InboundState.RECEIVED.value,  # the conversation's index
-    )
+# Built once (every interruptible answer checks): a call only binds the conversation and id.
+_NEWER_WAITING = (
+    Message.conversation_id == bindparam("conversation_id"),
+    Message.id > bindparam("after_id"),
+    Message.sender == Sender.USER.value,
+    Message.intent == Intent.MESSAGE.value,
+    unindexed(Message.status) == InboundState.RECEIVED.value,  # the conversation's index
+)
+_FIRST_NEWER = select(Message.id).where(*_NEWER_WAITING).limit(1)
+_ALL_NEWER = select(Message.id).where(*_NEWER_WAITING).order_by(Message.id)
+_SUPERSEDE_CALL = (
+    update(AssistantCall)
+    .where(AssistantCall.id == bindparam("call_id"))
+    .values(status=CallStatus.SUPERSEDED.value)
+)
 
 
 async def interrupted(
@@ -38,16 +42,12 @@ async def interrupted(
     whether a newer one waits. If so the answer is not stored and its call (`call_id`) is
     recorded `superseded`, in the same transaction."""
     newer = await connection.scalar(
-        select(Message.id).where(*_newer_waiting(conversation_id, after_id)).limit(1)
+        _FIRST_NEWER, {"conversation_id": conversation_id, "after_id": after_id}
     )
     if newer is None:
         return False
     if call_id is not None:
-        await connection.execute(
-            update(AssistantCall)
-            .where(AssistantCall.id == call_id)
-            .values(status=CallStatus.SUPERSEDED.value)
-        )
+        await connection.execute(_SUPERSEDE_CALL, {"call_id": call_id})
     return True
 
 
@@ -57,8 +57,6 @@ async def newer_waiting(engine: AsyncEngine, conversation_id: int, after_id: int
     async with reader(engine).connect() as connection:
         return list(
             await connection.scalars(
-                select(Message.id)
-                .where(*_newer_waiting(conversation_id, after_id))
-                .order_by(Message.id)
+                _ALL_NEWER, {"conversation_id": conversation_id, "after_id": after_id}
             )
         )
