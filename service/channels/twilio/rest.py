@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from twilio.base.exceptions import TwilioRestException
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
@@ -82,10 +82,22 @@ class TwilioRest:
         try:
             async with asyncio.timeout(self._timeout_s):
                 message = await self._api.create_async(
-                    method="POST", uri=self._messages_uri, data=data, headers=_FORM_HEADERS
+                    # A copy: the SDK adds its own headers to the dict it is given.
+                    method="POST",
+                    uri=self._messages_uri,
+                    data=data,
+                    headers=dict(_FORM_HEADERS),
                 )
         except TwilioRestException as exc:
-            raise _send_error(exc) from exc
+            raise _send_error(int(exc.status or 0), exc.code, exc.msg) from exc
+        except TwilioServiceException as exc:  # an RFC 9457 problem body: same meaning
+            raise _send_error(int(exc.status or 0), exc.code, exc.detail or exc.title) from exc
+        except json.JSONDecodeError as exc:  # accepted, with a body that says nothing
+            raise SendError(
+                "Twilio accepted the message with an unreadable answer",
+                retryable=True,
+                ambiguous=True,
+            ) from exc
         except TimeoutError as exc:
             raise SendError.no_answer("Twilio") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -125,10 +137,9 @@ class TwilioRest:
         await self._http.close()
 
 
-def _send_error(exc: TwilioRestException) -> SendError:
-    status = int(exc.status or 0)
-    code = int(exc.code) if exc.code else None
-    text = f"Twilio {status}" + (f" error {code}" if code else "") + f": {exc.msg}"
+def _send_error(status: int, raw_code: object, message: object) -> SendError:
+    code = int(str(raw_code)) if str(raw_code or "").isdigit() else None
+    text = f"Twilio {status}" + (f" error {code}" if code else "") + f": {message}"
     if code == UNSUBSCRIBED_RECIPIENT:
         return RecipientOptedOut(text, code=code)
     if is_retryable_status(status):
