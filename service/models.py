@@ -208,7 +208,11 @@ class ReplyJob(Base):
     """Pending work for one message: the only truth about what the worker still owes."""
 
     __tablename__ = "reply_job"
-    __table_args__ = (Index("ix_reply_job_due", "status", "run_after"),)
+    __table_args__ = (
+        Index("ix_reply_job_due", "status", "run_after"),
+        # A conversation's queued jobs (the debounce, a claim): not every job it ever had.
+        Index("ix_reply_job_conversation_status", "conversation_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(

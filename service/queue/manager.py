@@ -90,8 +90,8 @@ async def _reschedule_waiting(
     scheduled = {job.conversation_id for job in jobs} if debounce.on else at_once
     if not scheduled:
         return {}
-    # By the conversations' index, not the status index (every queued job): `unindexed`.
-    waiting = unindexed(ReplyJob.status) == JobStatus.QUEUED.value, ReplyJob.attempts == 0
+    # By (conversation, status): neither every queued job nor every job of the conversation.
+    waiting = ReplyJob.status == JobStatus.QUEUED.value, ReplyJob.attempts == 0
     oldest = {
         row.conversation_id: _aware(row.oldest)
         for row in await connection.execute(
@@ -301,10 +301,11 @@ class JobManager:
         self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
     ) -> Update:
         query = update(ReplyJob).where(
-            unindexed(ReplyJob.status) == JobStatus.QUEUED.value,  # the conversations' index
+            ReplyJob.status == JobStatus.QUEUED.value,  # by (conversation, status)
             ReplyJob.conversation_id.in_(conversations),
             # A message committed since `_claimable` read is not due yet (its burst's quiet).
-            ReplyJob.run_after <= now,
+            # Not by the due index (every due job of every conversation): `unindexed`.
+            unindexed(ReplyJob.run_after) <= now,
         )
         if connection.dialect.name == "postgresql":
             # Run once the conversation locks are held, so its snapshot holds every claim that

@@ -54,11 +54,14 @@ def _wrong(statement: str, plan: list[str]) -> list[str]:
     Statements that are about the whole queue (a claim) may go by status: they are not run
     in inline transactions."""
     by_conversation = "conversation_id = ?" in statement or "conversation_id IN (" in statement
+    # A conversation's queued jobs by its index alone: every job it ever had (done ones stay).
+    every_job = "reply_job.status" in statement and "reply_job.conversation_id IN (" in statement
     return [
         step
         for step in plan
         if any(step.startswith(f"SCAN {table}") for table in GROWING)
         or (by_conversation and any(marker in step for marker in BY_STATUS))
+        or (every_job and "ix_reply_job_conversation_id " in step)
     ]
 
 
