@@ -138,12 +138,11 @@ def unindexed(column: Any) -> Any:
     """`column` as an expression SQLite's planner cannot look up in the column's own index.
 
     For a test on a column of few values (a status), or a range (a due time), beside a
-    selective one (a conversation):
-    SQLite plans from the schema alone (Parley never runs `ANALYZE`) and may pick the status
-    index, which holds every waiting row of every conversation, over the conversation's, which
-    holds a handful. The statements of inline transactions must not (`inline`);
-    tests/acceptance/test_query_plans.py asks SQLite for their plans. `coalesce(c, c)` is `c`
-    on every database, of its own type."""
+    selective one (a conversation): SQLite plans from the schema alone (Parley never runs
+    `ANALYZE`) and may pick the status index, which holds every waiting row of every
+    conversation, over the conversation's, which holds a handful. The statements of inline
+    transactions must not (`inline`); tests/acceptance/test_query_plans.py asks SQLite for
+    their plans. `coalesce(c, c)` is `c` on every database, of its own type."""
     return func.coalesce(column, column)
 
 

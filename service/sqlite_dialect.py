@@ -19,8 +19,9 @@ another thread, and on a virtual machine whose other vCPU is idle that wake-up c
 the statement (9.0 ms of CPU a reply unpinned, 6.0 pinned to one CPU). A transaction begun with
 the `db.INLINE` execution option (`db.inline(engine)`: the reply jobs' units, the webhooks'
 batches, the lease renewals; each a few small statements on indexes) runs its statements on
-the event loop's own thread instead: 4.1 ms a reply, pinned or not. What could make such a statement
-slow is kept off the loop:
+the event loop's own thread instead (4.6 ms a reply unpinned, 4.0 pinned, in that first step;
+README "Performance" has the figures since). What could make such a statement slow is kept
+off the loop:
 
 - waiting for a lock: only a transaction's first statement can (a `BEGIN IMMEDIATE` queuing
   for the write lock, or a reader's first read meeting a WAL recovery); it runs with the busy
