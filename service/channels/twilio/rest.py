@@ -81,12 +81,9 @@ class TwilioRest:
             data["StatusCallback"] = self._status_callback
         try:
             async with asyncio.timeout(self._timeout_s):
+                # The headers a copy: the SDK adds its own to the dict it is given.
                 message = await self._api.create_async(
-                    # A copy: the SDK adds its own headers to the dict it is given.
-                    method="POST",
-                    uri=self._messages_uri,
-                    data=data,
-                    headers=dict(_FORM_HEADERS),
+                    method="POST", uri=self._messages_uri, data=data, headers=dict(_FORM_HEADERS)
                 )
         except TwilioRestException as exc:
             raise _send_error(int(exc.status or 0), exc.code, exc.msg) from exc
