@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import event, func, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -44,6 +46,7 @@ INLINE = "parley_inline"  # execution option: a few small statements on indexes 
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
 POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
 _readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
+T = TypeVar("T")
 
 
 def utcnow() -> dt.datetime:
@@ -144,6 +147,13 @@ def unindexed(column: Any) -> Any:
     transactions must not (`inline`); tests/acceptance/test_query_plans.py asks SQLite for
     their plans. `coalesce(c, c)` is `c` on every database, of its own type."""
     return func.coalesce(column, column)
+
+
+def per_dialect(build: Callable[[Any], T]) -> dict[str, T]:
+    """`build(dialect)` for each database Parley runs on, keyed by dialect name: statements
+    with a dialect's own `INSERT … ON CONFLICT`, built once at import and picked by
+    `connection.dialect.name`, so a call only binds its values."""
+    return {"postgresql": build(postgresql), "sqlite": build(sqlite)}
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -163,11 +163,13 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
 
     def _trip(self, statement: Any, operation: Any, parameters: Any) -> _Outcome:
         try:
-            return await_(self._in_thread(statement, operation, parameters))
+            return await_(self._run(statement, operation, parameters))
         except Exception as error:  # noqa: BLE001  translated and raised, as the stock cursor does
             self._adapt_connection._handle_exception(error)
 
-    async def _in_thread(self, statement: Any, operation: Any, parameters: Any) -> _Outcome:
+    async def _run(self, statement: Any, operation: Any, parameters: Any) -> _Outcome:
+        """The statement's outcome: run here in an inline transaction (unless SQLite would
+        have it wait for a lock), else on one trip to aiosqlite's thread."""
         adapt_connection = self._adapt_connection
         async with adapt_connection._execute_mutex:
             begin = adapt_connection.take_begin()

@@ -31,10 +31,9 @@ import logging
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Table, bindparam, delete, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import utcnow
+from service.db import per_dialect, utcnow
 from service.group_commit import GroupCommit
 from service.models import ModelCallWindow
 from service.settings import RateLimit
@@ -46,17 +45,18 @@ KEEP_HISTORY = dt.timedelta(days=1)  # windows older than this (and than one win
 _WINDOWS = cast(Table, ModelCallWindow.__table__)
 _W = _WINDOWS.c
 # Built once (every model call takes a place): the window's row, then the conditional UPDATE.
-_CREATE: dict[str, Any] = {
-    name: dialect.insert(_WINDOWS)
-    .values(
-        window_s=bindparam("w_s"),
-        window_start=bindparam("w_start"),
-        calls=0,
-        created_at=bindparam("now"),
+_CREATE: dict[str, Any] = per_dialect(
+    lambda dialect: (
+        dialect.insert(_WINDOWS)
+        .values(
+            window_s=bindparam("w_s"),
+            window_start=bindparam("w_start"),
+            calls=0,
+            created_at=bindparam("now"),
+        )
+        .on_conflict_do_nothing()
     )
-    .on_conflict_do_nothing()
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+)
 _TAKE = (
     update(_WINDOWS)
     .where(

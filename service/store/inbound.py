@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Insert, Table, delete, exists, func, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import inline, utcnow
+from service.db import inline, per_dialect, utcnow
 from service.group_commit import Batcher, once_more_if_dead
 from service.media import history_text
 from service.models import (
@@ -81,9 +80,8 @@ def _insert_new_messages(dialect: Any) -> Insert:
 
 
 # Built once per dialect: a batch only binds its rows (building one costs more than running it).
-_DIALECTS = (("postgresql", postgresql), ("sqlite", sqlite))
-_UPSERT_CONVERSATIONS = {name: _upsert_conversations(d) for name, d in _DIALECTS}
-_INSERT_NEW_MESSAGES = {name: _insert_new_messages(d) for name, d in _DIALECTS}
+_UPSERT_CONVERSATIONS = per_dialect(_upsert_conversations)
+_INSERT_NEW_MESSAGES = per_dialect(_insert_new_messages)
 
 
 def _key(inbound: Inbound) -> ConversationKey:
