@@ -13,7 +13,9 @@ without burning CPU, instead of each taking a connection and sleeping in SQLite'
 the lock free only by luck between back-to-back batches: a reviewer measured webhooks waiting
 seconds, then failing "database is locked"). The reply jobs' writes go through the engine's
 group commit (`service/group_commit.py`), one checkout a batch, so a webhook's batch waits
-behind at most the batch in progress. Readers have a pool of their own (`reader`). On
+behind at most the batch in progress; and the hot path's transactions (`inline`,
+`begin_inline`) hold the connection only while they run, never across a turn of the event
+loop. Readers have a pool of their own (`reader`). On
 PostgreSQL the pool is sized from the worker's concurrency (`settings.pool_size`); the group
 commit holds one connection a batch, never during a model call or a send, so a few
 connections serve hundreds of jobs in flight. There is no pre-ping: a connection that broke
@@ -23,15 +25,18 @@ failure (the group commit tries its batch once more); the pool replaces the conn
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import event, func, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -100,20 +105,23 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # The dialect checkpoints every so many commits, in aiosqlite's thread (`sqlite_dialect`):
+        # SQLite's own would run in whichever COMMIT it falls on, some of them on the loop's.
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        begin = (
-            "BEGIN DEFERRED"
-            if connection.get_execution_options().get(READ_ONLY)
-            else "BEGIN IMMEDIATE"
-        )
+        options = connection.get_execution_options()
+        read_only = bool(options.get(READ_ONLY))
         driver = connection.connection.dbapi_connection
         # Every SQLite engine here is aiosqlite's, so the one-trip dialect's (`_sqlite_engine`).
         assert isinstance(driver, sqlite_dialect.OneTripConnection)
-        inline = bool(connection.get_execution_options().get(INLINE))
-        driver.begin_with_next_statement(begin, inline=inline)  # no trip of its own
+        driver.begin_with_next_statement(  # no trip of its own
+            "BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE",
+            inline=bool(options.get(INLINE)),
+            writes=not read_only,
+        )
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:
@@ -135,6 +143,36 @@ def inline(engine: AsyncEngine) -> AsyncEngine:
     (`sqlite_dialect`); elsewhere it changes nothing. A statement that may scan a table does
     not belong in one: it would hold the loop for as long as it runs."""
     return engine.execution_options(**{INLINE: True})
+
+
+@contextlib.asynccontextmanager
+async def connect_inline(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """`inline(engine).connect()`, whose connection goes back to the pool the moment the block
+    ends well. SQLAlchemy's own `connect()` block closes the connection in a task of its own,
+    so that a cancellation cannot cut the close short; on SQLite's one writer connection that
+    kept it checked out for another turn of the event loop after the COMMIT, with every other
+    writer of the process queued for it. After an inline transaction the close makes no trip
+    (there is nothing to roll back) and cannot be cut short, so it is awaited here; after an
+    error it is shielded, as SQLAlchemy's is. PostgreSQL keeps SQLAlchemy's block (its pool's
+    reset on return is a round trip)."""
+    if engine.dialect.name != "sqlite":
+        async with engine.connect() as connection:
+            yield connection
+        return
+    connection = await inline(engine).connect().start()
+    try:
+        yield connection
+    except BaseException:
+        await asyncio.shield(connection.close())
+        raise
+    await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def begin_inline(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """`inline(engine).begin()`: a transaction on `connect_inline`'s connection."""
+    async with connect_inline(engine) as connection, connection.begin():
+        yield connection
 
 
 def unindexed(column: Any) -> Any:

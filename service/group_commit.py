@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import inline, reader
+from service.db import connect_inline, reader
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -185,7 +185,7 @@ class GroupCommit:
     async def _transaction(self, units: list[Unit[Any]]) -> list[Any]:
         engine = self._engine()
         assert engine is not None, "the engine is gone while its units run"
-        async with inline(reader(engine) if self._reads else engine).connect() as connection:
+        async with connect_inline(reader(engine) if self._reads else engine) as connection:
             transaction = await connection.begin()
             try:
                 results = [await unit(connection) for unit in units]

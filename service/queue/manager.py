@@ -12,7 +12,9 @@ Claims never wait for one another on PostgreSQL: a claim locks the conversation 
 (`FOR NO KEY UPDATE SKIP LOCKED`, which leaves the foreign-key locks of a concurrent intake
 alone), so concurrent claimers in many processes take disjoint conversations, and its UPDATE,
 run after the locks are held, sees every claim committed before them and skips a conversation
-that has a job running. On SQLite the database's single writer lock serialises claims.
+that has a job running. On SQLite, whose one write lock every writer of the process queues
+for, a claim reads the claimable conversations on a reader and then takes them in a short
+write that asks again whether each job still may be taken.
 
 One claim takes up to the worker's free capacity of conversations in two statements (plus the
 lease requeue), so its cost is shared by many jobs.
@@ -25,13 +27,13 @@ import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
-from service.db import inline, reader, unindexed, utcnow
+from service.db import begin_inline, reader, unindexed, utcnow
 from service.group_commit import group_commit
 from service.models import Conversation, ReplyJob
 from service.queue.debounce import OFF, Debounce
@@ -278,52 +280,81 @@ class JobManager:
         """Up to `max_conversations` conversations with due jobs, each with all its jobs."""
         if max_conversations < 1:
             return []
-        # Not inline: finding the claimable conversations reads the whole queue (a backlog of
-        # 20,000 jobs: ~20 ms), which must not hold the event loop.
+        if self._engine.dialect.name == "sqlite":
+            return await self._claim_beside_the_writer(max_conversations)
         async with self._engine.begin() as connection:
             now = utcnow()
             await self._requeue_expired(connection, now)
             conversations = await self._claimable(connection, now, max_conversations)
             if not conversations:
                 return []
-            result = await connection.execute(
-                self._claim_statement(connection, conversations, now).returning(
-                    ReplyJob.id,
-                    ReplyJob.conversation_id,
-                    ReplyJob.message_id,
-                    ReplyJob.attempts,
-                )
-            )
-            rows = sorted(result, key=lambda r: r.id)
+            rows = await self._take(connection, conversations, now)
         return _group(rows, self.owner)
 
-    def _claim_statement(
+    async def _claim_beside_the_writer(self, max_conversations: int) -> list[Claim]:
+        """SQLite's claim. Finding the claimable conversations reads the whole queue (a backlog
+        of 20,000 jobs: ~20 ms), which must hold neither the event loop nor the one write lock
+        that every writer of the process queues for. So it is read on a reader, in aiosqlite's
+        thread, and the conversations are then taken in a short inline write whose UPDATE asks
+        again, job by job, what the read saw (queued, due, nothing of its conversation
+        running): what changed in between (another process's claim, a newer message whose
+        quiet time moved its conversation's jobs) is skipped, not taken."""
+        now = utcnow()
+        async with reader(self._engine).connect() as connection:
+            expired = await self._leases_expired(connection, now)
+            conversations = await self._claimable(connection, now, max_conversations)
+        if expired:  # rare (a process died): queued again, then read again to be claimed now
+            async with begin_inline(self._engine) as connection:
+                await self._requeue_expired(connection, now)
+            async with reader(self._engine).connect() as connection:
+                conversations = await self._claimable(connection, now, max_conversations)
+        if not conversations:
+            return []
+        async with begin_inline(self._engine) as connection:
+            rows = await self._take(connection, conversations, now)
+        return _group(rows, self.owner)
+
+    async def _take(
         self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
-    ) -> Update:
-        query = update(ReplyJob).where(
-            ReplyJob.status == JobStatus.QUEUED.value,  # by (conversation, status)
-            ReplyJob.conversation_id.in_(conversations),
-            # A message committed since `_claimable` read is not due yet (its burst's quiet).
-            # Not by the due index (every due job of every conversation): `unindexed`.
-            unindexed(ReplyJob.run_after) <= now,
-        )
-        if connection.dialect.name == "postgresql":
-            # Run once the conversation locks are held, so its snapshot holds every claim that
-            # committed before: a conversation another worker just took is skipped.
-            other = aliased(ReplyJob)
-            query = query.where(
+    ) -> list[Any]:
+        """Lease the conversations' due jobs to this worker; the rows, oldest first."""
+        other = aliased(ReplyJob)
+        statement = (
+            update(ReplyJob)
+            .where(
+                ReplyJob.status == JobStatus.QUEUED.value,  # by (conversation, status)
+                ReplyJob.conversation_id.in_(conversations),
+                # A message committed since `_claimable` read is not due yet (its burst's
+                # quiet). Not by the due index (every due job of every conversation).
+                unindexed(ReplyJob.run_after) <= now,
+                # Asked again here: on PostgreSQL this runs once the conversation locks are
+                # held, so its snapshot holds every claim committed before them; on SQLite the
+                # conversations were read before the write lock was taken.
                 ~exists().where(
                     other.conversation_id == ReplyJob.conversation_id,
                     other.status == JobStatus.RUNNING.value,
-                )
+                ),
             )
-        return query.values(
-            status=JobStatus.RUNNING.value,
-            lease_owner=self.owner,
-            lease_expires_at=self._lease_end(),
-            attempts=ReplyJob.attempts + 1,
-            updated_at=now,
+            .values(
+                status=JobStatus.RUNNING.value,
+                lease_owner=self.owner,
+                lease_expires_at=self._lease_end(),
+                attempts=ReplyJob.attempts + 1,
+                updated_at=now,
+            )
+            .returning(
+                ReplyJob.id, ReplyJob.conversation_id, ReplyJob.message_id, ReplyJob.attempts
+            )
         )
+        return sorted(await connection.execute(statement), key=lambda r: r.id)
+
+    @staticmethod
+    async def _leases_expired(connection: AsyncConnection, now: dt.datetime) -> bool:
+        running_past_lease = exists().where(
+            ReplyJob.status == JobStatus.RUNNING.value,  # by the due index: the running jobs
+            ReplyJob.lease_expires_at < now,
+        )
+        return bool(await connection.scalar(select(running_past_lease)))
 
     async def _requeue_expired(self, connection: AsyncConnection, now: dt.datetime) -> None:
         """Jobs whose worker died are queued again; rows another claimer is requeueing right
@@ -372,7 +403,7 @@ class JobManager:
         """Extend the leases of these running jobs, where this worker still holds them."""
         if not job_ids:
             return 0
-        async with inline(self._engine).begin() as connection:
+        async with begin_inline(self._engine) as connection:
             result = await connection.execute(
                 update(ReplyJob)
                 .where(

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service import storable
 from service.conversation import summary_of
-from service.db import inline, per_dialect, utcnow
+from service.db import begin_inline, per_dialect, utcnow
 from service.group_commit import Batcher, once_more_if_dead
 from service.media import history_text
 from service.models import (
@@ -327,7 +327,7 @@ class InboundWriter:
         return await once_more_if_dead(lambda: self._transaction(inbounds))
 
     async def _transaction(self, inbounds: list[Inbound]) -> list[Recorded]:
-        async with inline(self._engine).begin() as connection:
+        async with begin_inline(self._engine) as connection:
             return await record_inbound(connection, inbounds, self._debounce)
 
 

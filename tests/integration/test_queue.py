@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, make_url, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.channels.twilio.sms import TwilioSms
+from service.db import reader
 from service.models import ReplyJob
 from service.queue.manager import Claim, JobManager, queue_state
 from service.settings import Settings
@@ -141,6 +144,42 @@ async def test_two_claimers_never_share_a_conversation(engine: AsyncEngine) -> N
     assert len(conversations) == len(set(conversations)) == 12
     assert all(len(c.job_ids) == 2 for c in claims)
     assert sorted(j for c in claims for j in c.job_ids) == [j.id for j in await _jobs(engine)]
+
+
+async def test_on_sqlite_a_claim_reads_without_the_write_lock_and_takes_only_what_still_holds(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """SQLite's claim reads the claimable conversations on a reader, then takes them in a
+    write of its own. Here another claimer takes the conversation's first job right after that
+    read (with the write lock free, which it must be: the read holds none), leaving a newer
+    job queued: the claim's write must not take the newer job while the first one runs."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL reads and takes in one transaction, under its row locks")
+    await _receive(engine, "+15550001111")
+    await _receive(engine, "+15550001111")  # the same conversation: two jobs queued
+    path = make_url(database_url).database
+    landed: list[str] = []
+
+    def another_claim_lands(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "GROUP BY" not in statement or landed:  # the claimable conversations were read
+            return
+        other = sqlite3.connect(str(path), timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if the claim held the lock
+            other.execute(
+                "UPDATE reply_job SET status = 'running', lease_owner = 'worker-a'"
+                " WHERE id = (SELECT min(id) FROM reply_job)"
+            )
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        landed.append(statement)
+
+    event.listen(reader(engine).sync_engine, "after_cursor_execute", another_claim_lands)
+    assert await JobManager(engine, "worker-b").claim(10) == []
+    assert landed, "the claim did not read the claimable conversations on a reader"
+    jobs = await _jobs(engine)
+    assert [(j.status, j.lease_owner) for j in jobs] == [("running", "worker-a"), ("queued", None)]
 
 
 async def test_an_operator_message_is_enqueued_like_a_webhook(engine: AsyncEngine) -> None:

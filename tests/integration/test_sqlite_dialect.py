@@ -1,8 +1,9 @@
 """The one-trip SQLite dialect (`service.sqlite_dialect`) behaves as the stock aiosqlite one:
 rows, row counts, many rows at once, streamed results, the database's errors, and a file's
 transactions seen by a second connection. Inline transactions (`db.inline`) run their
-statements on the event loop's thread, yet one that must wait for a lock waits in
-aiosqlite's thread, with the loop free meanwhile."""
+statements and their COMMIT on the event loop's thread without yielding to it, yet one that
+must wait for a lock waits in aiosqlite's thread, with the loop free meanwhile, and the
+checkpoints run there too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import create_engine, inline, reader
+from service.db import begin_inline, create_engine, inline, reader
+from service.sqlite_dialect import CHECKPOINT_EVERY
 
 
 @pytest.fixture
@@ -186,3 +188,81 @@ async def test_an_inline_transactions_later_statements_and_errors_behave_as_usua
         assert (await connection.execute(text("SELECT v FROM t"))).scalars().all() == ["y"]
         busy = (await connection.execute(text("PRAGMA busy_timeout"))).scalar()
     assert busy == 10_000  # set back after the inline BEGIN
+
+
+def _trace_statements(into: list[tuple[str, int]]) -> object:
+    """A `connect` listener: each statement the connection runs, with the thread running it."""
+
+    def listen(dbapi_connection: object, _record: object) -> None:
+        raw = dbapi_connection._connection._conn  # type: ignore[attr-defined]
+        raw.set_trace_callback(lambda sql: into.append((sql.split()[0], threading.get_ident())))
+
+    return listen
+
+
+async def test_an_inline_transaction_commits_on_the_loops_thread_without_yielding(
+    engine: AsyncEngine,
+) -> None:
+    """Its COMMIT too: the one writer connection is never held while the loop runs other work
+    (the webhooks' and the reply jobs' writes queue for it)."""
+    await engine.dispose()
+    statements: list[tuple[str, int]] = []
+    for pool in (engine, reader(engine)):
+        event.listen(pool.sync_engine, "connect", _trace_statements(statements))
+    for pool in (inline(engine), inline(reader(engine))):  # connections made, pooled
+        async with pool.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    statements.clear()
+    before = ticks
+    async with begin_inline(engine) as connection:
+        await connection.execute(text("INSERT INTO t (v) VALUES ('a')"))
+        await connection.execute(text("UPDATE t SET v = 'b'"))
+    async with begin_inline(reader(engine)) as connection:
+        assert (await connection.execute(text("SELECT v FROM t"))).scalar_one() == "b"
+    assert ticks == before, "the event loop ran something while the transactions were open"
+    ticker.cancel()
+    loop_thread = threading.get_ident()
+    verbs = [verb for verb, _ in statements if verb != "PRAGMA"]  # the inline busy timeout's
+    assert verbs == ["BEGIN", "INSERT", "UPDATE", "COMMIT", "BEGIN", "SELECT", "COMMIT"]
+    assert {thread for _, thread in statements} == {loop_thread}
+
+
+async def test_every_so_many_write_transactions_a_checkpoint_runs_in_the_thread(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """SQLite's automatic checkpoint is off; the dialect's copies the WAL into the database
+    file after each `CHECKPOINT_EVERY`-th write transaction, in aiosqlite's thread."""
+    await engine.dispose()
+    statements: list[tuple[str, int]] = []
+    event.listen(engine.sync_engine, "connect", _trace_statements(statements))
+    database = tmp_path / "one-trip.db"
+    async with begin_inline(engine) as connection:  # the connection made, and counted
+        await connection.execute(text("INSERT INTO t (v) VALUES ('first')"))
+    size = database.stat().st_size
+    for n in range(CHECKPOINT_EVERY - 2):
+        async with begin_inline(engine) as connection:
+            await connection.execute(
+                text("INSERT INTO t (v) VALUES (:v)"), {"v": "x" * 5000 + str(n)}
+            )
+    assert database.stat().st_size == size, "written to the database file before a checkpoint"
+    statements.clear()
+    async with begin_inline(engine) as connection:
+        await connection.execute(text("INSERT INTO t (v) VALUES ('last')"))
+    assert database.stat().st_size > size + (CHECKPOINT_EVERY - 2) * 5000
+    loop_thread = threading.get_ident()
+    on_the_loop = [verb for verb, thread in statements if thread == loop_thread]
+    in_the_thread = [verb for verb, thread in statements if thread != loop_thread]
+    assert "COMMIT" not in on_the_loop
+    assert in_the_thread == ["COMMIT", "PRAGMA"]  # then `wal_checkpoint(PASSIVE)`
+    async with engine.connect() as connection:
+        assert (await connection.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
