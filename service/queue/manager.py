@@ -25,11 +25,11 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
@@ -276,16 +276,25 @@ class JobManager:
     def _lease_end(self) -> dt.datetime:
         return utcnow() + dt.timedelta(seconds=self.lease_s)
 
-    async def claim(self, max_conversations: int) -> list[Claim]:
-        """Up to `max_conversations` conversations with due jobs, each with all its jobs."""
-        if max_conversations < 1:
+    async def claim(
+        self, max_conversations: int, among: Collection[int] | None = None
+    ) -> list[Claim]:
+        """Up to `max_conversations` conversations with due jobs, each with all its jobs;
+        `among`: only some of these conversations (those a webhook just gave a job: the worker's
+        hints), looked up by their ids instead of by reading the whole queue."""
+        if max_conversations < 1 or (among is not None and not among):
             return []
+        if among is not None and self._engine.dialect.name == "sqlite":
+            async with begin_inline(self._engine) as connection:
+                rows = await self._take(connection, sorted(among)[:max_conversations], utcnow())
+            return _group(rows, self.owner)
         if self._engine.dialect.name == "sqlite":
             return await self._claim_beside_the_writer(max_conversations)
         async with self._engine.begin() as connection:
             now = utcnow()
-            await self._requeue_expired(connection, now)
-            conversations = await self._claimable(connection, now, max_conversations)
+            if among is None:
+                await self._requeue_expired(connection, now)
+            conversations = await self._claimable(connection, now, max_conversations, among)
             if not conversations:
                 return []
             rows = await self._take(connection, conversations, now)
@@ -332,7 +341,11 @@ class JobManager:
                 # conversations were read before the write lock was taken.
                 ~exists().where(
                     other.conversation_id == ReplyJob.conversation_id,
-                    other.status == JobStatus.RUNNING.value,
+                    or_(
+                        other.status == JobStatus.RUNNING.value,
+                        # A job waiting out a retry holds back the newer ones (their order).
+                        and_(other.status == JobStatus.QUEUED.value, other.run_after > now),
+                    ),
                 ),
             )
             .values(
@@ -374,7 +387,11 @@ class JobManager:
         )
 
     async def _claimable(
-        self, connection: AsyncConnection, now: dt.datetime, limit: int
+        self,
+        connection: AsyncConnection,
+        now: dt.datetime,
+        limit: int,
+        among: Collection[int] | None = None,
     ) -> list[int]:
         """Conversations with queued jobs, none running, and every queued job due: a job
         waiting out a retry holds back the newer ones behind it, so replies keep their order.
@@ -397,6 +414,8 @@ class JobManager:
             .limit(limit)
             .with_for_update(of=Conversation, skip_locked=True, key_share=True)
         )
+        if among is not None:
+            query = query.where(Conversation.id.in_(list(among)))
         return list((await connection.execute(query)).scalars())
 
     async def renew(self, job_ids: Sequence[int]) -> int:

@@ -1,9 +1,15 @@
 """The reply worker: claims conversations with due jobs and runs their `ReplyFlow`s, many at
 once (model calls are I/O-bound), never two for one conversation.
 
-Woken at once by an in-process webhook commit; otherwise it polls. Leases are renewed by a
-heartbeat while jobs run. On stop it claims nothing more, lets running jobs finish for a grace
-period, and gives the rest back to the queue for the next process.
+Woken at once by an in-process webhook commit, which names the conversations it gave a job
+(hints); otherwise it polls. While it is caught up (its last look at the whole queue left
+nothing due behind), it claims the hinted conversations by their ids, without reading the
+whole queue: on SQLite that read is a trip to a reader's thread, the slowest step between a
+webhook and its reply. It reads the whole queue again after a poll's wait, a wake without
+hints (another process's NOTIFY, the API), a claim that filled its capacity, or a claim
+refused for want of it. Leases are renewed by a heartbeat while jobs run. On stop it claims
+nothing more, lets running jobs finish for a grace period, and gives the rest back to the
+queue for the next process.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Collection
 
 from service.db import utcnow
 from service.models import LEASE_OWNER_CHARS
@@ -54,8 +61,16 @@ class Worker:
         self._stopping = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._claims: dict[int, Claim] = {}  # what the running tasks hold, for lease renewal
+        self._hints: set[int] = set()  # conversations given a job since the last claim
+        self._scan = True  # whether the next claim reads the whole queue
+        self._scan_at = 0.0  # `time.monotonic()` by which it reads it anyway: the poll, a due time
 
-    def wake(self) -> None:
+    def wake(self, conversations: Collection[int] | None = None) -> None:
+        """Look for work now: in these conversations, or (None) anywhere in the queue."""
+        if conversations is None:
+            self._scan = True
+        else:
+            self._hints.update(conversations)
         self._wake.set()
 
     async def run(self) -> None:
@@ -96,12 +111,20 @@ class Worker:
     async def _claim_some(self) -> int:
         free = self._settings.worker_concurrency - len(self._running)
         if free <= 0:
+            self._scan = True  # what was hinted meanwhile waits for capacity, in queue order
             return 0
+        scan = self._scan or time.monotonic() >= self._scan_at
+        if scan:  # hints keep coming under load: the poll's and the due times' scans still run
+            self._scan, self._scan_at = False, time.monotonic() + self._poll_interval_s
+        hints, self._hints = self._hints, set()
         try:
-            claims = await self.queue.claim(free)
+            claims = await self.queue.claim(free, among=None if scan else hints)
         except Exception:
             log.exception("claiming reply jobs failed")
+            self._scan = True
             return 0
+        if len(claims) == free:
+            self._scan = True  # there may be more due work than this claim had room for
         for claim in claims:
             task = asyncio.create_task(self._handle(claim), name=f"reply-{claim.conversation_id}")
             self._running[claim.conversation_id] = task
@@ -112,18 +135,20 @@ class Worker:
     def _done(self, conversation_id: int, _task: asyncio.Task[None]) -> None:
         self._running.pop(conversation_id, None)
         self._claims.pop(conversation_id, None)
-        self._wake.set()  # capacity is free, and that conversation may have new messages
+        self.wake([conversation_id])  # it may have new messages, held back while it ran
 
     async def _sleep(self) -> None:
         waiters = [
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
-        await asyncio.wait(
+        woken, _ = await asyncio.wait(
             waiters, timeout=await self._nap_s(), return_when=asyncio.FIRST_COMPLETED
         )
         for waiter in waiters:
             waiter.cancel()
+        if not woken:
+            self._scan = True  # the poll: retries and quiet times falling due, lost wake-ups
 
     async def _nap_s(self) -> float:
         """The poll interval, or less when a queued job falls due sooner (a burst's quiet time
@@ -138,6 +163,7 @@ class Worker:
         if due is None:
             return self._poll_interval_s
         until_due = (due - utcnow()).total_seconds() + DUE_MARGIN_S
+        self._scan_at = min(self._scan_at, time.monotonic() + until_due)
         return min(self._poll_interval_s, max(until_due, DUE_MARGIN_S))
 
     async def _heartbeat(self) -> None:

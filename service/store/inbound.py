@@ -282,7 +282,7 @@ class InboundWriter:
     def __init__(
         self,
         engine: AsyncEngine,
-        on_commit: Callable[[], None] = lambda: None,
+        on_commit: Callable[[set[int]], None] = lambda _conversations: None,
         debounce: Debounce = OFF,
     ) -> None:
         self._engine = engine
@@ -317,8 +317,9 @@ class InboundWriter:
 
     async def _write(self, inbounds: list[Inbound]) -> list[Recorded]:
         results = await self._commit(inbounds)
-        if any(r.enqueued for r in results):
-            self._on_commit()
+        enqueued = {r.conversation_id for r in results if r.enqueued and r.conversation_id}
+        if enqueued:
+            self._on_commit(enqueued)  # the conversations given a job: the worker's hints
         return results
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:

@@ -60,7 +60,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         worker = ready.worker
         writer = InboundWriter(
             ready.engine,
-            on_commit=worker.wake if worker else lambda: None,
+            on_commit=worker.wake if worker else lambda _conversations: None,
             debounce=Debounce(settings.reply_debounce_s, settings.reply_debounce_max_s),
         )
         writer.start()

@@ -89,6 +89,7 @@ async def test_a_job_waiting_out_a_retry_holds_back_the_newer_ones(engine: Async
     await queue.retry(failed.job_ids, "model timed out", delay_s=3600)
     await _receive(engine, "+15550001111")  # due now, but behind the waiting one
     assert await queue.claim(10) == []
+    assert await queue.claim(10, among={failed.conversation_id}) == []  # a webhook's hint too
     [job, newer] = await _jobs(engine)
     assert (job.status, job.last_error, job.lease_owner) == ("queued", "model timed out", None)
     assert newer.status == "queued"
@@ -107,6 +108,25 @@ async def test_a_retry_that_is_due_is_claimed_with_the_newer_jobs(engine: AsyncE
     [both] = await queue.claim(10)
     assert len(both.job_ids) == 2
     assert both.job_attempts == (2, 1)
+
+
+async def test_a_claim_among_some_conversations_takes_only_theirs_and_only_what_is_due(
+    engine: AsyncEngine,
+) -> None:
+    """The worker's hints (a webhook just gave these conversations a job): looked up by id."""
+    [first] = await _receive(engine, "+15550001111")
+    await _receive(engine, "+15550002222", 2)
+    [third] = await _receive(engine, "+15550003333")
+    queue = JobManager(engine, "worker-a")
+    conversations = {j.message_id: j.conversation_id for j in await _jobs(engine)}
+    hinted = {conversations[first], conversations[third]}
+    claims = await queue.claim(10, among=hinted)
+    assert sorted(c.conversation_id for c in claims) == sorted(hinted)
+    assert await queue.claim(10, among=hinted) == []  # running now: nothing more to take
+    assert await queue.claim(10, among=set()) == []
+    [second] = await queue.claim(10)  # the whole queue: the one not hinted
+    assert len(second.job_ids) == 2
+    assert await queue.claim(1, among=hinted | {second.conversation_id}) == []
 
 
 async def test_release_gives_jobs_back_without_counting_the_attempt(engine: AsyncEngine) -> None:
