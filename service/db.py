@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import (
 from service import sqlite_dialect
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024  # a WAL grown past it is cut back when it starts over
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
 INLINE = "parley_inline"  # execution option: a few small statements on indexes (`inline`)
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
@@ -108,6 +109,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         # The dialect checkpoints every so many commits, in aiosqlite's thread (`sqlite_dialect`):
         # SQLite's own would run in whichever COMMIT it falls on, some of them on the loop's.
         cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

@@ -30,10 +30,12 @@ off the loop:
   whichever COMMIT finds the WAL past 1,000 pages. Here the connections' automatic checkpoint
   is off (`db`), and the commit of every `CHECKPOINT_EVERY`-th write transaction makes its trip
   to the thread and runs a PASSIVE checkpoint there, after the COMMIT (what SQLite's automatic
-  one is, counted in transactions instead of pages). Every other COMMIT, a read's included, is
-  run on the loop's thread when its transaction was inline: in WAL mode with `synchronous=
-  NORMAL` it writes the transaction's pages to the WAL and syncs nothing. So an inline
-  transaction never yields to the event loop while it holds the one writer connection: other
+  one is, counted in transactions instead of pages; one that readers kept from copying the
+  whole WAL is tried again `CHECKPOINT_RETRY` transactions later, and `journal_size_limit`
+  cuts a WAL grown past 64 MiB back when it starts over). Every other COMMIT, a read's
+  included, runs on the loop's thread when its transaction was inline: in WAL mode with
+  `synchronous=NORMAL` it writes the transaction's pages to the WAL and syncs nothing. So an
+  inline transaction never yields to the event loop while it holds the one writer connection: other
   writers never wait for the loop's other work to run first (measured at 100 webhooks a second:
   each write transaction held the connection ~5 ms, the loop's other work mostly, and the
   writer queue, not the CPU, set the webhook-to-reply latency);
@@ -49,6 +51,7 @@ their absence would fail every SQLite test at once, not quietly.
 from __future__ import annotations
 
 import collections
+import logging
 import sqlite3
 from typing import Any
 
@@ -63,6 +66,8 @@ from sqlalchemy.util.concurrency import await_
 
 DRIVER = "parley_aiosqlite"  # the URL's driver name that selects this dialect
 CHECKPOINT_EVERY = 64  # write transactions between checkpoints (SQLite's own: 1,000 WAL pages)
+CHECKPOINT_RETRY = 8  # ... after one that readers kept from copying the whole WAL
+log = logging.getLogger(__name__)
 
 _Outcome = tuple[Any, list[Any], int, int | None]  # description, rows, rowcount, lastrowid
 
@@ -121,11 +126,18 @@ def _run_inline(
         raw.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
 
 
-def _commit_and_checkpoint(raw: sqlite3.Connection) -> None:
+def _commit_and_checkpoint(raw: sqlite3.Connection) -> bool:
     """In aiosqlite's thread: COMMIT, then what SQLite's automatic checkpoint would do (PASSIVE:
-    copy what no reader still needs, never wait for one)."""
+    copy what no reader still needs, never wait for one). True when it copied the whole WAL,
+    which the next write then starts over. A failed checkpoint is logged, not raised: the
+    COMMIT before it stands."""
     raw.commit()
-    raw.execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+    try:
+        _busy, frames, copied = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error:
+        log.warning("SQLite checkpoint failed; the next one is tried soon", exc_info=True)
+        return False
+    return bool(copied >= frames)
 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
@@ -214,7 +226,14 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     statement then costs no trip at all, and one that does saves one. An inline transaction's
     statements make no trip (the module's docstring)."""
 
-    __slots__ = ("_begin", "_busy_timeout_ms", "_writes", "_writes_since_checkpoint", "inline")
+    __slots__ = (
+        "_begin",
+        "_busy_timeout_ms",
+        "_checkpoint_after",
+        "_writes",
+        "_writes_since_checkpoint",
+        "inline",
+    )
     _cursor_cls = OneTripCursor  # type: ignore[assignment]  # a subclass; mypy reads it as exact
 
     def __init__(self, dbapi: Any, connection: Any) -> None:
@@ -223,6 +242,7 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
         self._busy_timeout_ms: int | None = None
         self._writes = True
         self._writes_since_checkpoint = 0
+        self._checkpoint_after = CHECKPOINT_EVERY
         self.inline = False
 
     def begin_with_next_statement(
@@ -259,9 +279,10 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
             return  # nothing ran, nothing to commit; or the connection is closed already
         if self._writes:
             self._writes_since_checkpoint += 1
-            if self._writes_since_checkpoint >= CHECKPOINT_EVERY:
+            if self._writes_since_checkpoint >= self._checkpoint_after:
                 self._writes_since_checkpoint = 0
-                self._in_thread(_commit_and_checkpoint, self._connection._conn)
+                whole = self._in_thread(_commit_and_checkpoint, self._connection._conn)
+                self._checkpoint_after = CHECKPOINT_EVERY if whole else CHECKPOINT_RETRY
                 return
         if inline:
             try:
@@ -271,9 +292,9 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
             return
         super().commit()  # in the thread
 
-    def _in_thread(self, function: Any, *args: Any) -> None:
+    def _in_thread(self, function: Any, *args: Any) -> Any:
         try:
-            await_(self._connection._execute(function, *args))
+            return await_(self._connection._execute(function, *args))
         except Exception as error:  # noqa: BLE001  translated and raised, as the stock one does
             self._handle_exception(error)
 

@@ -29,7 +29,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.orm import aliased
 
@@ -327,7 +327,7 @@ class JobManager:
         self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
     ) -> list[Any]:
         """Lease the conversations' due jobs to this worker; the rows, oldest first."""
-        other = aliased(ReplyJob)
+        other, waiting = aliased(ReplyJob), aliased(ReplyJob)
         statement = (
             update(ReplyJob)
             .where(
@@ -341,11 +341,14 @@ class JobManager:
                 # conversations were read before the write lock was taken.
                 ~exists().where(
                     other.conversation_id == ReplyJob.conversation_id,
-                    or_(
-                        other.status == JobStatus.RUNNING.value,
-                        # A job waiting out a retry holds back the newer ones (their order).
-                        and_(other.status == JobStatus.QUEUED.value, other.run_after > now),
-                    ),
+                    other.status == JobStatus.RUNNING.value,
+                ),
+                # A job waiting out a retry holds back the newer ones (their order). Two tests,
+                # not one OR: each by (conversation, status), not every job the conversation had.
+                ~exists().where(
+                    waiting.conversation_id == ReplyJob.conversation_id,
+                    waiting.status == JobStatus.QUEUED.value,
+                    unindexed(waiting.run_after) > now,
                 ),
             )
             .values(

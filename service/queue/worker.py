@@ -57,6 +57,8 @@ class Worker:
         self._settings = settings
         self._poll_interval_s = settings.worker_poll_s
         self._engine = context.engine
+        # On PostgreSQL every commit's NOTIFY has the worker read the queue anyway: no hints.
+        self._hinted = context.engine.dialect.name == "sqlite"
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -67,7 +69,7 @@ class Worker:
 
     def wake(self, conversations: Collection[int] | None = None) -> None:
         """Look for work now: in these conversations, or (None) anywhere in the queue."""
-        if conversations is None:
+        if conversations is None or not self._hinted:
             self._scan = True
         else:
             self._hints.update(conversations)
@@ -113,7 +115,8 @@ class Worker:
         if free <= 0:
             self._scan = True  # what was hinted meanwhile waits for capacity, in queue order
             return 0
-        scan = self._scan or time.monotonic() >= self._scan_at
+        # More hints than room: the whole queue, in its order, decides which go first.
+        scan = self._scan or time.monotonic() >= self._scan_at or len(self._hints) > free
         if scan:  # hints keep coming under load: the poll's and the due times' scans still run
             self._scan, self._scan_at = False, time.monotonic() + self._poll_interval_s
         hints, self._hints = self._hints, set()
@@ -132,9 +135,12 @@ class Worker:
             task.add_done_callback(functools.partial(self._done, claim.conversation_id))
         return len(claims)
 
-    def _done(self, conversation_id: int, _task: asyncio.Task[None]) -> None:
-        self._running.pop(conversation_id, None)
-        self._claims.pop(conversation_id, None)
+    def _done(self, conversation_id: int, task: asyncio.Task[None]) -> None:
+        # The conversation's next job may be claimed between the finishing commit and this
+        # callback: its task's entries are not this one's to remove.
+        if self._running.get(conversation_id) is task:
+            del self._running[conversation_id]
+            del self._claims[conversation_id]
         self.wake([conversation_id])  # it may have new messages, held back while it ran
 
     async def _sleep(self) -> None:

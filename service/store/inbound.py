@@ -319,7 +319,9 @@ class InboundWriter:
         results = await self._commit(inbounds)
         enqueued = {r.conversation_id for r in results if r.enqueued and r.conversation_id}
         if enqueued:
-            self._on_commit(enqueued)  # the conversations given a job: the worker's hints
+            # The conversations given a job that is due now: the worker's hints. A quiet time
+            # (SPEC §12) makes none due yet: the worker is only told to look when it ends.
+            self._on_commit(set() if self._debounce.on else enqueued)
         return results
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:

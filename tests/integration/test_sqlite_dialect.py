@@ -8,6 +8,7 @@ checkpoints run there too."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 import time
@@ -19,7 +20,7 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import begin_inline, create_engine, inline, reader
-from service.sqlite_dialect import CHECKPOINT_EVERY
+from service.sqlite_dialect import CHECKPOINT_EVERY, CHECKPOINT_RETRY
 
 
 @pytest.fixture
@@ -241,28 +242,39 @@ async def test_every_so_many_write_transactions_a_checkpoint_runs_in_the_thread(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:
     """SQLite's automatic checkpoint is off; the dialect's copies the WAL into the database
-    file after each `CHECKPOINT_EVERY`-th write transaction, in aiosqlite's thread."""
+    file after each `CHECKPOINT_EVERY`-th write transaction, in aiosqlite's thread, and tries
+    again `CHECKPOINT_RETRY` later when a reader kept it from copying everything."""
     await engine.dispose()
     statements: list[tuple[str, int]] = []
     event.listen(engine.sync_engine, "connect", _trace_statements(statements))
     database = tmp_path / "one-trip.db"
-    async with begin_inline(engine) as connection:  # the connection made, and counted
-        await connection.execute(text("INSERT INTO t (v) VALUES ('first')"))
-    size = database.stat().st_size
-    for n in range(CHECKPOINT_EVERY - 2):
-        async with begin_inline(engine) as connection:
-            await connection.execute(
-                text("INSERT INTO t (v) VALUES (:v)"), {"v": "x" * 5000 + str(n)}
-            )
-    assert database.stat().st_size == size, "written to the database file before a checkpoint"
-    statements.clear()
-    async with begin_inline(engine) as connection:
-        await connection.execute(text("INSERT INTO t (v) VALUES ('last')"))
-    assert database.stat().st_size > size + (CHECKPOINT_EVERY - 2) * 5000
     loop_thread = threading.get_ident()
-    on_the_loop = [verb for verb, thread in statements if thread == loop_thread]
-    in_the_thread = [verb for verb, thread in statements if thread != loop_thread]
-    assert "COMMIT" not in on_the_loop
-    assert in_the_thread == ["COMMIT", "PRAGMA"]  # then `wal_checkpoint(PASSIVE)`
+    rows = itertools.count()
+
+    async def write(count: int) -> list[str]:
+        """`count` write transactions of a 5,000-byte row; what ran in aiosqlite's thread."""
+        statements.clear()
+        for _ in range(count):
+            async with begin_inline(engine) as connection:
+                row = {"v": f"{next(rows)}".ljust(5000, "x")}
+                await connection.execute(text("INSERT INTO t (v) VALUES (:v)"), row)
+        return [verb for verb, thread in statements if thread != loop_thread]
+
+    assert await write(1) == []  # the connection made: its first write transaction counted
+    size = database.stat().st_size
+    old_reader = sqlite3.connect(database, isolation_level=None)
+    old_reader.execute("BEGIN")
+    old_reader.execute("SELECT count(*) FROM t").fetchall()  # holds the WAL as it is now
+    assert await write(CHECKPOINT_EVERY - 2) == []
+    assert database.stat().st_size == size, "written to the database file before a checkpoint"
+    assert await write(1) == ["COMMIT", "PRAGMA"]  # then `wal_checkpoint(PASSIVE)`
+    assert database.stat().st_size < size + 10 * 5000, "copied what the old reader still reads"
+    old_reader.execute("ROLLBACK")
+    old_reader.close()
+    assert await write(CHECKPOINT_RETRY - 1) == []
+    assert await write(1) == ["COMMIT", "PRAGMA"]  # tried again, sooner
+    assert database.stat().st_size > size + (CHECKPOINT_EVERY + CHECKPOINT_RETRY - 2) * 5000
     async with engine.connect() as connection:
         assert (await connection.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
+        limit = (await connection.execute(text("PRAGMA journal_size_limit"))).scalar()
+    assert limit == 64 * 1024 * 1024
