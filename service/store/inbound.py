@@ -282,7 +282,7 @@ class InboundWriter:
     def __init__(
         self,
         engine: AsyncEngine,
-        on_commit: Callable[[set[int]], None] = lambda _conversations: None,
+        on_commit: Callable[[set[int] | None], None] = lambda _conversations: None,
         debounce: Debounce = OFF,
     ) -> None:
         self._engine = engine
@@ -319,9 +319,10 @@ class InboundWriter:
         results = await self._commit(inbounds)
         enqueued = {r.conversation_id for r in results if r.enqueued and r.conversation_id}
         if enqueued:
-            # The conversations given a job that is due now: the worker's hints. A quiet time
-            # (SPEC §12) makes none due yet: the worker is only told to look when it ends.
-            self._on_commit(set() if self._debounce.on else enqueued)
+            # The conversations given a job, due now: the worker's hints. Under a quiet time
+            # (SPEC §12) some are due now (HELP ends the wait), most later: the worker reads
+            # the queue instead (None), which also tells it when the next one falls due.
+            self._on_commit(None if self._debounce.on else enqueued)
         return results
 
     async def _commit(self, inbounds: list[Inbound]) -> list[Recorded]:
