@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.assistant import Model, create_model
 from service.channels.registry import Channels, build_channels
+from service.collector import freeze_for_good
 from service.db import create_engine
 from service.group_commit import group_commit
 from service.migrate import upgrade
@@ -39,11 +40,14 @@ async def started(
     with_worker: bool,
     profiles: Profiles | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    freeze: bool = False,
 ) -> AsyncIterator[Runtime]:
     """The process's engine, channels (the web app passes the registry whose routes it
     mounted), model and (`with_worker`) worker; closed on exit, after the caller has stopped
     the worker. `PROFILES_FILE` is read here unless the caller read it (`ProfileError` when
-    bad); `clock` is what opening hours are judged by (tests pass a fake one)."""
+    bad); `clock` is what opening hours are judged by (tests pass a fake one); `freeze`: a
+    process of its own (`parley serve`, `parley worker`) keeps what it started with out of the
+    garbage collector's full collections (`collector`)."""
     profiles = profiles or profiles_of(settings)
     engine = create_engine(settings.database_url, connections=settings.database_connections)
     try:
@@ -56,6 +60,8 @@ async def started(
             if clock is not None:
                 context = dataclasses.replace(context, clock=clock)
             worker = Worker(context) if with_worker else None
+            if freeze:
+                freeze_for_good()
             yield Runtime(engine, channels, model, worker)
         finally:
             await channels.close()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.assistant.base import DEFAULT_OPTIONS, CallOptions, Completion, ModelError
+from service.collector import freeze_again
 from service.retry import is_retryable_status, retry_after_seconds
 from service.settings import Settings
 
@@ -53,6 +54,7 @@ class OpenAIModel:
                 max_retries=0,
                 http_client=openai.DefaultAioHttpClient(timeout=self._settings.assistant_timeout_s),
             )
+            freeze_again()  # the SDK's modules live as long as the process (`collector`)
         return self._client
 
     async def complete(

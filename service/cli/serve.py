@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.web.protocol import BoundedHeadProtocol
 
     config = uvicorn.Config(
-        create_app(settings, profiles=profiles),
+        create_app(settings, profiles=profiles, freeze=True),
         host=args.host,
         port=args.port,
         log_config=None,
@@ -94,7 +94,9 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 async def _run_worker(settings: Settings, profiles: Profiles) -> None:
     from service import runtime
 
-    async with runtime.started(settings, with_worker=True, profiles=profiles) as ready:
+    async with runtime.started(
+        settings, with_worker=True, profiles=profiles, freeze=True
+    ) as ready:
         worker = ready.worker
         assert worker is not None
         loop = asyncio.get_running_loop()

@@ -56,6 +56,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with_worker=settings.embedded_worker,
         profiles=app.state.profiles,
         clock=app.state.clock,
+        freeze=app.state.freeze,
     ) as ready:
         worker = ready.worker
         writer = InboundWriter(
@@ -107,9 +108,11 @@ def create_app(
     *,
     profiles: Profiles | None = None,
     clock: Callable[[], dt.datetime] | None = None,
+    freeze: bool = False,
 ) -> Starlette:
     """The app; `PROFILES_FILE` is read now unless given (`ProfileError` when bad), so a bad
-    file stops the process before it serves; `clock` judges opening hours (tests)."""
+    file stops the process before it serves; `clock` judges opening hours (tests); `freeze`:
+    the app is the process's own (`parley serve`: `runtime.started`)."""
     profiles = profiles or profiles_of(settings)
     channels = build_channels(settings)  # its routes are the webhooks; the lifespan uses it
     app = Starlette(
@@ -128,4 +131,5 @@ def create_app(
     app.state.channels = channels
     app.state.profiles = profiles
     app.state.clock = clock
+    app.state.freeze = freeze
     return app
