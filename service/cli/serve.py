@@ -94,9 +94,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 async def _run_worker(settings: Settings, profiles: Profiles) -> None:
     from service import runtime
 
-    async with runtime.started(
-        settings, with_worker=True, profiles=profiles, freeze=True
-    ) as ready:
+    async with runtime.started(settings, with_worker=True, profiles=profiles, freeze=True) as ready:
         worker = ready.worker
         assert worker is not None
         loop = asyncio.get_running_loop()
