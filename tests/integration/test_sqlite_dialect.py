@@ -140,6 +140,22 @@ async def test_inline_transactions_run_on_the_loops_thread_and_others_do_not(
         assert (await connection.execute(text("SELECT thread()"))).scalar_one() != loop_thread
 
 
+class _Ticker:
+    """Counts the turns of the event loop that reach a task sleeping `every_s` at a time."""
+
+    def __init__(self, every_s: float) -> None:
+        self.ticks = 0
+        self._task = asyncio.create_task(self._run(every_s))
+
+    async def _run(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.ticks += 1
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
 async def test_an_inline_write_waits_for_the_lock_off_the_loop(
     engine: AsyncEngine, tmp_path: Path
 ) -> None:
@@ -147,24 +163,17 @@ async def test_an_inline_write_waits_for_the_lock_off_the_loop(
     the thread (the busy timeout), the loop keeps running, and the write lands once it is free."""
     other = sqlite3.connect(tmp_path / "one-trip.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
 
     async def write() -> None:
         async with inline(engine).begin() as connection:
             await connection.execute(text("INSERT INTO t (v) VALUES ('after the lock')"))
 
-    ticker = asyncio.create_task(tick())
+    ticker = _Ticker(every_s=0.01)
     writing = asyncio.create_task(write())
     started = time.monotonic()
     await asyncio.sleep(0.3)
     assert not writing.done()
-    assert ticks >= 10, "the event loop stalled while the write waited for the lock"
+    assert ticker.ticks >= 10, "the event loop stalled while the write waited for the lock"
     other.execute("ROLLBACK")
     other.close()
     await asyncio.wait_for(writing, 5)
@@ -213,24 +222,16 @@ async def test_an_inline_transaction_commits_on_the_loops_thread_without_yieldin
     for pool in (inline(engine), inline(reader(engine))):  # connections made, pooled
         async with pool.connect() as connection:
             await connection.execute(text("SELECT 1"))
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
+    ticker = _Ticker(every_s=0)
     await asyncio.sleep(0.01)
     statements.clear()
-    before = ticks
+    before = ticker.ticks
     async with begin_inline(engine) as connection:
         await connection.execute(text("INSERT INTO t (v) VALUES ('a')"))
         await connection.execute(text("UPDATE t SET v = 'b'"))
     async with begin_inline(reader(engine)) as connection:
         assert (await connection.execute(text("SELECT v FROM t"))).scalar_one() == "b"
-    assert ticks == before, "the event loop ran something while the transactions were open"
+    assert ticker.ticks == before, "the event loop ran something while the transactions were open"
     ticker.cancel()
     loop_thread = threading.get_ident()
     verbs = [verb for verb, _ in statements if verb != "PRAGMA"]  # the inline busy timeout's
