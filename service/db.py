@@ -14,8 +14,9 @@ the lock free only by luck between back-to-back batches: a reviewer measured web
 seconds, then failing "database is locked"). The reply jobs' writes go through the engine's
 group commit (`service/group_commit.py`), one checkout a batch, so a webhook's batch waits
 behind at most the batch in progress; and the hot path's transactions (`inline`,
-`begin_inline`) hold the connection only while they run, never across a turn of the event
-loop. Readers have a pool of their own (`reader`). On
+`begin_inline`) hold the connection only while they run, not across a turn of the event loop
+(but for a first statement that finds the lock taken and the commit that checkpoints, which
+make their trip to the thread: `sqlite_dialect`). Readers have a pool of their own (`reader`). On
 PostgreSQL the pool is sized from the worker's concurrency (`settings.pool_size`); the group
 commit holds one connection a batch, never during a model call or a send, so a few
 connections serve hundreds of jobs in flight. There is no pre-ping: a connection that broke
@@ -140,10 +141,10 @@ def reader(engine: AsyncEngine) -> AsyncEngine:
 
 def inline(engine: AsyncEngine) -> AsyncEngine:
     """`engine` (or `reader(engine)`) for transactions of a few small statements on indexes,
-    the hot path's: the reply jobs' units, the webhooks' batches, lease renewals. On SQLite their
-    statements run on the event loop's thread, without a trip to aiosqlite's
-    (`sqlite_dialect`); elsewhere it changes nothing. A statement that may scan a table does
-    not belong in one: it would hold the loop for as long as it runs."""
+    the hot path's: the reply jobs' units, the webhooks' batches, lease renewals, the claims'
+    takes. On SQLite their statements and COMMIT run on the event loop's thread, without a
+    trip to aiosqlite's (`sqlite_dialect`); elsewhere it changes nothing. A statement that may
+    scan a table does not belong in one: it would hold the loop for as long as it runs."""
     return engine.execution_options(**{INLINE: True})
 
 

@@ -39,8 +39,9 @@ off the loop:
   writers never wait for the loop's other work to run first (measured at 100 webhooks a second:
   each write transaction held the connection ~5 ms, the loop's other work mostly, and the
   writer queue, not the CPU, set the webhook-to-reply latency);
-- statements that may scan (the claims, which read the whole queue; the API's listings,
-  `/metrics`' counts, a cascading delete) are not in inline transactions: they keep their trip.
+- statements that may scan (the claims' reads of the whole queue; the API's listings,
+  `/metrics`' counts, a cascading delete) are not in inline transactions: they keep their trip
+  (a claim then takes what it read in an inline write).
 
 It relies on one private method of aiosqlite, `Connection._execute(fn, *args)` (queue `fn` for
 the connection's thread and await its result), and on its `_conn`, the `sqlite3.Connection`
@@ -276,7 +277,7 @@ class OneTripConnection(AsyncAdapt_aiosqlite_connection):
     def commit(self) -> None:
         inline, self.inline = self.inline, False
         if self.take_begin() is not None or not self._connection._connection:
-            return  # nothing ran, nothing to commit; or the connection is closed already
+            return  # nothing ran; or the connection is closed (the stock adapter's no-op too)
         if self._writes:
             self._writes_since_checkpoint += 1
             if self._writes_since_checkpoint >= self._checkpoint_after:

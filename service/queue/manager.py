@@ -16,8 +16,9 @@ that has a job running. On SQLite, whose one write lock every writer of the proc
 for, a claim reads the claimable conversations on a reader and then takes them in a short
 write that asks again whether each job still may be taken.
 
-One claim takes up to the worker's free capacity of conversations in two statements (plus the
-lease requeue), so its cost is shared by many jobs.
+One claim takes up to the worker's free capacity of conversations (on PostgreSQL in two
+statements plus the lease requeue; on SQLite a read and one UPDATE; by ids, one UPDATE), so
+its cost is shared by many jobs.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@ Woken at once by an in-process webhook commit, which names the conversations it 
 (hints); otherwise it polls. While it is caught up (its last look at the whole queue left
 nothing due behind), it claims the hinted conversations by their ids, without reading the
 whole queue: on SQLite that read is a trip to a reader's thread, the slowest step between a
-webhook and its reply. It reads the whole queue again after a poll's wait, a wake without
-hints (another process's NOTIFY, the API), a claim that filled its capacity, or a claim
-refused for want of it. Leases are renewed by a heartbeat while jobs run. On stop it claims
-nothing more, lets running jobs finish for a grace period, and gives the rest back to the
-queue for the next process.
+webhook and its reply. It reads the whole queue again at least once a poll interval however
+busy, when one of its retries or a quiet time falls due, after a wake without hints (another
+process's NOTIFY, the API, a webhook under a quiet time), a claim that filled its capacity,
+more hints than room, or a claim refused for want of it. Leases are renewed by a heartbeat
+while jobs run. On stop it claims nothing more, lets running jobs finish for a grace period,
+and gives the rest back to the queue for the next process.
 """
 
 from __future__ import annotations
@@ -234,6 +235,8 @@ class Worker:
             delay,
         )
         await self.queue.retry(claim.job_ids, error, delay)
+        # Its due time: hints alone would never find it, and no quiet time reads `next_due`.
+        self._scan_at = min(self._scan_at, time.monotonic() + delay + DUE_MARGIN_S)
         return Outcome.RETRY
 
     async def _fail(self, claim: Claim, error: str) -> None:

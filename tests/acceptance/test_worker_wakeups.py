@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -13,7 +14,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.acceptance.test_pipeline import done, text
+from service.store.conversations import add_operator_message
+from tests.acceptance.test_pipeline import conversation_of, done, text
 from tests.conftest import SettingsFactory, running_app
 from tests.fakes import FakeProviders
 
@@ -55,28 +57,73 @@ async def test_a_webhooks_conversation_is_claimed_by_its_id_without_reading_the_
     assert len(reads) == 1, "a webhook's reply waited for a read of the whole queue"
 
 
+async def _others_text_meanwhile(
+    client: Any,
+    providers: FakeProviders,
+    seconds: float,
+    to: str,
+    then: tuple[float, Callable[[], Awaitable[None]]] | None = None,
+) -> tuple[float | None, int]:
+    """Other people text every 20 ms for `seconds` (`then`: at that time, do that): (when a
+    reply to `to` went out, counted from the start; the number of texts)."""
+    started = time.monotonic()
+    answered_at: float | None = None
+    sender = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        if then is not None and elapsed >= then[0]:
+            await then[1]()
+            then = None
+        sender += 1
+        await text(client, f"question {sender}", From=f"+1555100{sender:04d}")
+        if answered_at is None and any(s["To"] == to for s in providers.twilio_sent):
+            answered_at = time.monotonic() - started
+        await asyncio.sleep(0.02)
+    return answered_at, sender
+
+
 async def test_a_retry_falls_due_on_time_while_other_texts_keep_waking_the_worker(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
-    """Hints alone would never find a job that falls due by the clock: the worker still reads
-    the whole queue once a poll interval, however busy."""
+    """Hints alone would never find a job that falls due by the clock, and the poll is 5 s
+    away: the worker reads the whole queue when its retry is due."""
     providers.openai_plan(500)  # Alice's first model call fails: her job waits out a backoff
-    settings = make_settings(worker_poll_s=0.3, reply_retry_base_s=0.2)
+    settings = make_settings(worker_poll_s=5.0, reply_retry_base_s=0.2)
     async with running_app(settings) as client:
-        started = time.monotonic()
         await text(client, "are you open today?", From=ALICE)
-        alice_answered_at: float | None = None
-        sender = 0
-        while time.monotonic() - started < 3.0:  # others text every 20 ms meanwhile
-            sender += 1
-            await text(client, f"question {sender}", From=f"+1555100{sender:04d}")
-            if alice_answered_at is None and any(s["To"] == ALICE for s in providers.twilio_sent):
-                alice_answered_at = time.monotonic()
-            await asyncio.sleep(0.02)
+        answered_at, others = await _others_text_meanwhile(client, providers, 2.5, ALICE)
         await done(engine)
     assert providers.openai_attempts[0] == "500"
-    assert alice_answered_at is not None, "Alice's retry waited for the other texts to stop"
-    assert alice_answered_at - started < 1.5
+    assert answered_at is not None, "Alice's retry waited for the other texts to stop"
+    assert answered_at < 1.0
     answered = [s["To"] for s in providers.twilio_sent]
     assert answered.count(ALICE) == 1
-    assert len(answered) == sender + 1
+    assert len(answered) == others + 1
+
+
+async def test_work_that_no_hint_names_is_found_once_a_poll_interval_however_busy(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A job another process queued (here: an operator's message stored straight into the
+    database, as the CLI of another host would) wakes nobody in this one."""
+    async with running_app(make_settings(worker_poll_s=0.5)) as client:
+        await text(client, "hello", From=ALICE)
+        await providers.wait_for_async(lambda: providers.twilio_sent, timeout=5)
+        await done(engine)
+        conversation = await conversation_of(engine, ALICE)
+        providers.reset()  # from here on: the other texts' replies and the operator's
+
+        async def operator_writes() -> None:  # once the others' texts keep the worker busy
+            await add_operator_message(engine, conversation.id, "Sam here.", (None, {}), _split)
+
+        answered_at, others = await _others_text_meanwhile(
+            client, providers, 3.0, ALICE, then=(1.0, operator_writes)
+        )
+        await done(engine)
+    assert [s["Body"] for s in providers.twilio_sent if s["To"] == ALICE] == ["Sam here."]
+    assert answered_at is not None, "the operator's message waited for the texts to stop"
+    assert 1.0 <= answered_at < 1.0 + 1.0  # within about a poll interval (0.5 s) of it
+    assert len(providers.twilio_sent) == others + 1
+
+
+def _split(body: str) -> list[str]:
+    return [body]
