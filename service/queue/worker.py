@@ -149,9 +149,8 @@ class Worker:
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
-        woken, _ = await asyncio.wait(
-            waiters, timeout=await self._nap_s(), return_when=asyncio.FIRST_COMPLETED
-        )
+        nap = min(await self._nap_s(), max(self._scan_at - time.monotonic(), DUE_MARGIN_S))
+        woken, _ = await asyncio.wait(waiters, timeout=nap, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
         if not woken:
