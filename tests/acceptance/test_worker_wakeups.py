@@ -100,6 +100,21 @@ async def test_a_retry_falls_due_on_time_while_other_texts_keep_waking_the_worke
     assert len(answered) == others + 1
 
 
+async def test_an_idle_workers_retry_goes_out_when_due_not_at_the_next_poll(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    providers.openai_plan(500)
+    settings = make_settings(worker_poll_s=5.0, reply_retry_base_s=0.2)
+    async with running_app(settings) as client:
+        started = time.monotonic()
+        await text(client, "are you open today?", From=ALICE)
+        await providers.wait_for_async(lambda: providers.twilio_sent, timeout=5)
+        answered_s = time.monotonic() - started
+        await done(engine)
+    assert providers.openai_attempts == ["500", "ok"]
+    assert answered_s < 1.5  # the backoff is 0.1-0.2 s; the poll 5 s
+
+
 async def test_work_that_no_hint_names_is_found_once_a_poll_interval_however_busy(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:
