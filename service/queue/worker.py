@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import heapq
 import logging
 import os
 import secrets
@@ -67,6 +68,7 @@ class Worker:
         self._hints: set[int] = set()  # conversations given a job since the last claim
         self._scan = True  # whether the next claim reads the whole queue
         self._scan_at = 0.0  # `time.monotonic()` by which it reads it anyway: the poll, a due time
+        self._retries_due: list[float] = []  # when this worker's retries fall due (a heap)
 
     def wake(self, conversations: Collection[int] | None = None) -> None:
         """Look for work now: in these conversations, or (None) anywhere in the queue."""
@@ -116,10 +118,13 @@ class Worker:
         if free <= 0:
             self._scan = True  # what was hinted meanwhile waits for capacity, in queue order
             return 0
+        now = time.monotonic()
         # More hints than room: the whole queue, in its order, decides which go first.
-        scan = self._scan or time.monotonic() >= self._scan_at or len(self._hints) > free
+        scan = self._scan or now >= self._next_scan_at() or len(self._hints) > free
         if scan:  # hints keep coming under load: the poll's and the due times' scans still run
-            self._scan, self._scan_at = False, time.monotonic() + self._poll_interval_s
+            self._scan, self._scan_at = False, now + self._poll_interval_s
+            while self._retries_due and self._retries_due[0] <= now:
+                heapq.heappop(self._retries_due)
         hints, self._hints = self._hints, set()
         try:
             claims = await self.queue.claim(free, among=None if scan else hints)
@@ -149,12 +154,15 @@ class Worker:
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
-        nap = min(await self._nap_s(), max(self._scan_at - time.monotonic(), DUE_MARGIN_S))
+        nap = min(await self._nap_s(), max(self._next_scan_at() - time.monotonic(), DUE_MARGIN_S))
         woken, _ = await asyncio.wait(waiters, timeout=nap, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
         if not woken:
             self._scan = True  # the poll: retries and quiet times falling due, lost wake-ups
+
+    def _next_scan_at(self) -> float:
+        return min(self._scan_at, self._retries_due[0]) if self._retries_due else self._scan_at
 
     async def _nap_s(self) -> float:
         """The poll interval, or less when a queued job falls due sooner (a burst's quiet time
@@ -235,7 +243,7 @@ class Worker:
         )
         await self.queue.retry(claim.job_ids, error, delay)
         # Its due time: hints alone would never find it, and no quiet time reads `next_due`.
-        self._scan_at = min(self._scan_at, time.monotonic() + delay + DUE_MARGIN_S)
+        heapq.heappush(self._retries_due, time.monotonic() + delay + DUE_MARGIN_S)
         return Outcome.RETRY
 
     async def _fail(self, claim: Claim, error: str) -> None:
