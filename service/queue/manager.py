@@ -285,12 +285,8 @@ class JobManager:
         hints), looked up by their ids instead of by reading the whole queue."""
         if max_conversations < 1 or (among is not None and not among):
             return []
-        if among is not None and self._engine.dialect.name == "sqlite":
-            async with begin_inline(self._engine) as connection:
-                rows = await self._take(connection, sorted(among)[:max_conversations], utcnow())
-            return _group(rows, self.owner)
         if self._engine.dialect.name == "sqlite":
-            return await self._claim_beside_the_writer(max_conversations)
+            return await self._claim_beside_the_writer(max_conversations, among)
         async with self._engine.begin() as connection:
             now = utcnow()
             if among is None:
@@ -301,28 +297,37 @@ class JobManager:
             rows = await self._take(connection, conversations, now)
         return _group(rows, self.owner)
 
-    async def _claim_beside_the_writer(self, max_conversations: int) -> list[Claim]:
+    async def _claim_beside_the_writer(
+        self, max_conversations: int, among: Collection[int] | None
+    ) -> list[Claim]:
         """SQLite's claim. Finding the claimable conversations reads the whole queue (a backlog
         of 20,000 jobs: ~20 ms), which must hold neither the event loop nor the one write lock
         that every writer of the process queues for. So it is read on a reader, in aiosqlite's
-        thread, and the conversations are then taken in a short inline write whose UPDATE asks
-        again, job by job, what the read saw (queued, due, nothing of its conversation
-        running): what changed in between (another process's claim, a newer message whose
-        quiet time moved its conversation's jobs) is skipped, not taken."""
+        thread (hinted conversations, `among`, are not read at all), and the conversations are
+        then taken in a short inline write whose UPDATE asks again, job by job, what the read
+        saw (queued, due, nothing of its conversation running): what changed in between
+        (another process's claim, a newer message whose quiet time moved its conversation's
+        jobs) is skipped, not taken."""
         now = utcnow()
-        async with reader(self._engine).connect() as connection:
-            expired = await self._leases_expired(connection, now)
-            conversations = await self._claimable(connection, now, max_conversations)
-        if expired:  # rare (a process died): queued again, then read again to be claimed now
-            async with begin_inline(self._engine) as connection:
-                await self._requeue_expired(connection, now)
-            async with reader(self._engine).connect() as connection:
-                conversations = await self._claimable(connection, now, max_conversations)
+        if among is not None:
+            conversations = sorted(among)[:max_conversations]
+        else:
+            conversations = await self._read_claimable(now, max_conversations)
         if not conversations:
             return []
         async with begin_inline(self._engine) as connection:
             rows = await self._take(connection, conversations, now)
         return _group(rows, self.owner)
+
+    async def _read_claimable(self, now: dt.datetime, limit: int) -> list[int]:
+        async with reader(self._engine).connect() as connection:
+            if not await self._leases_expired(connection, now):
+                return await self._claimable(connection, now, limit)
+        # Rare (a process died): its jobs queued again, then read to be claimed now.
+        async with begin_inline(self._engine) as connection:
+            await self._requeue_expired(connection, now)
+        async with reader(self._engine).connect() as connection:
+            return await self._claimable(connection, now, limit)
 
     async def _take(
         self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
