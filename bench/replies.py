@@ -616,6 +616,15 @@ class Latency:
     ack_s: list[float]
     late_start_s: float  # how far behind schedule the last webhook went out
     verdict: Verdict
+    cpu_s: float = 0.0  # the serve process's, from the first paced webhook to the last reply
+    seconds: float = 0.0
+
+    def cpu_line(self) -> str:
+        busy = self.cpu_s / self.seconds if self.seconds else math.nan
+        return (
+            f"{'':9}serve CPU {self.cpu_s / max(1, len(self.reply_s)) * 1000:.2f} ms a message"
+            f" (intake and reply), one process {busy:.0%} busy"
+        )
 
     def line(self) -> str:
         answered = sum(not math.isinf(v) for v in self.reply_s)
@@ -644,15 +653,17 @@ async def latency(run: Run, rate: float, basis: str) -> Latency:
             warm_up = webhooks(WARM_UP_MESSAGES, tag=f"-warm-up-{round(rate)}")
             first = await paced(serve.port, warm_up, 10.0, 1)
             await wait_replies(fake.sms, warm_up, run.args.drain_timeout)
+            started, cpu_before = time.monotonic(), serve.cpu()
             posted = await paced(serve.port, hooks, rate, run.args.paced_connections)
             await wait_replies(fake.sms, hooks, run.args.drain_timeout)
+            cpu_s, seconds = serve.cpu() - cpu_before, time.monotonic() - started
         verdict = await verify(database_url, [*warm_up, *hooks], fake.sms)
         first_s = _reply_s(first[0], fake.sms)
         print(f"latency {rate:.0f} msg/s: the process's first reply took {ms(first_s)}")
     reply_s = [_reply_s(p, fake.sms) for p in posted]
     ack_s = [p.ack_s if p.ack_s is not None and p.status == 200 else math.inf for p in posted]
     late = max((a - p.due for p in posted if (a := p.acked) is not None), default=math.nan)
-    return Latency(rate, basis, reply_s, ack_s, late, verdict)
+    return Latency(rate, basis, reply_s, ack_s, late, verdict, cpu_s, seconds)
 
 
 def _reply_s(posted: Posted, sms: SmsLog) -> float:
@@ -981,6 +992,7 @@ def report_zero(
     print("\nwebhook -> reply accepted by Twilio (REPLY_DEBOUNCE_S=0), paced open loop:")
     for item in latencies:
         print(f"  {item.line()}")
+        print(f"  {item.cpu_line()}")
     print("\nmemory (RSS, every provider configured):")
     print(f"  bare baseline process under load:      {bare.rss_mib:6.1f} MiB")
     print(
@@ -1062,6 +1074,7 @@ async def main_async(args: argparse.Namespace) -> int:
             ]
             for item in paced_at:
                 print(item.line())
+                print(item.cpu_line())
             return 0 if all(item.verdict.clean for item in paced_at) else 1
         if args.only_workers:
             scaled = [await scale_out(run, int(n)) for n in args.workers.split(",")]

@@ -30,9 +30,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, Update, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Select, Table, Update, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.orm import aliased
 
 from service.db import begin_inline, reader, unindexed, utcnow
 from service.group_commit import group_commit
@@ -266,6 +265,76 @@ async def finish_claim(engine: AsyncEngine, claim: Claim) -> None:
     await group_commit(engine).run(functools.partial(finish_jobs, claim=claim))
 
 
+_OTHER, _WAITING = _T_REPLYJOB.alias("other"), _T_REPLYJOB.alias("waiting")
+# Built once, as `_FINISH` (a claim per webhook at low rates): an ORM statement built per call,
+# with its aliases, cost more CPU than the rest of the claim.
+_TAKE = (
+    update(_T_REPLYJOB)
+    .where(
+        _JOB.status == JobStatus.QUEUED.value,  # by (conversation, status)
+        _JOB.conversation_id.in_(bindparam("conversations", expanding=True)),
+        # A message committed since `_claimable` read is not due yet (its burst's quiet).
+        # Not by the due index (every due job of every conversation).
+        unindexed(_JOB.run_after) <= bindparam("now"),
+        # Asked again here: on PostgreSQL this runs once the conversation locks are held, so
+        # its snapshot holds every claim committed before them; on SQLite the conversations
+        # were read before the write lock was taken.
+        ~exists().where(
+            _OTHER.c.conversation_id == _JOB.conversation_id,
+            _OTHER.c.status == JobStatus.RUNNING.value,
+        ),
+        # A job waiting out a retry holds back the newer ones (their order). Two tests, not
+        # one OR: each by (conversation, status), not every job the conversation had.
+        ~exists().where(
+            _WAITING.c.conversation_id == _JOB.conversation_id,
+            _WAITING.c.status == JobStatus.QUEUED.value,
+            unindexed(_WAITING.c.run_after) > bindparam("now"),
+        ),
+    )
+    .values(
+        status=JobStatus.RUNNING.value,
+        lease_owner=bindparam("owner"),
+        lease_expires_at=bindparam("lease_end"),
+        attempts=_JOB.attempts + 1,
+        updated_at=bindparam("now"),
+    )
+    .returning(_JOB.id, _JOB.conversation_id, _JOB.message_id, _JOB.attempts)
+)
+_LEASES_EXPIRED = select(
+    exists().where(
+        _JOB.status == JobStatus.RUNNING.value,  # by the due index: the running jobs
+        _JOB.lease_expires_at < bindparam("now"),
+    )
+)
+
+
+def _claimable_query() -> Select[Any]:
+    """Conversations with queued jobs, none running, every queued job due; first come first.
+    (`FOR NO KEY UPDATE SKIP LOCKED` on PostgreSQL; SQLite leaves it out.)"""
+    conversations = cast(Table, Conversation.__table__).c
+    running = select(_JOB.conversation_id).where(_JOB.status == JobStatus.RUNNING.value)
+    due = (
+        select(_JOB.conversation_id, func.min(_JOB.id).label("first_job"))
+        .where(_JOB.status == JobStatus.QUEUED.value, _JOB.conversation_id.not_in(running))
+        .group_by(_JOB.conversation_id)
+        .having(func.max(_JOB.run_after) <= bindparam("now"))
+        .subquery()
+    )
+    return (
+        select(conversations.id)
+        .join(due, due.c.conversation_id == conversations.id)
+        .order_by(due.c.first_job)
+        .limit(bindparam("limit"))
+        .with_for_update(of=cast(Table, Conversation.__table__), skip_locked=True, key_share=True)
+    )
+
+
+_CLAIMABLE = _claimable_query()
+_CLAIMABLE_AMONG = _CLAIMABLE.where(
+    cast(Table, Conversation.__table__).c.id.in_(bindparam("among", expanding=True))
+)
+
+
 class JobManager:
     """One worker's hand on the queue: what it claims carries its name (`owner`) and a lease."""
 
@@ -333,50 +402,20 @@ class JobManager:
         self, connection: AsyncConnection, conversations: list[int], now: dt.datetime
     ) -> list[Any]:
         """Lease the conversations' due jobs to this worker; the rows, oldest first."""
-        other, waiting = aliased(ReplyJob), aliased(ReplyJob)
-        statement = (
-            update(ReplyJob)
-            .where(
-                ReplyJob.status == JobStatus.QUEUED.value,  # by (conversation, status)
-                ReplyJob.conversation_id.in_(conversations),
-                # A message committed since `_claimable` read is not due yet (its burst's
-                # quiet). Not by the due index (every due job of every conversation).
-                unindexed(ReplyJob.run_after) <= now,
-                # Asked again here: on PostgreSQL this runs once the conversation locks are
-                # held, so its snapshot holds every claim committed before them; on SQLite the
-                # conversations were read before the write lock was taken.
-                ~exists().where(
-                    other.conversation_id == ReplyJob.conversation_id,
-                    other.status == JobStatus.RUNNING.value,
-                ),
-                # A job waiting out a retry holds back the newer ones (their order). Two tests,
-                # not one OR: each by (conversation, status), not every job the conversation had.
-                ~exists().where(
-                    waiting.conversation_id == ReplyJob.conversation_id,
-                    waiting.status == JobStatus.QUEUED.value,
-                    unindexed(waiting.run_after) > now,
-                ),
-            )
-            .values(
-                status=JobStatus.RUNNING.value,
-                lease_owner=self.owner,
-                lease_expires_at=self._lease_end(),
-                attempts=ReplyJob.attempts + 1,
-                updated_at=now,
-            )
-            .returning(
-                ReplyJob.id, ReplyJob.conversation_id, ReplyJob.message_id, ReplyJob.attempts
-            )
+        taken = await connection.execute(
+            _TAKE,
+            {
+                "conversations": conversations,
+                "now": now,
+                "owner": self.owner,
+                "lease_end": now + dt.timedelta(seconds=self.lease_s),
+            },
         )
-        return sorted(await connection.execute(statement), key=lambda r: r.id)
+        return sorted(taken, key=lambda r: r.id)
 
     @staticmethod
     async def _leases_expired(connection: AsyncConnection, now: dt.datetime) -> bool:
-        running_past_lease = exists().where(
-            ReplyJob.status == JobStatus.RUNNING.value,  # by the due index: the running jobs
-            ReplyJob.lease_expires_at < now,
-        )
-        return bool(await connection.scalar(select(running_past_lease)))
+        return bool(await connection.scalar(_LEASES_EXPIRED, {"now": now}))
 
     async def _requeue_expired(self, connection: AsyncConnection, now: dt.datetime) -> None:
         """Jobs whose worker died are queued again; rows another claimer is requeueing right
@@ -405,27 +444,12 @@ class JobManager:
         """Conversations with queued jobs, none running, and every queued job due: a job
         waiting out a retry holds back the newer ones behind it, so replies keep their order.
         On PostgreSQL the conversations are locked, skipping those another claimer holds."""
-        running = select(ReplyJob.conversation_id).where(ReplyJob.status == JobStatus.RUNNING.value)
-        due = (
-            select(ReplyJob.conversation_id, func.min(ReplyJob.id).label("first_job"))
-            .where(
-                ReplyJob.status == JobStatus.QUEUED.value,
-                ReplyJob.conversation_id.not_in(running),
-            )
-            .group_by(ReplyJob.conversation_id)
-            .having(func.max(ReplyJob.run_after) <= now)
-            .subquery()
-        )
-        query = (
-            select(Conversation.id)
-            .join(due, due.c.conversation_id == Conversation.id)
-            .order_by(due.c.first_job)
-            .limit(limit)
-            .with_for_update(of=Conversation, skip_locked=True, key_share=True)
-        )
-        if among is not None:
-            query = query.where(Conversation.id.in_(list(among)))
-        return list((await connection.execute(query)).scalars())
+        if among is None:
+            rows = await connection.execute(_CLAIMABLE, {"now": now, "limit": limit})
+        else:
+            parameters = {"now": now, "limit": limit, "among": list(among)}
+            rows = await connection.execute(_CLAIMABLE_AMONG, parameters)
+        return list(rows.scalars())
 
     async def renew(self, job_ids: Sequence[int]) -> int:
         """Extend the leases of these running jobs, where this worker still holds them."""
