@@ -8,9 +8,12 @@ whole queue: on SQLite that read is a trip to a reader's thread, the slowest ste
 webhook and its reply. It reads the whole queue again at least once a poll interval however
 busy, when one of its retries or a quiet time falls due, after a wake without hints (another
 process's NOTIFY, the API, a webhook under a quiet time), a claim that filled its capacity,
-more hints than room, or a claim refused for want of it. Leases are renewed by a heartbeat
-while jobs run. On stop it claims nothing more, lets running jobs finish for a grace period,
-and gives the rest back to the queue for the next process.
+more hints than room, or a claim refused for want of it. A conversation whose job ends is
+looked at again only if a claim passed it over while it ran (its hint came, or the whole queue
+was read): at low rates a second claim after every reply, finding nothing, was a write
+transaction a message. Leases are renewed by a heartbeat while jobs run. On stop it claims
+nothing more, lets running jobs finish for a grace period, and gives the rest back to the
+queue for the next process.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class Worker:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._claims: dict[int, Claim] = {}  # what the running tasks hold, for lease renewal
         self._hints: set[int] = set()  # conversations given a job since the last claim
+        # Running conversations a claim passed over (hinted, or the whole queue read): they may
+        # hold a job that waits for their running one, so they are looked at again when it ends.
+        self._recheck: set[int] = set()
         self._scan = True  # whether the next claim reads the whole queue
         self._scan_at = 0.0  # `time.monotonic()` by which it reads it anyway: the poll, a due time
         self._retries_due: list[float] = []  # when this worker's retries fall due (a heap)
@@ -126,6 +132,7 @@ class Worker:
             while self._retries_due and self._retries_due[0] <= now:
                 heapq.heappop(self._retries_due)
         hints, self._hints = self._hints, set()
+        self._recheck.update(self._running.keys() if scan else hints & self._running.keys())
         try:
             claims = await self.queue.claim(free, among=None if scan else hints)
         except Exception:
@@ -147,7 +154,11 @@ class Worker:
         if self._running.get(conversation_id) is task:
             del self._running[conversation_id]
             del self._claims[conversation_id]
-        self.wake([conversation_id])  # it may have new messages, held back while it ran
+        if conversation_id in self._recheck:  # it may have new messages, held back while it ran
+            self._recheck.discard(conversation_id)
+            self.wake([conversation_id])
+        elif self._scan or self._hints:  # a claim refused for want of room: there is room now
+            self._wake.set()
 
     async def _sleep(self) -> None:
         waiters = [
@@ -244,6 +255,7 @@ class Worker:
         await self.queue.retry(claim.job_ids, error, delay)
         # Its due time: hints alone would never find it, and no quiet time reads `next_due`.
         heapq.heappush(self._retries_due, time.monotonic() + delay + DUE_MARGIN_S)
+        self._wake.set()  # a sleeping worker plans its nap again, to wake when this falls due
         return Outcome.RETRY
 
     async def _fail(self, claim: Claim, error: str) -> None:

@@ -142,3 +142,77 @@ async def test_work_that_no_hint_names_is_found_once_a_poll_interval_however_bus
 
 def _split(body: str) -> list[str]:
     return [body]
+
+
+def _count_takes(into: list[str]) -> Any:
+    """A `before_cursor_execute` listener: the claims' takes (the UPDATE leasing jobs)."""
+
+    def listen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE reply_job SET status") and "RETURNING" in statement:
+            into.append(statement)
+
+    return listen
+
+
+async def test_a_reply_costs_one_claim_when_nothing_waits_behind_it(
+    make_settings: SettingsFactory,
+    engine: AsyncEngine,
+    providers: FakeProviders,
+    database_url: str,
+) -> None:
+    """A job that ends is looked at again only when something of its conversation may have
+    waited for it: a lone text's reply is one claim, not a second one that finds nothing."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("on PostgreSQL the commit's NOTIFY has every worker read the queue")
+    takes: list[str] = []
+    listen = _count_takes(takes)
+    async with running_app(make_settings(worker_poll_s=30.0)) as client:
+        await asyncio.sleep(0.2)  # the worker's first look at the queue
+        event.listen(Engine, "before_cursor_execute", listen)
+        try:
+            for count, body in enumerate(("hello", "and again"), start=1):
+                await text(client, body)
+                await providers.wait_for_async(lambda: providers.twilio_sent, timeout=5)
+                await done(engine)
+                await asyncio.sleep(0.1)  # a claim after the job would come now
+                assert len(takes) == count
+        finally:
+            event.remove(Engine, "before_cursor_execute", listen)
+    assert [s["Body"] for s in providers.twilio_sent] == ["echo: hello", "echo: and again"]
+
+
+async def test_a_text_that_waited_for_its_conversations_job_is_answered_when_it_ends(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """Alice's second text comes while her first reply's send is in flight: its job waits for
+    that one, then goes at once, not at the next poll (30 s)."""
+    providers.twilio_plan(("accept_then_hang", 0.5))
+    async with running_app(make_settings(worker_poll_s=30.0)) as client:
+        await text(client, "hello", From=ALICE)
+        await providers.wait_for_async(lambda: providers.twilio_sent, timeout=5)
+        await text(client, "are you there?", From=ALICE)  # while Twilio's answer hangs
+        started = time.monotonic()
+        await providers.wait_for_async(lambda: len(providers.twilio_sent) == 2, timeout=5)
+        answered_s = time.monotonic() - started
+        await done(engine)
+    assert [s["Body"] for s in providers.twilio_sent] == ["echo: hello", "echo: are you there?"]
+    assert answered_s < 2.0
+
+
+async def test_a_worker_at_capacity_claims_again_as_soon_as_a_job_ends(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """One job at a time and a 30 s poll: the texts of three people are answered one after
+    the other, each as soon as the one before it ends."""
+    providers.openai_delay = 0.2
+    async with running_app(make_settings(worker_poll_s=30.0, worker_concurrency=1)) as client:
+        started = time.monotonic()
+        for sender in range(3):
+            await text(client, f"question {sender}", From=f"+1555200{sender:04d}")
+        await providers.wait_for_async(lambda: len(providers.twilio_sent) == 3, timeout=10)
+        answered_s = time.monotonic() - started
+        await done(engine)
+    assert sorted(s["Body"] for s in providers.twilio_sent) == [
+        f"echo: question {sender}" for sender in range(3)
+    ]
+    assert answered_s < 3.0
