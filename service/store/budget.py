@@ -2,19 +2,27 @@
 
 The windows are fixed (an hour from each full hour UTC, for `N/hour`), counted in one database
 row each (`model_call_window`), so every process of a deployment draws on the same count.
-Taking a place is one short unit of a write transaction (a `GroupCommit` of the budget's own:
-the takes of the moment share one short transaction, not the reply side's longer ones, whose
-lock on the row would hold every other process's takes):
+A process takes its places in blocks (`block_size`: a thousandth of the limit, from 1 to
+64), one short unit of a write transaction a block (a `GroupCommit` of the budget's own: the
+takes of the moment share one short transaction, not the reply side's longer ones, whose lock
+on the row would hold every other process's takes), and hands them out to its model calls
+one by one; one block is asked for at a time, and calls that need a place meanwhile wait for
+it. At low rates that spares most replies a write transaction of their own:
 
 1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it),
    until this process has seen it committed: from then on the row is there, since only
    windows a day old are pruned;
-2. `UPDATE … SET calls = calls + 1 WHERE calls < limit`: granted when a row was updated.
+2. `UPDATE … SET calls = calls + n WHERE calls + n <= limit`: granted when a row was
+   updated; a block refused asks again for one place, so the last places of a window are
+   still handed out one at a time.
 
 The conditional UPDATE is atomic (PostgreSQL locks the row and re-checks the condition after
 waiting; SQLite has one writer), so processes racing for the last place cannot both get it:
 no overshoot. A place is taken *before* the call, so it counts even if the call then fails (a
-failed call may cost too) or the process dies first (a lost place, never an extra call).
+failed call may cost too) or the process dies first (a lost place, never an extra call). The
+places of a block a process has not used when its window ends (or it stops) are lost the
+same way: a deployment makes at most the limit's calls in a window, and at least the limit
+less `block_size - 1` a process (0.1 % of it).
 A fixed window lets up to twice the limit through across one boundary (the end of one window
 and the start of the next); that is the price of an O(1) check.
 
@@ -25,6 +33,7 @@ ends (a full window stays full). The first refusal in a window, deployment-wide,
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
@@ -62,10 +71,17 @@ _TAKE = (
     .where(
         _W.window_s == bindparam("w_s"),
         _W.window_start == bindparam("w_start"),
-        _W.calls < bindparam("limit"),
+        _W.calls + bindparam("n") <= bindparam("limit"),
     )
-    .values(calls=_W.calls + 1)
+    .values(calls=_W.calls + bindparam("n"))
 )
+MAX_BLOCK = 64
+
+
+def block_size(limit: RateLimit) -> int:
+    """How many places a process takes at once: a thousandth of the limit, 1 to `MAX_BLOCK`
+    (a small limit is counted exactly, call by call)."""
+    return max(1, min(MAX_BLOCK, limit.count // 1000))
 
 
 def window_start(moment: dt.datetime, window_s: int) -> dt.datetime:
@@ -88,6 +104,10 @@ class ModelCallBudget:
         # row until its transaction commits, and a long shared batch would hold every other
         # process's takes (and so their batches) behind it.
         self._takes = GroupCommit(engine)
+        self._block = block_size(limit) if limit is not None else 1
+        self._places = 0  # taken in the database for `_places_window`, not handed out yet
+        self._places_window: dt.datetime | None = None
+        self._refill = asyncio.Lock()  # one block asked for at a time
 
     async def take(self) -> bool:
         """A place for one model call in the current window; False when the window is full."""
@@ -95,6 +115,21 @@ class ModelCallBudget:
             return True
         now = utcnow()
         start = window_start(now, self._limit.window_s)
+        if self._hand_out(start):
+            return True
+        async with self._refill:
+            if self._hand_out(start):  # another call's block came in meanwhile
+                return True
+            return await self._take_block(start, now)
+
+    def _hand_out(self, start: dt.datetime) -> bool:
+        if self._places_window != start or self._places <= 0:
+            return False
+        self._places -= 1
+        return True
+
+    async def _take_block(self, start: dt.datetime, now: dt.datetime) -> bool:
+        assert self._limit is not None
         if start == self._full_window:
             return False
         taken, first = await self._takes.run(
@@ -102,6 +137,7 @@ class ModelCallBudget:
         )
         self._known_window = start  # committed (a unit that raised would have raised here)
         if taken:
+            self._places, self._places_window = taken - 1, start
             return True
         self._full_window = start
         if first:
@@ -115,11 +151,12 @@ class ModelCallBudget:
 
     async def _take_or_refuse(
         self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
-    ) -> tuple[bool, bool]:
-        """(granted, this is the window's first refusal anywhere in the deployment)."""
-        if await self._take(connection, start, now):
-            return True, False
-        return False, await self._mark_warned(connection, start, now)
+    ) -> tuple[int, bool]:
+        """(places granted, this is the window's first refusal anywhere in the deployment)."""
+        for places in dict.fromkeys((self._block, 1)):  # a block; the window's last places
+            if await self._take(connection, start, now, places):
+                return places, False
+        return 0, await self._mark_warned(connection, start, now)
 
     def _key(self, start: dt.datetime) -> tuple[ColumnElement[bool], ...]:
         assert self._limit is not None
@@ -129,18 +166,19 @@ class ModelCallBudget:
         )
 
     async def _take(
-        self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime
+        self, connection: AsyncConnection, start: dt.datetime, now: dt.datetime, places: int
     ) -> bool:
         assert self._limit is not None
         key = {"w_s": self._limit.window_s, "w_start": start}
         if start != self._known_window:
             await self._create(connection, key, now)
-        taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
+        take = {**key, "limit": self._limit.count, "n": places}
+        taken = await connection.execute(_TAKE, take)
         if not taken.rowcount and start == self._known_window:
             # Full, or the row is gone (deleted by an operator, a restored database): make it
             # again if need be, rather than refuse every call until the window ends.
             await self._create(connection, key, now)
-            taken = await connection.execute(_TAKE, {**key, "limit": self._limit.count})
+            taken = await connection.execute(_TAKE, take)
         return bool(taken.rowcount)
 
     async def _create(self, connection: AsyncConnection, key: dict[str, Any], now: Any) -> None:

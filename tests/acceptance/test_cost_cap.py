@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.db import utcnow
@@ -228,3 +228,31 @@ def test_windows_start_at_whole_multiples_of_their_length() -> None:
     assert window_start(moment, 3600) == dt.datetime(2026, 12, 1, 10, tzinfo=dt.UTC)
     assert window_start(moment, DAY) == dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     assert window_start(moment, 60) == dt.datetime(2026, 12, 1, 10, 37, tzinfo=dt.UTC)
+
+
+async def window_calls(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        return int(await connection.scalar(select(ModelCallWindow.calls)) or 0)
+
+
+async def test_places_are_taken_in_blocks_one_block_at_a_time_and_the_last_one_by_one(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """A large limit: a process takes a thousandth of it at once (here 4 places), and calls
+    that need a place while a block is asked for wait for that block; the window's last
+    places, fewer than a block, still go one at a time, and none past the limit."""
+    providers.openai_delay = 0.1
+    async with running_app(make_settings(model_calls_limit="4001/day", **FAST)) as client:
+        await asyncio.gather(*(text_from(client, n) for n in range(6)))  # at once
+        await eventually(lambda: settled(engine))
+        assert len(providers.openai_requests) == 6
+        assert await window_calls(engine) == 8  # two blocks, not one (or more) per call
+        async with engine.begin() as connection:  # the deployment's other processes meanwhile
+            await connection.execute(update(ModelCallWindow).values(calls=3998))
+        for n in range(6, 12):
+            await text_from(client, n)
+            await eventually(lambda: settled(engine))
+    # Two places left in this process's block (8 taken, 6 used), then 3999..4001 one by one.
+    assert len(providers.openai_requests) == 6 + 2 + 3
+    assert await window_calls(engine) == 4001
+    assert await statuses(engine) == ["answered"] * 11 + ["rate_limited"]
