@@ -51,6 +51,7 @@ SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024  # a WAL grown past it is cut back whe
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
 INLINE = "parley_inline"  # execution option: a few small statements on indexes (`inline`)
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
+IDLE_IN_TRANSACTION_MS = 10_000  # PostgreSQL ends a session idle that long inside a transaction
 POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
 _readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
@@ -70,6 +71,15 @@ def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) ->
     kwargs.setdefault("pool_size", connections)
     kwargs.setdefault("max_overflow", 0)  # closing overflow connections on return is churn
     kwargs.setdefault("pool_pre_ping", False)
+    if url.get_driver_name() == "asyncpg":
+        connect_args = kwargs.setdefault("connect_args", {})
+        settings = connect_args.setdefault("server_settings", {})
+        # A process frozen inside a transaction (SIGSTOP, a paused container or VM) keeps its
+        # row locks: a lease renewal's lock would hide its jobs from every other worker's
+        # requeue (SKIP LOCKED) for as long as it stays frozen. PostgreSQL ends the session
+        # instead. Parley's transactions are a few statements, never open across a model
+        # call or a send, so nothing of its own sits idle in one for that long.
+        settings.setdefault("idle_in_transaction_session_timeout", str(IDLE_IN_TRANSACTION_MS))
     return create_async_engine(url, **kwargs)
 
 

@@ -43,8 +43,12 @@ async def test_five_texts_within_200_ms_get_one_model_call_and_one_reply(
         await providers.wait_for_async(lambda: providers.twilio_sent, timeout=5)
         waited = time.monotonic() - last_text
         await done(engine)
-    assert 0.3 <= waited < 1.2, waited  # quiet for 0.4 s, not a 5 s poll
+    assert waited < 1.2, waited  # quiet for 0.4 s, not a 5 s poll
     questions = await inbound(engine)
+    # Quiet for 0.4 s from when the last text was stored (its ack may reach the phone late on
+    # a loaded machine: the quiet time is not counted from there).
+    quiet = providers.twilio_sent[0]["time"] - max(m.created_at for m in questions).timestamp()
+    assert 0.4 <= quiet < 1.2, quiet
     stored = [m.body for m in questions]
     assert sorted(stored) == sorted(FIVE)
     [request] = providers.openai_requests

@@ -217,6 +217,22 @@ async def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(
     assert int(pragmas["busy_timeout"]) >= 5000
 
 
+async def test_postgresql_ends_a_session_left_idle_inside_a_transaction(
+    database_url: str,
+) -> None:
+    """A frozen process's open transaction (its row locks hide jobs from every other worker's
+    requeue) is ended by PostgreSQL after 10 s, on every connection Parley opens."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("a PostgreSQL session setting")
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            shown = await connection.scalar(text("SHOW idle_in_transaction_session_timeout"))
+    finally:
+        await engine.dispose()
+    assert shown == "10s"
+
+
 async def test_two_processes_migrating_at_once_do_not_collide(database_url: str) -> None:
     """Replicas start together: the advisory lock lets one migrate while the other waits."""
     if not database_url.startswith("postgresql"):
