@@ -51,7 +51,7 @@ SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024  # a WAL grown past it is cut back whe
 READ_ONLY = "parley_read_only"  # execution option: this connection's transactions only read
 INLINE = "parley_inline"  # execution option: a few small statements on indexes (`inline`)
 SQLITE_READERS = 4  # connections for SQLite's readers (each is a thread in aiosqlite)
-IDLE_IN_TRANSACTION_MS = 10_000  # PostgreSQL ends a session idle that long inside a transaction
+IDLE_IN_TRANSACTION_S = 10.0  # PostgreSQL ends a session idle that long inside a transaction
 POOL_TIMEOUT_S = 60.0  # waiting for a connection: hundreds of jobs may queue for a few
 _readers: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 T = TypeVar("T")
@@ -61,9 +61,17 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) -> AsyncEngine:
+def create_engine(
+    database_url: str,
+    *,
+    connections: int = 10,
+    idle_in_transaction_s: float = IDLE_IN_TRANSACTION_S,
+    **kwargs: Any,
+) -> AsyncEngine:
     """The process's engine; `connections` is the PostgreSQL pool's size
-    (`Settings.database_connections`)."""
+    (`Settings.database_connections`), `idle_in_transaction_s` how long PostgreSQL lets one
+    of its sessions sit idle inside a transaction (`DB_IDLE_IN_TRANSACTION_S`; 0: the
+    server's own setting)."""
     url = make_url(database_url)
     kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
     if url.get_backend_name() == "sqlite":
@@ -71,15 +79,18 @@ def create_engine(database_url: str, *, connections: int = 10, **kwargs: Any) ->
     kwargs.setdefault("pool_size", connections)
     kwargs.setdefault("max_overflow", 0)  # closing overflow connections on return is churn
     kwargs.setdefault("pool_pre_ping", False)
-    if url.get_driver_name() == "asyncpg":
-        connect_args = kwargs.setdefault("connect_args", {})
-        settings = connect_args.setdefault("server_settings", {})
+    if url.get_driver_name() == "asyncpg" and idle_in_transaction_s > 0:
         # A process frozen inside a transaction (SIGSTOP, a paused container or VM) keeps its
         # row locks: a lease renewal's lock would hide its jobs from every other worker's
         # requeue (SKIP LOCKED) for as long as it stays frozen. PostgreSQL ends the session
         # instead. Parley's transactions are a few statements, never open across a model
-        # call or a send, so nothing of its own sits idle in one for that long.
-        settings.setdefault("idle_in_transaction_session_timeout", str(IDLE_IN_TRANSACTION_MS))
+        # call or a send, so nothing of its own sits idle in one for that long. (A startup
+        # parameter: PgBouncer refuses it unless told to ignore it; set it on the role there.)
+        connect_args = dict(kwargs.get("connect_args", {}))
+        server_settings = dict(connect_args.get("server_settings", {}))
+        timeout_ms = str(round(idle_in_transaction_s * 1000))
+        server_settings.setdefault("idle_in_transaction_session_timeout", timeout_ms)
+        kwargs["connect_args"] = {**connect_args, "server_settings": server_settings}
     return create_async_engine(url, **kwargs)
 
 

@@ -49,7 +49,11 @@ async def started(
     process of its own (`parley serve`, `parley worker`) keeps what it started with out of the
     garbage collector's full collections (`collector`)."""
     profiles = profiles or profiles_of(settings)
-    engine = create_engine(settings.database_url, connections=settings.database_connections)
+    engine = create_engine(
+        settings.database_url,
+        connections=settings.database_connections,
+        idle_in_transaction_s=settings.db_idle_in_transaction_s,
+    )
     try:
         if settings.auto_migrate:
             await upgrade(engine)

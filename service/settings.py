@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     max_email_bytes: int = Field(31_457_280, ge=1024)
     admin_token: str | None = None
     db_pool_size: int = Field(0, ge=0)  # PostgreSQL connections a process; 0: from concurrency
+    # PostgreSQL ends a session idle this long inside a transaction; 0: the server's own setting
+    db_idle_in_transaction_s: float = Field(10.0, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"

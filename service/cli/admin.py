@@ -85,7 +85,9 @@ def cmd_conversations(args: argparse.Namespace) -> int:
 
 
 async def _list(settings: Settings, limit: int) -> admin.Page:
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
+    )
     try:
         return await admin.list_conversations(engine, 1, limit)
     finally:
@@ -170,7 +172,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 async def _with_engine(settings: Settings, query: Any, address: str) -> admin.Deleted:
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
+    )
     try:
         result: admin.Deleted = await query(engine, address)
         return result

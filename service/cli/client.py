@@ -174,7 +174,9 @@ async def wait_for_reply(
     timeout_s: float = REPLY_WAIT_S,
 ) -> str | None:
     """Watch the database for the reply to one inbound message; None if none comes."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

@@ -108,7 +108,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     configure_logging(settings)
 
     async def run() -> None:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(
+            settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
+        )
         try:
             await upgrade(engine)
         finally:

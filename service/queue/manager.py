@@ -408,7 +408,7 @@ class JobManager:
                 "conversations": conversations,
                 "now": now,
                 "owner": self.owner,
-                "lease_end": now + dt.timedelta(seconds=self.lease_s),
+                "lease_end": self._lease_end(),  # from now: the read and the lock took time
             },
         )
         return sorted(taken, key=lambda r: r.id)

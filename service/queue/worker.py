@@ -165,7 +165,13 @@ class Worker:
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
-        nap = min(await self._nap_s(), max(self._next_scan_at() - time.monotonic(), DUE_MARGIN_S))
+        if len(self._running) >= self._settings.worker_concurrency:
+            # No room to claim into, whatever falls due: a job that ends wakes it (`_done`).
+            # (Napping to a due time already past, it woke every 2 ms while at capacity.)
+            nap = self._poll_interval_s
+        else:
+            due_s = max(self._next_scan_at() - time.monotonic(), DUE_MARGIN_S)
+            nap = min(await self._nap_s(), due_s)
         woken, _ = await asyncio.wait(waiters, timeout=nap, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()

@@ -7,7 +7,8 @@ A process takes its places in blocks (`block_size`: a thousandth of the limit, f
 takes of the moment share one short transaction, not the reply side's longer ones, whose lock
 on the row would hold every other process's takes), and hands them out to its model calls
 one by one; one block is asked for at a time, and calls that need a place meanwhile wait for
-it. At low rates that spares most replies a write transaction of their own:
+it (places taken one by one, under a limit of 2,000, are asked for together, in one batch).
+At low rates that spares most replies a write transaction of their own:
 
 1. `INSERT … ON CONFLICT DO NOTHING` the window's row (the first call of a window makes it),
    until this process has seen it committed: from then on the row is there, since only
@@ -117,6 +118,8 @@ class ModelCallBudget:
         start = window_start(now, self._limit.window_s)
         if self._hand_out(start):
             return True
+        if self._block == 1:  # nothing to hand out later: concurrent takes share a batch
+            return await self._take_block(start, now)
         async with self._refill:
             if self._hand_out(start):  # another call's block came in meanwhile
                 return True
@@ -174,7 +177,7 @@ class ModelCallBudget:
             await self._create(connection, key, now)
         take = {**key, "limit": self._limit.count, "n": places}
         taken = await connection.execute(_TAKE, take)
-        if not taken.rowcount and start == self._known_window:
+        if not taken.rowcount and start == self._known_window and places == 1:
             # Full, or the row is gone (deleted by an operator, a restored database): make it
             # again if need be, rather than refuse every call until the window ends.
             await self._create(connection, key, now)

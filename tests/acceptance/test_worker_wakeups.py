@@ -216,3 +216,31 @@ async def test_a_worker_at_capacity_claims_again_as_soon_as_a_job_ends(
         f"echo: question {sender}" for sender in range(3)
     ]
     assert answered_s < 3.0
+
+
+async def test_a_worker_at_capacity_sleeps_until_a_job_ends_not_in_2_ms_naps(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    """Bob's job falls due while Alice's takes the one place: nothing can be claimed before
+    hers ends, so the worker does not wake (and read when the next job is due) meanwhile."""
+    providers.openai_delay = 1.0
+    reads: list[str] = []
+
+    def listen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "min(reply_job.run_after)" in statement:  # `next_due`, read before each nap
+            reads.append(statement)
+
+    settings = make_settings(worker_poll_s=5.0, worker_concurrency=1, reply_debounce_s=0.05)
+    async with running_app(settings) as client:
+        await text(client, "hello", From=ALICE)
+        await providers.wait_for_async(lambda: providers.openai_in_flight == 1, timeout=5)
+        await text(client, "hi there", From="+15550009999")  # due in 50 ms, no room for it
+        event.listen(Engine, "before_cursor_execute", listen)
+        try:
+            await asyncio.sleep(0.6)  # Alice's model call still runs
+        finally:
+            event.remove(Engine, "before_cursor_execute", listen)
+        await providers.wait_for_async(lambda: len(providers.twilio_sent) == 2, timeout=10)
+        await done(engine)
+    assert sorted(s["Body"] for s in providers.twilio_sent) == ["echo: hello", "echo: hi there"]
+    assert len(reads) < 10, f"{len(reads)} reads of the next due time while at capacity"

@@ -224,13 +224,22 @@ async def test_postgresql_ends_a_session_left_idle_inside_a_transaction(
     requeue) is ended by PostgreSQL after 10 s, on every connection Parley opens."""
     if not database_url.startswith("postgresql"):
         pytest.skip("a PostgreSQL session setting")
-    engine = create_engine(database_url)
+    assert await _shown(create_engine(database_url)) == ("10s", "")
+    caller = {"server_settings": {"application_name": "parley-test"}}
+    assert await _shown(create_engine(database_url, connect_args=caller)) == ("10s", "parley-test")
+    assert caller == {"server_settings": {"application_name": "parley-test"}}  # not changed
+    # DB_IDLE_IN_TRANSACTION_S=0 (behind PgBouncer, which refuses the startup parameter).
+    assert await _shown(create_engine(database_url, idle_in_transaction_s=0)) == ("0", "")
+
+
+async def _shown(engine: AsyncEngine) -> tuple[str, str]:
     try:
         async with engine.connect() as connection:
-            shown = await connection.scalar(text("SHOW idle_in_transaction_session_timeout"))
+            timeout = await connection.scalar(text("SHOW idle_in_transaction_session_timeout"))
+            name = await connection.scalar(text("SHOW application_name"))
     finally:
         await engine.dispose()
-    assert shown == "10s"
+    return str(timeout), str(name)
 
 
 async def test_two_processes_migrating_at_once_do_not_collide(database_url: str) -> None:
