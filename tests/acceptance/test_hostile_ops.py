@@ -477,8 +477,13 @@ async def test_reads_answer_while_another_connection_holds_the_write_lock(
             ("/api/conversations", AUTH),
             (f"/api/conversations/{conversation.id}", AUTH),
         ]
-        holder = sqlite3.connect(sqlite_path(database_url), isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")
+        # In a thread: waiting on the loop's thread for the lock would also stall the app's
+        # own transaction that holds it (it needs the loop to commit): a deadlock, until
+        # sqlite3's busy timeout said "database is locked" (seen once on a loaded machine).
+        holder = sqlite3.connect(
+            sqlite_path(database_url), isolation_level=None, check_same_thread=False, timeout=30
+        )
+        await asyncio.to_thread(holder.execute, "BEGIN IMMEDIATE")
         holder.execute("UPDATE conversation SET paused = paused")  # the write lock is held
         try:
             for path, headers in reads:
