@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service import sqlite_dialect
+from service.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024  # a WAL grown past it is cut back when it starts over
@@ -59,6 +60,16 @@ T = TypeVar("T")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def engine_of(settings: Settings) -> AsyncEngine:
+    """The engine `settings` describe: their URL, their PostgreSQL pool and its sessions' limit
+    on idling inside a transaction; what every command of a process opens."""
+    return create_engine(
+        settings.database_url,
+        connections=settings.database_connections,
+        idle_in_transaction_s=settings.db_idle_in_transaction_s,
+    )
 
 
 def create_engine(

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.assistant import Model, create_model
 from service.channels.registry import Channels, build_channels
 from service.collector import freeze_for_good
-from service.db import create_engine
+from service.db import engine_of
 from service.group_commit import group_commit
 from service.migrate import upgrade
 from service.profiles import Profiles, profiles_of
@@ -49,11 +49,7 @@ async def started(
     process of its own (`parley serve`, `parley worker`) keeps what it started with out of the
     garbage collector's full collections (`collector`)."""
     profiles = profiles or profiles_of(settings)
-    engine = create_engine(
-        settings.database_url,
-        connections=settings.database_connections,
-        idle_in_transaction_s=settings.db_idle_in_transaction_s,
-    )
+    engine = engine_of(settings)
     try:
         if settings.auto_migrate:
             await upgrade(engine)

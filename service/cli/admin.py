@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from service.channels.base import BadAddress
 from service.channels.registry import build_channels
-from service.db import create_engine
+from service.db import engine_of
 from service.settings import Settings, settings_or_exit
 from service.store import conversations as admin
 
@@ -85,9 +85,7 @@ def cmd_conversations(args: argparse.Namespace) -> int:
 
 
 async def _list(settings: Settings, limit: int) -> admin.Page:
-    engine = create_engine(
-        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
-    )
+    engine = engine_of(settings)
     try:
         return await admin.list_conversations(engine, 1, limit)
     finally:
@@ -172,9 +170,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 async def _with_engine(settings: Settings, query: Any, address: str) -> admin.Deleted:
-    engine = create_engine(
-        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
-    )
+    engine = engine_of(settings)
     try:
         result: admin.Deleted = await query(engine, address)
         return result

@@ -24,7 +24,7 @@ import httpx
 from tqdm import tqdm
 
 from service import testing
-from service.db import create_engine
+from service.db import engine_of
 from service.settings import Settings, settings_or_exit
 from service.store.conversations import ReplyTo, reply_to
 from service.types import Delivery, InboundState
@@ -174,9 +174,7 @@ async def wait_for_reply(
     timeout_s: float = REPLY_WAIT_S,
 ) -> str | None:
     """Watch the database for the reply to one inbound message; None if none comes."""
-    engine = create_engine(
-        settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
-    )
+    engine = engine_of(settings)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

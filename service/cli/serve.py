@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 
 from service.cli.profiles import profiles_or_exit
-from service.db import create_engine
+from service.db import engine_of
 from service.logs import configure_logging
 from service.migrate import upgrade
 from service.profiles import Profiles
@@ -108,9 +108,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     configure_logging(settings)
 
     async def run() -> None:
-        engine = create_engine(
-            settings.database_url, idle_in_transaction_s=settings.db_idle_in_transaction_s
-        )
+        engine = engine_of(settings)
         try:
             await upgrade(engine)
         finally:
