@@ -41,6 +41,7 @@ from service.queue.notify import notify_jobs
 from service.types import JobStatus
 
 _T_REPLYJOB = cast(Table, ReplyJob.__table__)
+_T_CONVERSATION = cast(Table, Conversation.__table__)
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ _LEASES_EXPIRED = select(
 def _claimable_query() -> Select[Any]:
     """Conversations with queued jobs, none running, every queued job due; first come first.
     (`FOR NO KEY UPDATE SKIP LOCKED` on PostgreSQL; SQLite leaves it out.)"""
-    conversations = cast(Table, Conversation.__table__).c
+    conversations = _T_CONVERSATION.c
     running = select(_JOB.conversation_id).where(_JOB.status == JobStatus.RUNNING.value)
     due = (
         select(_JOB.conversation_id, func.min(_JOB.id).label("first_job"))
@@ -325,14 +326,12 @@ def _claimable_query() -> Select[Any]:
         .join(due, due.c.conversation_id == conversations.id)
         .order_by(due.c.first_job)
         .limit(bindparam("limit"))
-        .with_for_update(of=cast(Table, Conversation.__table__), skip_locked=True, key_share=True)
+        .with_for_update(of=_T_CONVERSATION, skip_locked=True, key_share=True)
     )
 
 
 _CLAIMABLE = _claimable_query()
-_CLAIMABLE_AMONG = _CLAIMABLE.where(
-    cast(Table, Conversation.__table__).c.id.in_(bindparam("among", expanding=True))
-)
+_CLAIMABLE_AMONG = _CLAIMABLE.where(_T_CONVERSATION.c.id.in_(bindparam("among", expanding=True)))
 
 
 class JobManager:

@@ -98,7 +98,7 @@ class Worker:
             while not self._stopping.is_set():
                 self._wake.clear()
                 claimed = await self._claim_some()
-                if claimed and len(self._running) < self._settings.worker_concurrency:
+                if claimed and self._room() > 0:
                     continue  # there may be more due work
                 await self._sleep()
             # Leases stay renewed while `stop()` lets running jobs finish.
@@ -120,7 +120,7 @@ class Worker:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def _claim_some(self) -> int:
-        free = self._settings.worker_concurrency - len(self._running)
+        free = self._room()
         if free <= 0:
             self._scan = True  # what was hinted meanwhile waits for capacity, in queue order
             return 0
@@ -148,6 +148,10 @@ class Worker:
             task.add_done_callback(functools.partial(self._done, claim.conversation_id))
         return len(claims)
 
+    def _room(self) -> int:
+        """How many more conversations this worker may run now."""
+        return self._settings.worker_concurrency - len(self._running)
+
     def _done(self, conversation_id: int, task: asyncio.Task[None]) -> None:
         # The conversation's next job may be claimed between the finishing commit and this
         # callback: its task's entries are not this one's to remove.
@@ -165,7 +169,7 @@ class Worker:
             asyncio.create_task(self._wake.wait()),
             asyncio.create_task(self._stopping.wait()),
         ]
-        if len(self._running) >= self._settings.worker_concurrency:
+        if self._room() <= 0:
             # No room to claim into, whatever falls due: a job that ends wakes it (`_done`).
             # (Napping to a due time already past, it woke every 2 ms while at capacity.)
             nap = self._poll_interval_s
