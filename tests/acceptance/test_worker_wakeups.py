@@ -111,7 +111,9 @@ async def test_a_retry_falls_due_on_time_while_other_texts_keep_waking_the_worke
         await done(engine)
     assert providers.openai_attempts[0] == "500"
     assert answered_at is not None, "Alice's retry waited for the other texts to stop"
-    assert answered_at < 1.0
+    # Well before the poll (5 s) and the texts' end (2.5 s); 1.0 s was missed by 0.18 s on
+    # PostgreSQL (a read of the queue every wake) with two test processes on two cores.
+    assert answered_at < 2.0
     answered = [s["To"] for s in providers.twilio_sent]
     assert answered.count(ALICE) == 1
     assert len(answered) == others + 1
