@@ -29,8 +29,11 @@ from tests.email_posts import (
     CREDENTIALS,
     HOSTILE,
     INBOUND,
+    NESTED_TYPE,
+    nested_short_lines_body,
     parsed_with_headers,
     post_fields,
+    raw_mail,
     raw_post,
     report,
     send_hostile,
@@ -164,6 +167,48 @@ async def test_past_the_deadline_the_text_at_hand_is_used_with_one_warning_and_a
     assert "-- \nAlice" not in latest.body  # stripped as ever
 
 
+async def test_hostile_mails_posted_at_once_leave_an_ordinary_mail_its_text_and_its_answer(
+    app: httpx.AsyncClient, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    # Mails that each keep a child busy until its deadline, two at work and four waiting, then
+    # a short one: it used to wait behind them past its whole budget and be stored with no
+    # text at all.
+    extractor = app.app.state.channels[Channel.EMAIL].extractor  # type: ignore[attr-defined]
+    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
+    hostile = [
+        asyncio.create_task(post_fields(app, build(f"<slow-{i}@example.com>"))) for i in range(6)
+    ]
+
+    async def four_waiting() -> bool:
+        return extractor.waiting == 4
+
+    await eventually(four_waiting, timeout=10, interval=0.005)
+    short = raw_post(
+        "<carol-1@example.com>",
+        {"From": "Carol <carol@example.com>", "Content-Type": "text/plain; charset=utf-8"},
+        b"What time do you open tomorrow?\r\n",
+    )
+    started = time.perf_counter()
+    response = await post_fields(app, short)
+    seconds = time.perf_counter() - started
+    assert [(await task).status_code for task in hostile] == [200] * 6
+    await eventually(lambda: settled(engine), timeout=15)
+
+    print(f"the short mail's webhook took {seconds:.2f} s")
+    assert response.status_code == 200
+    [carol] = await messages(engine, Message.provider_message_id == "<carol-1@example.com>")
+    assert (carol.body, carol.intent, carol.status) == (
+        "What time do you open tomorrow?",
+        "message",
+        "answered",
+    )
+    assert [m["personalizations"][0]["to"][0]["email"] for m in sent_mails(providers)] == [
+        "carol@example.com"
+    ]
+    slow = await messages(engine, Message.provider_message_id.like("<slow-%"))
+    assert len(slow) == 6 and {m.intent for m in slow} == {"unreadable"}
+
+
 async def test_mail_after_mail_reuses_one_warm_extraction_process(
     app: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
@@ -209,6 +254,27 @@ async def test_past_its_deadline_a_mail_keeps_its_own_text_truncated_and_unstrip
     assert extracted.body.startswith(starts) and contains in extracted.body
     assert "<p>" not in extracted.body
     assert (quick.body, quick.problem) == ("Hi", None)  # with the usual deadline, stripped
+
+
+async def test_a_short_mail_that_waited_stops_a_larger_one_that_ran_as_long() -> None:
+    # One child, busy with 19 levels of parts over 1.7 million lines (its 1 s deadline
+    # would stop it); a short mail waiting for it stops it after 0.25 s instead.
+    extractor = Extractor(processes=1)
+    big = MailContent(mime=raw_mail(NESTED_TYPE, nested_short_lines_body()))
+    try:
+        slow = asyncio.create_task(extractor.extract(big))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        quick = await extractor.extract(MailContent(plain="Open on Sunday?\n\n-- \nAlice"))
+        seconds = time.perf_counter() - started
+        stopped = await slow
+    finally:
+        await extractor.close()
+
+    print(f"the short mail waited and ran {seconds:.2f} s")
+    assert (quick.body, quick.problem) == ("Open on Sunday?", None)
+    assert stopped.problem is not None and "for a smaller mail's turn" in stopped.problem
+    assert seconds < 0.9  # the big one's deadline is 1 s from its start, 0.1 s before this
 
 
 async def test_a_mail_with_unreadable_top_level_headers_is_one_warning_line(

@@ -13,6 +13,13 @@ which keeps the serve process small.
 Past the budget Parley does not wait: it kills the busy child (the next mail starts a new one)
 and uses the text it has, truncated and unstripped (`limits.fallback_body`).
 
+The children are shared fairly: a mail waiting for one goes before every larger mail waiting
+(smallest first, then in order of arrival), and once it has waited `PREEMPT_AFTER_S` it stops
+the longest-running larger mail that has had as long, which then uses the text it has. So a
+few hostile mails (large, since the caps bound a small mail's work) can no longer spend an
+ordinary mail's budget in the queue behind them: before, four of them posted at once made a
+short mail behind them wait out its whole budget and be stored without its text.
+
 The child is `python -m service.channels.sendgrid.extraction`; it speaks length-prefixed JSON
 frames on its stdin/stdout (a request frame is followed by a length-prefixed blob: the raw
 mail, if any).
@@ -23,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
+import heapq
+import itertools
 import json
 import os
 import signal
@@ -52,6 +61,9 @@ EXTRACT_DEADLINE_S = 1.0
 EXTRACT_BUDGET_S = 1.5
 # Children at most (started one by one as mails overlap): one per core on a small host.
 EXTRACTION_PROCESSES = 2
+# A mail that waited this long for a child stops a larger one that has run as long. Ordinary
+# mail takes a few milliseconds to tens of them; a child start ~0.1 s.
+PREEMPT_AFTER_S = 0.25
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _STOP_WAIT_S = 2.0
 
@@ -207,6 +219,10 @@ class ExtractionError(ChildFailed):
     """The child reported an error for this mail; it is still fine for the next one."""
 
 
+class Preempted(ChildFailed):
+    """The child was stopped mid-mail for a smaller mail that had waited (`PREEMPT_AFTER_S`)."""
+
+
 async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     try:
         size = int.from_bytes(await reader.readexactly(4), "big")
@@ -276,9 +292,13 @@ class _Child:
             else:
                 raise ExtractionError(str(answer.get("error", "unknown answer")))
 
-    async def kill(self) -> None:
+    def interrupt(self) -> None:
+        """Kill it now, from a callback; `kill` then only reaps it."""
         with contextlib.suppress(ProcessLookupError):
             self._process.kill()
+
+    async def kill(self) -> None:
+        self.interrupt()
         await self._process.wait()
 
     async def stop(self) -> None:
@@ -292,29 +312,47 @@ class _Child:
 
 @dataclass
 class _Slot:
+    """One child's place, and the mail it is working on."""
+
     child: _Child | None = None
+    size: int = 0  # the mail's size in bytes
+    since: float | None = None  # when it took the mail; None while idle
+    preempted: bool = False  # stopped for a smaller mail (`Preempted`)
+
+
+def _size(content: MailContent) -> int:
+    return len(content.mime or b"") + len(content.plain or "") + len(content.html or "")
 
 
 class Extractor:
-    """Up to `processes` extraction children, started as mails need them. `extract` never takes
-    much longer than `budget_s`, whatever the mail."""
+    """Up to `processes` extraction children, started as mails need them and shared smallest
+    mail first (see the module's docstring). `extract` never takes much longer than
+    `budget_s`, whatever the mail."""
 
     def __init__(
         self,
         budget_s: float = EXTRACT_BUDGET_S,
         deadline_s: float = EXTRACT_DEADLINE_S,
         processes: int = EXTRACTION_PROCESSES,
+        preempt_after_s: float = PREEMPT_AFTER_S,
     ) -> None:
         self._budget_s = budget_s
         self._deadline_s = deadline_s
-        self._slots: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()  # warm child first
+        self._preempt_after_s = preempt_after_s
         self._all = [_Slot() for _ in range(processes)]
-        for slot in self._all:
-            self._slots.put_nowait(slot)
+        self._idle = list(self._all)  # popped from the end: the warm child first
+        # Mails waiting for a slot: (size, arrival, future); a cancelled one stays until popped.
+        self._waiting: list[tuple[int, int, asyncio.Future[_Slot]]] = []
+        self._arrivals = itertools.count()
 
     @property
     def running(self) -> int:
         return sum(slot.child is not None for slot in self._all)
+
+    @property
+    def waiting(self) -> int:
+        """Mails waiting for a child now."""
+        return sum(not future.done() for _, _, future in self._waiting)
 
     async def extract(self, content: MailContent) -> Extracted:
         """The mail's text, or past the budget (or if the child fails) the text it has."""
@@ -322,16 +360,75 @@ class Extractor:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._budget_s):
-                slot = await self._slots.get()
+                slot = await self._take(_size(content))
                 try:
                     return await self._run(slot, content, partial)
                 finally:
-                    self._slots.put_nowait(slot)
+                    self._release(slot)
         except TimeoutError:
             waited = time.monotonic() - started
             return partial.fallback(f"body extraction stopped after {waited:.1f} s")
+        except Preempted:
+            waited = time.monotonic() - started
+            return partial.fallback(
+                f"body extraction stopped after {waited:.1f} s for a smaller mail's turn"
+            )
         except ChildFailed as exc:
             return partial.fallback(f"body extraction failed: {exc}")
+
+    async def _take(self, size: int) -> _Slot:
+        """A free slot, at once or in its turn; while it waits, it stops larger mails that
+        have run `preempt_after_s` (one each `preempt_after_s`)."""
+        if self._idle:  # a slot is idle only while nobody waits
+            slot = self._idle.pop()
+        else:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[_Slot] = loop.create_future()
+            heapq.heappush(self._waiting, (size, next(self._arrivals), future))
+            timer: list[asyncio.TimerHandle] = []  # the next check, re-armed by `_preempt`
+            timer.append(loop.call_later(self._preempt_after_s, self._preempt, size, future, timer))
+            try:
+                slot = await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():  # handed over as it was cancelled
+                    self._release(future.result())
+                raise
+            finally:
+                timer[0].cancel()
+        slot.size, slot.since = size, time.monotonic()
+        return slot
+
+    def _preempt(
+        self, size: int, future: asyncio.Future[_Slot], timer: list[asyncio.TimerHandle]
+    ) -> None:
+        if future.done():
+            return
+        ran_since = time.monotonic() - self._preempt_after_s
+        larger = [
+            slot
+            for slot in self._all
+            if slot.child is not None
+            and slot.since is not None
+            and slot.since <= ran_since
+            and slot.size > size
+            and not slot.preempted
+        ]
+        if larger:
+            victim = min(larger, key=lambda slot: slot.since or 0.0)
+            victim.preempted = True
+            assert victim.child is not None
+            victim.child.interrupt()  # its reader sees the end of the stream: `Preempted`
+        loop = asyncio.get_running_loop()
+        timer[0] = loop.call_later(self._preempt_after_s, self._preempt, size, future, timer)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.since, slot.preempted = None, False
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(slot)
+                return
+        self._idle.append(slot)
 
     async def _run(self, slot: _Slot, content: MailContent, partial: _Partial) -> Extracted:
         if slot.child is None:
@@ -341,8 +438,10 @@ class Extractor:
                 return await slot.child.run(content, partial)
         except ExtractionError:
             raise
-        except BaseException:  # gone, over the deadline or cancelled mid-mail: not reusable
+        except BaseException as exc:  # gone, over the deadline or cancelled mid-mail: not reusable
             await self._discard(slot)
+            if slot.preempted and isinstance(exc, ChildFailed):
+                raise Preempted(str(exc)) from exc
             raise
 
     @staticmethod
