@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -142,6 +143,9 @@ class Message(Base):
     fixed_kind: Mapped[str | None] = mapped_column(String(16))
     intent: Mapped[str] = mapped_column(String(16), default="message")
     body: Mapped[str] = mapped_column(Text, default="")
+    # Which part of its reply an assistant's message is, from 1 (a reply longer than its
+    # channel's limit is stored cut into parts): WhatsApp's template stands for a whole reply.
+    part: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     provider_message_id: Mapped[str | None] = mapped_column(String(255))
     subject: Mapped[str | None] = mapped_column(Text)
     headers: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -202,12 +202,14 @@ class Outbound:
     subject: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     last_inbound_at: dt.datetime | None = None  # the person's latest message (WhatsApp's window)
+    part: int = 1  # which part of its reply, from 1 (a reply past the channel's limit is cut)
 
 
 @dataclass(frozen=True)
 class SendResult:
     provider_message_id: str | None
     status: Delivery
+    note: str | None = None  # with `Delivery.NOT_SENT`: why the channel did not send it
 
 
 class SendError(Exception):

@@ -74,6 +74,7 @@ class PartSender:
             subject=part.subject,
             headers=part.headers,
             last_inbound_at=conversation.last_inbound_at,
+            part=part.number,
         )
         if not channel.can_send:
             return await self._not_sent(conversation, part, then)
@@ -104,6 +105,11 @@ class PartSender:
                 raise
             await self._after_send_error(part, exc)
             raise AssertionError("unreachable") from exc
+        if result.status is Delivery.NOT_SENT:  # the channel chose not to (WhatsApp's template)
+            metrics.count_replies("not_sent")
+            return await outbox.set_status(
+                self._engine, part.id, result.status, then, note=result.note
+            )
         metrics.observe_send(part.channel, time.perf_counter() - sending)
         metrics.count_replies("sent")
         if result.provider_message_id:

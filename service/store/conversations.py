@@ -459,7 +459,7 @@ async def _insert_operator_parts(
     their ids."""
     subject, headers = envelope
     ids = []
-    for part in parts:
+    for number, part in enumerate(parts, start=1):
         result = await connection.execute(
             insert(Message).returning(Message.id),
             {
@@ -471,6 +471,7 @@ async def _insert_operator_parts(
                 "author": Author.OPERATOR.value,
                 "intent": Intent.MESSAGE.value,
                 "body": part,
+                "part": number,
                 "subject": subject,
                 "headers": headers or None,
                 "status": Delivery.PENDING.value,

@@ -116,6 +116,7 @@ _SET_STATUS = (
     .where(_M.id == bindparam("part_id"))
     .values(status=bindparam("new_status"), updated_at=bindparam("now"))
 )
+_SET_STATUS_NOTED = _SET_STATUS.values(error=bindparam("note"))  # ... and why, for the transcript
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Part:
     status: str
     attempted_at: dt.datetime | None
     held: bool = False  # this job won its compare-and-set: send it, no lookup first
+    number: int = 1  # which part of its reply, from 1 (`Message.part`)
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ async def insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part
     """Insert the parts in order; returns them as `Part`s, pending."""
     now = utcnow()
     parts = []
-    for body in answer.parts:
+    for number, body in enumerate(answer.parts, start=1):
         result = await connection.execute(
             _INSERT_PART,
             {
@@ -325,6 +327,7 @@ async def insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part
                 "fixed_kind": answer.fixed_kind,
                 "intent": Intent.MESSAGE.value,
                 "body": body,
+                "part": number,
                 "subject": answer.subject,
                 "headers": answer.headers or None,
                 "status": Delivery.PENDING.value,
@@ -342,6 +345,7 @@ async def insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part
                 headers=answer.headers,
                 status=Delivery.PENDING.value,
                 attempted_at=None,
+                number=number,
             )
         )
     return parts
@@ -382,6 +386,7 @@ def unsent_query(conversation_id: int) -> Any:
             Message.channel,
             Message.author,
             Message.body,
+            Message.part,
             Message.subject,
             Message.headers,
             Message.status,
@@ -408,6 +413,7 @@ def part_of(row: Any) -> Part:
         headers=str_headers(row.headers),
         status=row.status,
         attempted_at=row.attempted_at,
+        number=row.part,
     )
 
 
@@ -489,12 +495,19 @@ async def _then(connection: AsyncConnection, then: Then | None) -> Part | None:
 
 
 async def set_status(
-    engine: AsyncEngine, message_id: int, status: Delivery, then: Then | None = None
+    engine: AsyncEngine,
+    message_id: int,
+    status: Delivery,
+    then: Then | None = None,
+    *,
+    note: str | None = None,
 ) -> Part | None:
+    """Set a part's status (with `note`, why, shown as its error); then `then`."""
+    values = {"part_id": message_id, "new_status": status.value, "now": utcnow()}
+    statement = _SET_STATUS if note is None else _SET_STATUS_NOTED
+
     async def set_it(connection: AsyncConnection) -> Part | None:
-        await connection.execute(
-            _SET_STATUS, {"part_id": message_id, "new_status": status.value, "now": utcnow()}
-        )
+        await connection.execute(statement, values if note is None else {**values, "note": note})
         return await _then(connection, then)
 
     return await group_commit(engine).run(set_it)

@@ -110,6 +110,7 @@ _MESSAGES = (
         _M.author,
         _M.intent,
         _M.body,
+        _M.part,
         _M.subject,
         _M.headers,
         _M.media,

@@ -233,6 +233,28 @@ async def test_outside_the_window_the_template_goes_out_instead_with_the_first_1
     assert (stored.status, stored.provider_message_id) == ("queued", template["sid"])
 
 
+async def test_outside_the_window_a_reply_in_several_parts_is_one_template(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    operator_text = " ".join(f"w{i:04d}" for i in range(500))  # 2,999 characters: two parts
+    async with running_app(settings(make_settings, whatsapp_template_sid=TEMPLATE_SID)) as client:
+        await whatsapp(client, "hello")
+        await done(engine)
+        await push_back_last_message(engine, hours=25)
+        conversation = await the_conversation(engine)
+        first_id, second_id = await operator_says(client, conversation.id, operator_text)
+        await done(engine)
+
+    _, template = providers.twilio_sent  # one send for the reply, not one a part
+    assert (template["ContentSid"], "Body" in template) == (TEMPLATE_SID, False)
+    assert json.loads(template["ContentVariables"]) == {"1": operator_text[:1000]}
+    [first] = await messages(engine, Message.id == first_id)
+    [second] = await messages(engine, Message.id == second_id)
+    assert (first.part, first.status, first.provider_message_id) == (1, "queued", template["sid"])
+    assert (second.part, second.status, second.provider_message_id) == (2, "not_sent", None)
+    assert second.error is not None and second.error.startswith("outside_whatsapp_window")
+
+
 async def test_within_the_window_the_reply_is_free_form_even_with_a_template(
     make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
 ) -> None:

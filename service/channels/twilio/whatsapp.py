@@ -15,13 +15,15 @@ from service.channels.twilio.media import TwilioMedia
 from service.channels.twilio.sms import SMS_MAX_CHARS
 from service.channels.twilio.webhook import normalise_phone
 from service.settings import Settings
-from service.types import Channel, Inbound, Outbound, SendError, SendResult
+from service.types import Channel, Delivery, Inbound, Outbound, SendError, SendResult
 
 PREFIX = "whatsapp:"
 WINDOW = dt.timedelta(hours=24)  # free-form messages only this long after the person's last
 OUTSIDE_WINDOW = "outside_whatsapp_window"  # the reason a reply outside it fails with
 OUTSIDE_WINDOW_ERROR = 63016  # Twilio: "outside the allowed window"
 TEMPLATE_VARIABLE_CHARS = 1000  # how much of the reply fills the template's {{1}}
+# What a reply's later parts say when its template went out instead of the reply.
+CARRIED_BY_TEMPLATE = f"{OUTSIDE_WINDOW}: the template sent for part 1 stands for the reply"
 PROFILE_NAME_CHARS = 255
 
 
@@ -100,26 +102,32 @@ class TwilioWhatsApp(TwilioChannel):
         free-form."""
         addressed = _prefixed(outbound)
         if self._how_to_send(outbound) is not Send.FREE_FORM:
-            return await self._send_template(addressed)
+            return await self._outside_window(addressed)
         try:
             return await self._client().send(addressed)
         except SendError as exc:
             if exc.code != OUTSIDE_WINDOW_ERROR:
                 raise
             self._remember_closed(outbound)
-            return await self._send_template(addressed)
+            return await self._outside_window(addressed)
 
     def _remember_closed(self, outbound: Outbound) -> None:
         if len(self._closed_at) >= self.CLOSED_WINDOWS_KEPT:
             self._closed_at.pop(next(iter(self._closed_at)))  # the oldest
         self._closed_at[(outbound.to, outbound.from_)] = dt.datetime.now(dt.UTC)
 
-    async def _send_template(self, outbound: Outbound) -> SendResult:
+    async def _outside_window(self, outbound: Outbound) -> SendResult:
+        """One template a reply: its first part goes as the template, whose variable is the
+        part's first 1,000 characters (the reply's: parts are cut at the last space before
+        1,600, so only a reply whose first space comes that late differs); a later part is
+        not sent, since the template stands for the whole reply. Without a template, fails."""
         from service.channels.twilio.rest import Template
 
         template_sid = self._settings.whatsapp_template_sid
         if not template_sid:
             raise SendError(OUTSIDE_WINDOW, retryable=False, code=OUTSIDE_WINDOW_ERROR)
+        if outbound.part > 1:
+            return SendResult(None, Delivery.NOT_SENT, note=CARRIED_BY_TEMPLATE)
         template = Template(template_sid, template_variables(outbound.body))
         return await self._client().send(outbound, template)
 
