@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -19,6 +20,7 @@ from service.profiles import Profiles
 from service.settings import Settings, settings_or_exit
 
 log = logging.getLogger("parley")
+OPEN_FILES_UNLIMITED = 1_048_576  # the soft limit asked for when the hard one is unlimited
 
 
 def _warn_about_secrets(settings: Settings) -> None:
@@ -31,6 +33,11 @@ def _warn_about_secrets(settings: Settings) -> None:
         return
     if not settings.twilio_auth_tokens:
         log.warning("TWILIO_AUTH_TOKEN is not set: /webhooks/twilio/* refuse all traffic (403)")
+    if not (settings.sendgrid_inbound_user and settings.sendgrid_inbound_password):
+        log.warning(
+            "SENDGRID_INBOUND_USER and SENDGRID_INBOUND_PASSWORD are not both set: "
+            "/webhooks/sendgrid/inbound refuses all traffic (401)"
+        )
     if not settings.public_base_url:
         log.warning(
             "PUBLIC_BASE_URL is not set: SMS go out without a StatusCallback (no delivery "
@@ -40,12 +47,29 @@ def _warn_about_secrets(settings: Settings) -> None:
         log.info("OPENAI_API_KEY is not set: the offline assistant answers")
 
 
+def raise_open_files_limit() -> int:
+    """Every connection is a file descriptor: under a common soft limit of 1,024, a thousand
+    idle connections made every other connection fail. The soft limit goes up to the hard one
+    (the operator's real bound; 1,048,576 when that is unlimited). Returns the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:  # a platform's own cap (macOS): keep the soft one
+            log.info("open files stay limited to %d: %s", soft, exc)
+            return soft
+        return wanted
+    return soft
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"parley_dev": True} if args.dev else {}
     settings = settings_or_exit(**overrides)
     profiles = profiles_or_exit(settings)
     configure_logging(settings)
     _warn_about_secrets(settings)
+    raise_open_files_limit()
     from service.web.app import create_app
     from service.web.protocol import BoundedHeadProtocol
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
@@ -28,6 +28,7 @@ from service.settings import Settings
 from service.store.errors import storage_failure
 from service.store.inbound import InboundWriter
 from service.web import api, health, transcript, webhooks
+from service.web.protocol import LATE
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,20 @@ async def _storage_failure(request: Request, exc: Exception) -> Response:
     return PlainTextResponse(f"{failure}\n", status_code=failure.status)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that went away before its request arrived (or was cut at `protocol`'s
+    deadline): one warning line, nothing stored; the 400 reaches nobody."""
+    late = request.scope.get("state", {}).get(LATE)
+    log.warning(
+        "%s %s refused: %s status=%d",
+        request.method,
+        request.url.path[:200],
+        late or "the client went away before its request arrived",
+        408 if late else 400,
+    )
+    return PlainTextResponse("request incomplete\n", status_code=408 if late else 400)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -124,7 +139,11 @@ def create_app(
             *webhooks.routes(channels),
         ],
         lifespan=lifespan,
-        exception_handlers={SQLAlchemyError: _storage_failure, OSError: _storage_failure},
+        exception_handlers={
+            SQLAlchemyError: _storage_failure,
+            OSError: _storage_failure,
+            ClientDisconnect: _client_gone,
+        },
     )
     app.router.redirect_slashes = False  # never a 3xx: a path either exists or is a 404
     app.state.settings = settings

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol (httptools) with a bound on the request head.
+"""uvicorn's HTTP protocol (httptools) with bounds on the request head: its size and, with
+its body, the time it takes to arrive.
 
 httptools accepts headers of any size and joins a long header value piece by piece (32 MB in
 one header took 1.3 s of event loop). Here the bytes of each request head are counted as they
@@ -11,10 +12,21 @@ Counting stops where the head ends (the first empty line), so a body arriving in
 is never counted. A head that starts inside the read that completed the previous request
 (pipelining) is counted from the next read on: it may pass the limit by that read, never be
 refused below it.
+
+Time. uvicorn bounds the wait between requests (its keep-alive timeout) but not a request that
+arrives slowly: a client that sent half a head, or a body's first bytes, and then nothing, held
+its connection (and a file descriptor) forever, and a thousand of them made every other
+connection fail once the process ran out of descriptors. Here a request's head must arrive
+within `HEAD_TIMEOUT_S` of its first byte (or of the connection, or of the previous response,
+when nothing comes), and its body within `BODY_TIMEOUT_S` of the head; past either the request
+is refused (`408` while in the head, the connection closed once the app has the request:
+its body read then sees a disconnect). A request that has arrived is never timed here, however
+long the app takes to answer it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -23,17 +35,28 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_TIMEOUT_S = 10.0  # Twilio and SendGrid send a head in one go
+BODY_TIMEOUT_S = 60.0  # SendGrid's 30 MB at 0.5 MB/s
 LINGER_S = 1.0
+LATE = "parley.late"  # the scope's key for why the protocol cut a request's body
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
 _CARRY = 3  # a head end split across two reads is still found
 _REFUSAL_BODY = b"request headers over 64 KiB\n"
-_REFUSAL = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    b"content-type: text/plain; charset=utf-8\r\n"
-    b"content-length: %d\r\n"
-    b"connection: close\r\n"
-    b"\r\n%s"
-) % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+_TIMEOUT_BODY = b"request not received in time\n"
+
+
+def _refusal(status: bytes, body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 %s\r\n"
+        b"content-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\n"
+        b"connection: close\r\n"
+        b"\r\n%s"
+    ) % (status, len(body), body)
+
+
+_REFUSAL = _refusal(b"431 Request Header Fields Too Large", _REFUSAL_BODY)
+_TIMEOUT = _refusal(b"408 Request Timeout", _TIMEOUT_BODY)
 
 
 def head_bytes_in(carry: bytes, data: bytes) -> int:
@@ -45,7 +68,8 @@ def head_bytes_in(carry: bytes, data: bytes) -> int:
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` that refuses a request head over `MAX_HEAD_BYTES` with `431`."""
+    """`HttpToolsProtocol` that refuses a request head over `MAX_HEAD_BYTES` with `431`, and a
+    request that does not arrive in time (`HEAD_TIMEOUT_S`, `BODY_TIMEOUT_S`) with `408`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,6 +77,49 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_size = 0
         self._head_tail = b""
         self._refused = False
+        self._receiving = False  # a request has begun and has not all arrived
+        self._arrival: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._expect(HEAD_TIMEOUT_S)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._expect(None)
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._receiving = True
+        self._expect(HEAD_TIMEOUT_S)  # the head's clock runs from its first byte
+        super().on_message_begin()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._receiving:
+            self._expect(HEAD_TIMEOUT_S)  # (uvicorn's keep-alive timeout may close it first)
+
+    def _expect(self, seconds: float | None) -> None:
+        """(Re)start the clock of what must arrive next; None stops it."""
+        if self._arrival is not None:
+            self._arrival.cancel()
+        self._arrival = None if seconds is None else self.loop.call_later(seconds, self._late)
+
+    def _late(self) -> None:
+        self._arrival = None
+        if self._receiving and self._in_head:  # the app has nothing yet: the refusal is ours
+            log.warning(
+                "request refused: its headers did not arrive within %.0f s status=408",
+                HEAD_TIMEOUT_S,
+            )
+            self._close_with(_TIMEOUT)
+        elif self._receiving:
+            # The app has the request and is reading its body: it sees the disconnect and
+            # writes the one line, with this reason (`web.app`).
+            state = self.scope.setdefault("state", {})  # this request's (uvicorn copies it)
+            state[LATE] = f"its body did not arrive within {BODY_TIMEOUT_S:.0f} s"
+            self.transport.close()
+        elif self.cycle is None or self.cycle.response_complete:  # idle: no request came
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # the connection is closing: nothing more is parsed
@@ -67,11 +134,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._expect(BODY_TIMEOUT_S)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_size, self._head_tail = True, 0, b""
+        self._receiving = False
+        self._expect(None)  # it has arrived: the app's answer is not timed here
 
     def _refuse(self) -> None:
         log.warning(
@@ -79,8 +149,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             MAX_HEAD_BYTES,
             self._head_size,
         )
+        self._close_with(_REFUSAL)
+
+    def _close_with(self, refusal: bytes) -> None:
         self._refused = True
-        self.transport.write(_REFUSAL)
+        self._expect(None)
+        self.transport.write(refusal)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)

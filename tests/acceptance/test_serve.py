@@ -4,6 +4,7 @@ refuse bad configuration with one clear line and exit code 2."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -35,6 +36,31 @@ def test_serve_migrates_answers_healthz_and_stops_on_sigterm(tmp_path: Path) -> 
     log = (tmp_path / "serve.log").read_text()
     assert "Running upgrade" in log and "DEV MODE" in log
     assert "Application shutdown complete" in log  # the lifespan ran to its end
+
+
+def test_without_secrets_serve_names_each_variable_and_takes_the_hard_open_files_limit(
+    tmp_path: Path,
+) -> None:
+    env = parley_env(DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/p.db")
+    for name in ("TWILIO_AUTH_TOKEN", "SENDGRID_INBOUND_USER", "SENDGRID_INBOUND_PASSWORD"):
+        env.pop(name, None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 1024)
+    if hard != resource.RLIM_INFINITY and hard <= low:
+        pytest.skip(f"the hard open-files limit is {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # what the child inherits
+    try:
+        with serving(env, tmp_path) as (_port, process):
+            limits = Path(f"/proc/{process.pid}/limits").read_text()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
+    expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
+    assert line.split()[3] == expected, line  # soft limit: was 1024 or less
+    log = (tmp_path / "serve.log").read_text()
+    assert "TWILIO_AUTH_TOKEN is not set" in log
+    assert "SENDGRID_INBOUND_USER and SENDGRID_INBOUND_PASSWORD are not both set" in log
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:

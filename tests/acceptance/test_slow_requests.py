@@ -1,0 +1,144 @@
+"""Requests that arrive slowly (slowloris), against the app under a real uvicorn on 127.0.0.1
+with Parley's protocol: half a head, a body that stops, a connection that sends nothing. Each
+is refused or closed at its deadline with one warning line and nothing stored, while a request
+that has arrived is answered however long the app takes. The deadlines are shortened here
+(10 s and 60 s in production). Both databases."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.models import Message
+from service.web import protocol
+from service.web.app import create_app
+from service.web.protocol import BoundedHeadProtocol
+from tests.conftest import SettingsFactory
+from tests.email_posts import HOSTILE, request_of
+from tests.helpers import eventually, messages
+from tests.processes import free_port
+
+DEADLINE_S = 0.5
+
+
+@pytest.fixture
+async def port(
+    make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[int]:
+    monkeypatch.setattr(protocol, "HEAD_TIMEOUT_S", DEADLINE_S)
+    monkeypatch.setattr(protocol, "BODY_TIMEOUT_S", DEADLINE_S)
+    config = uvicorn.Config(
+        create_app(make_settings(worker_poll_s=0.05)),
+        host="127.0.0.1",
+        port=free_port(),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        http=BoundedHeadProtocol,
+        timeout_graceful_shutdown=2,  # a connection left open must not hold the test
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        return server.started
+
+    await eventually(started, timeout=30, interval=0.01)
+    yield config.port
+    server.should_exit = True
+    await serving
+
+
+async def send_then_wait(port: int, data: bytes) -> tuple[bytes, float]:
+    """Send `data`, then nothing; returns what came back before the server closed, and when."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.perf_counter()
+    writer.write(data)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=DEADLINE_S * 10)  # until closed
+    seconds = time.perf_counter() - started
+    writer.close()
+    return answer, seconds
+
+
+async def test_half_a_head_then_nothing_is_408_at_the_deadline_with_one_warning(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    answer, seconds = await send_then_wait(
+        port, b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert DEADLINE_S * 0.9 < seconds < DEADLINE_S * 4
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]  # one line in all
+    assert "refused: its headers did not arrive" in line.getMessage() and line.exc_info is None
+    assert "status=408" in line.getMessage()
+
+
+async def test_a_body_that_stops_is_cut_at_the_deadline_and_nothing_is_stored(
+    port: int, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    head = (
+        b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n"
+    )
+    answer, seconds = await send_then_wait(port, head + b"Body=hello&From=%2B1555")
+
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    assert DEADLINE_S * 0.9 < seconds < DEADLINE_S * 4
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]  # one line in all
+    assert "refused: its body did not arrive" in line.getMessage() and line.exc_info is None
+    assert "status=408" in line.getMessage()
+    assert await messages(engine) == []
+
+
+async def test_a_connection_that_sends_nothing_is_closed_at_the_deadline(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    answer, seconds = await send_then_wait(port, b"")
+
+    assert answer == b""
+    assert DEADLINE_S * 0.9 < seconds < DEADLINE_S * 4
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # no request
+
+
+async def test_a_request_that_has_arrived_is_answered_however_long_the_app_takes(
+    port: int, engine: AsyncEngine
+) -> None:
+    # A mail kept at work until the extraction's 1 s deadline, twice the deadlines here.
+    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
+    headers, body = request_of(build("<slow-arrived@example.com>"))
+    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    request = head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+
+    answer, seconds = await send_then_wait(port, request)
+
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert seconds > DEADLINE_S * 1.5  # it took longer than the deadlines, and was answered
+    [stored] = await messages(engine, Message.provider_message_id == "<slow-arrived@example.com>")
+    assert stored.intent == "unreadable"
+
+
+async def test_a_head_sent_in_pieces_within_the_deadline_is_served(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for piece in (
+        b"GET /hea",
+        b"lthz HTTP/1.1\r\nHo",
+        b"st: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    ):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(DEADLINE_S / 5)
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
