@@ -217,10 +217,10 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
 def _error(request: Request, status_code: int, message: str, **extra: Any) -> JSONResponse:
     """A refusal: its JSON answer and one warning line (no traceback, no credentials)."""
     log.warning(
-        "api %s %r refused: %.300s status=%d",
+        "api %s %r refused: %s status=%d",
         request.method,
         request.url.path[:200],
-        message,
+        repr(message[:300])[1:-1],  # a caller's id may be in it: its control characters escaped
         status_code,
     )
     return JSONResponse({"error": message, **extra}, status_code=status_code, headers=NO_STORE)

@@ -5,6 +5,7 @@ operator's reply sent once through the same durable path)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -264,13 +265,21 @@ async def test_one_conversation_with_messages_oldest_first_and_calls(
     assert "processing_time" in call and "generation_params" in call
 
 
-@pytest.mark.parametrize("bad_id", ["999999", "0", "99999999999999999999", "abc", "-1"])
-async def test_unknown_ids_are_404(api: httpx.AsyncClient, bad_id: str) -> None:
+@pytest.mark.parametrize(
+    "bad_id", ["999999", "0", "99999999999999999999", "abc", "-1", "%00", "%1b%5B2J"]
+)
+async def test_unknown_ids_are_404_in_lines_without_control_characters(
+    api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, bad_id: str
+) -> None:
+    caplog.set_level(logging.WARNING)
     for method, path in ROUTES[1:]:
         response = await api.request(
             method, path.format(id=bad_id), headers=AUTH, json={"body": "hello"}
         )
         assert response.status_code == 404, (method, path)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == len(ROUTES[1:])  # one each
+    assert not [line for line in lines if any(ord(c) < 0x20 or ord(c) == 0x7F for c in line)]
 
 
 # ---------------------------------------------------------------- deleting

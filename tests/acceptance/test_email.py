@@ -21,6 +21,7 @@ from tests.helpers import (
     conversations,
     eventually,
     messages,
+    one_warning,
     recorded_body,
     recording,
     replay,
@@ -270,6 +271,7 @@ async def test_unset_credentials_refuse_traffic_outside_dev_mode(
     [
         ("application/json", b'{"from": "a@example.com"}', "multipart/form-data"),
         ("multipart/form-data; boundary=xYzZY", b"--xYzZY\r\nnot a part", "malformed"),
+        ("multipart/form-data; boundary=xYzZY", b"\x00\xff not the boundary", "malformed"),
         ("multipart/form-data", b"--xYzZY--\r\n", "boundary"),
         (
             "multipart/form-data; boundary=b",
@@ -278,15 +280,22 @@ async def test_unset_credentials_refuse_traffic_outside_dev_mode(
         ),
     ],
 )
-async def test_malformed_requests_are_400_and_nothing_stored(
-    client: httpx.AsyncClient, engine: AsyncEngine, content_type: str, body: bytes, reason: str
+async def test_malformed_requests_are_400_in_one_line_and_nothing_stored(
+    client: httpx.AsyncClient,
+    engine: AsyncEngine,
+    caplog: pytest.LogCaptureFixture,
+    content_type: str,
+    body: bytes,
+    reason: str,
 ) -> None:
     auth = recording("sendgrid/gmail_first.json")["headers"]["Authorization"]
+    caplog.clear()
     response = await client.post(
         INBOUND, headers={"Content-Type": content_type, "Authorization": auth}, content=body
     )
     assert response.status_code == 400
     assert reason in response.text
+    one_warning(caplog.records, "status=400")  # python-multipart's own warning was a second
     assert await nothing_stored(engine)
 
 

@@ -149,6 +149,11 @@ class _FormFields:
         self._count += 1
 
 
+# python-multipart logs what it finds wrong in a body (a warning with the offending byte) before
+# it raises; the refusal's own line says it, once (SPEC §9).
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
 def parse_multipart(body: bytes, content_type: str) -> dict[str, list[Part]]:
     """Fields as raw bytes: SendGrid sends each text field in its own charset (see `charsets`),
     so decoding must wait until that field is read."""
