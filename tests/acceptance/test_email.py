@@ -182,6 +182,24 @@ async def test_automatic_mail_is_stored_and_never_answered(
     assert providers.openai_requests == [] and providers.sendgrid_sent == []
 
 
+async def test_mail_from_a_noreply_address_is_stored_and_never_answered(
+    client: httpx.AsyncClient, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    # An ordinary-looking mail (no automatic header) from a shop's noreply address: PEERS'
+    # loop answered such addresses 64 times.
+    data = recording("sendgrid/gmail_first.json")
+    body = recorded_body(data).replace(b"alice@example.com", b"noreply@shop.example")
+    headers = {k: v for k, v in data["headers"].items() if k.lower() != "content-length"}
+    response = await client.post(INBOUND, headers=headers, content=body)
+    assert response.status_code == 200
+    await eventually(lambda: settled(engine))
+    await asyncio.sleep(0.1)
+
+    [inbound] = await messages(engine)
+    assert inbound.status == "not_answered" and inbound.intent == "no_reply"
+    assert providers.openai_requests == [] and providers.sendgrid_sent == []
+
+
 async def test_mail_from_an_address_parley_receives_at_is_not_answered(
     client: httpx.AsyncClient, engine: AsyncEngine, providers: FakeProviders
 ) -> None:

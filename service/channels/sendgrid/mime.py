@@ -20,6 +20,10 @@ from service.channels.sendgrid.limits import (
 AUTO_REPLY = "auto-replied"
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 _SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
+# Addresses that say no one reads replies (noreply@, no-reply@, do_not_reply@, ...) and
+# bounce addresses (bounce@, bounces+tag@, bounce-123@): PEERS' loop answered them 64 times.
+_NO_REPLY_PREFIXES = ("noreply", "donotreply")
+_BOUNCE = re.compile(r"bounces?(?:[-+._]|$)")
 _BULK_PRECEDENCE = {"bulk", "junk", "list"}
 
 
@@ -34,8 +38,19 @@ def is_automatic(message: EmailMessage, sender: str, local: str) -> bool:
         or precedence in _BULK_PRECEDENCE
         or any(message.get(h) is not None for h in ("X-Autoreply", "X-Autorespond", "List-Id"))
         or message.get_content_type() == "multipart/report"
-        or sender.split("@")[0] in _SYSTEM_SENDERS
+        or is_unanswerable_address(sender)
         or sender == local
+    )
+
+
+def is_unanswerable_address(address: str) -> bool:
+    """A system, no-reply or bounce mailbox: a reply to it reaches no one, or a robot."""
+    mailbox = address.rpartition("@")[0].lower() if "@" in address else address.lower()
+    squashed = re.sub(r"[-_.]", "", mailbox.split("+")[0])
+    return (
+        mailbox in _SYSTEM_SENDERS
+        or squashed.startswith(_NO_REPLY_PREFIXES)
+        or _BOUNCE.match(mailbox) is not None
     )
 
 
