@@ -106,20 +106,36 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def _late(self) -> None:
         self._arrival = None
-        if self._receiving and self._in_head:  # the app has nothing yet: the refusal is ours
+        if self._answering_an_earlier_request():
+            # Pipelined behind an answer still being produced (uvicorn reads no more of this
+            # request meanwhile): that answer is never cut, so the clock waits for it.
+            self._expect(HEAD_TIMEOUT_S if self._in_head else BODY_TIMEOUT_S)
+        elif self._receiving and self._in_head:  # the app has nothing yet: ours to refuse
             log.warning(
-                "request refused: its headers did not arrive within %.0f s status=408",
+                "request refused: its headers did not arrive within %g s status=408",
                 HEAD_TIMEOUT_S,
             )
             self._close_with(_TIMEOUT)
         elif self._receiving:
             # The app has the request and is reading its body: it sees the disconnect and
-            # writes the one line, with this reason (`web.app`).
+            # writes the one line, with this reason (`web.app`); if it has answered already
+            # (a 401 before reading), it has written its line.
             state = self.scope.setdefault("state", {})  # this request's (uvicorn copies it)
-            state[LATE] = f"its body did not arrive within {BODY_TIMEOUT_S:.0f} s"
+            state[LATE] = f"its body did not arrive within {BODY_TIMEOUT_S:g} s"
             self.transport.close()
-        elif self.cycle is None or self.cycle.response_complete:  # idle: no request came
+        elif not self._answer_in_progress():  # idle: no request came
             self.transport.close()
+
+    def _answer_in_progress(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _answering_an_earlier_request(self) -> bool:
+        """The request arriving waits behind another one's answer (HTTP pipelining): while its
+        head arrives, `cycle` is still the earlier request's; once its head is in, uvicorn
+        queues it in `pipeline` until that answer is done."""
+        if not self._receiving:
+            return False
+        return self._answer_in_progress() if self._in_head else bool(self.pipeline)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # the connection is closing: nothing more is parsed
@@ -141,7 +157,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head, self._head_size, self._head_tail = True, 0, b""
         self._receiving = False
-        self._expect(None)  # it has arrived: the app's answer is not timed here
+        # It has arrived: the app's answer is not timed here. If the app answered before it
+        # all came (a 401 before reading the body), the wait for the next request starts now:
+        # uvicorn's keep-alive timer was stopped by the body's bytes.
+        self._expect(None if self._answer_in_progress() else HEAD_TIMEOUT_S)
 
     def _refuse(self) -> None:
         log.warning(

@@ -157,6 +157,8 @@ def _entry(message: Message, remote: str) -> Entry:
         who, side, operator = remote, "them", False
     else:
         status, tone = _DELIVERY.get(message.status, (message.status, "ok"))
+        if message.status == Delivery.NOT_SENT.value and message.error:
+            status = f"not sent: {message.error}"  # e.g. a WhatsApp template stood for it
         who = _FIXED.get(message.fixed_kind or "") or _AUTHORS.get(
             message.author or "", "Assistant"
         )

@@ -46,8 +46,8 @@ def test_without_secrets_serve_names_each_variable_and_takes_the_hard_open_files
         env.pop(name, None)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(soft, 1024)
-    if hard != resource.RLIM_INFINITY and hard <= low:
-        pytest.skip(f"the hard open-files limit is {hard}: nothing to raise")
+    if hard == resource.RLIM_INFINITY or hard <= low:
+        pytest.skip(f"the hard open-files limit is {hard}: the kernel's own cap decides")
     resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # what the child inherits
     try:
         with serving(env, tmp_path) as (_port, process):
@@ -56,8 +56,7 @@ def test_without_secrets_serve_names_each_variable_and_takes_the_hard_open_files
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
     [line] = [x for x in limits.splitlines() if x.startswith("Max open files")]
-    expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
-    assert line.split()[3] == expected, line  # soft limit: was 1024 or less
+    assert line.split()[3] == str(hard), line  # the soft limit: was 1024 or less
     log = (tmp_path / "serve.log").read_text()
     assert "TWILIO_AUTH_TOKEN is not set" in log
     assert "SENDGRID_INBOUND_USER and SENDGRID_INBOUND_PASSWORD are not both set" in log

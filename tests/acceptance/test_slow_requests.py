@@ -129,6 +129,46 @@ async def test_a_request_that_has_arrived_is_answered_however_long_the_app_takes
     assert stored.intent == "unreadable"
 
 
+async def test_an_early_answer_then_the_body_then_nothing_is_closed_at_the_deadline(
+    port: int,
+) -> None:
+    # A 404 answered before the body was read; the body then comes, then nothing: uvicorn's
+    # keep-alive timer was stopped by those bytes, so only this deadline closes it.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:100]
+    writer.write(b"hello")
+    await writer.drain()
+    started = time.perf_counter()
+    rest = await asyncio.wait_for(reader.read(), timeout=DEADLINE_S * 8)  # until closed
+    seconds = time.perf_counter() - started
+    writer.close()
+    assert rest == b"" and seconds < DEADLINE_S * 4  # uvicorn's keep-alive would be 5 s
+
+
+async def test_a_pipelined_request_waits_for_the_answer_before_it_and_never_cuts_it(
+    port: int, engine: AsyncEngine
+) -> None:
+    # Request 1 has arrived and takes ~1 s to answer (twice the deadlines); request 2's head
+    # stops halfway. Request 1 gets its 200 first; request 2 its 408 after it.
+    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
+    headers, body = request_of(build("<slow-pipelined@example.com>"))
+    first = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    first += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+    answer, _ = await send_then_wait(port, first + second)
+
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408" in answer, answer[:400]
+    [stored] = await messages(engine, Message.provider_message_id == "<slow-pipelined@example.com>")
+    assert stored.intent == "unreadable"
+
+
 async def test_a_head_sent_in_pieces_within_the_deadline_is_served(port: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for piece in (

@@ -244,6 +244,7 @@ async def test_outside_the_window_a_reply_in_several_parts_is_one_template(
         conversation = await the_conversation(engine)
         first_id, second_id = await operator_says(client, conversation.id, operator_text)
         await done(engine)
+        page = (await client.get(f"/c/{conversation.conversation_url}")).text
 
     _, template = providers.twilio_sent  # one send for the reply, not one a part
     assert (template["ContentSid"], "Body" in template) == (TEMPLATE_SID, False)
@@ -253,6 +254,7 @@ async def test_outside_the_window_a_reply_in_several_parts_is_one_template(
     assert (first.part, first.status, first.provider_message_id) == (1, "queued", template["sid"])
     assert (second.part, second.status, second.provider_message_id) == (2, "not_sent", None)
     assert second.error is not None and second.error.startswith("outside_whatsapp_window")
+    assert page.count("not sent: outside_whatsapp_window") == 1  # the transcript says why
 
 
 async def test_within_the_window_the_reply_is_free_form_even_with_a_template(

@@ -72,6 +72,7 @@ def test_mail_from_our_own_address_is_automatic() -> None:
         "bounce@list.example",
         "bounces+123-alice=example.com@list.example",
         "bounce-4417@mail.example",
+        "parley-users-bounces@lists.example",
     ],
 )
 def test_system_no_reply_and_bounce_senders_are_automatic(sender: str) -> None:
@@ -80,7 +81,14 @@ def test_system_no_reply_and_bounce_senders_are_automatic(sender: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "sender", ["alice@example.com", "bouncer@club.example", "norah@example.com", "reply@x.example"]
+    "sender",
+    [
+        "alice@example.com",
+        "bouncer@club.example",
+        "norah@example.com",
+        "reply@x.example",
+        "jo.bouncewell@example.com",
+    ],
 )
 def test_people_whose_names_look_alike_are_answered(sender: str) -> None:
     assert not is_unanswerable_address(sender)

@@ -62,8 +62,9 @@ EXTRACT_BUDGET_S = 1.5
 # Children at most (started one by one as mails overlap): one per core on a small host.
 EXTRACTION_PROCESSES = 2
 # A mail that waited this long for a child stops a larger one that has run as long. Ordinary
-# mail takes a few milliseconds to tens of them; a child start ~0.1 s.
-PREEMPT_AFTER_S = 0.25
+# mail takes a few milliseconds to tens of them, a raw mail with a 10 MB attachment ~0.3 s;
+# then a new child's start (~0.1 s) and the short mail's own work still fit its budget.
+PREEMPT_AFTER_S = 0.5
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _STOP_WAIT_S = 2.0
 
@@ -229,7 +230,7 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
         if size > MAX_FRAME_BYTES:
             raise ChildFailed(f"the extraction process sent a {size}-byte frame")
         answer: dict[str, Any] = json.loads(await reader.readexactly(size))
-    except asyncio.IncompleteReadError as exc:
+    except (asyncio.IncompleteReadError, OSError) as exc:
         raise ChildFailed("the extraction process exited") from exc
     return answer
 
@@ -280,8 +281,11 @@ class _Child:
             "subject": content.subject,
             "own_replies": list(content.own_replies),
         }
-        self._stdin.write(frame(request, content.mime or b""))
-        await self._stdin.drain()
+        try:
+            self._stdin.write(frame(request, content.mime or b""))
+            await self._stdin.drain()
+        except OSError as exc:  # it died (or was stopped, `Extractor._preempt`) mid-write
+            raise ChildFailed(f"the extraction process went away: {exc}") from exc
         while True:
             answer = await _read_frame(self._stdout)
             if answer["kind"] == "mime":
@@ -395,7 +399,7 @@ class Extractor:
                 raise
             finally:
                 timer[0].cancel()
-        slot.size, slot.since = size, time.monotonic()
+        slot.size = size
         return slot
 
     def _preempt(
@@ -433,9 +437,10 @@ class Extractor:
     async def _run(self, slot: _Slot, content: MailContent, partial: _Partial) -> Extracted:
         if slot.child is None:
             slot.child = await _Child.start()
+        slot.since = time.monotonic()  # a child's start is not the mail's work: not preempted
         try:
             async with asyncio.timeout(self._deadline_s):
-                return await slot.child.run(content, partial)
+                extracted = await slot.child.run(content, partial)
         except ExtractionError:
             raise
         except BaseException as exc:  # gone, over the deadline or cancelled mid-mail: not reusable
@@ -443,6 +448,9 @@ class Extractor:
             if slot.preempted and isinstance(exc, ChildFailed):
                 raise Preempted(str(exc)) from exc
             raise
+        if slot.preempted:  # stopped as its answer came in: the answer stands, the child is gone
+            await self._discard(slot)
+        return extracted
 
     @staticmethod
     async def _discard(slot: _Slot) -> None:

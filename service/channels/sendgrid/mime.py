@@ -23,7 +23,7 @@ _SYSTEM_SENDERS = ("mailer-daemon", "postmaster")
 # Addresses that say no one reads replies (noreply@, no-reply@, do_not_reply@, ...) and
 # bounce addresses (bounce@, bounces+tag@, bounce-123@): PEERS' loop answered them 64 times.
 _NO_REPLY_PREFIXES = ("noreply", "donotreply")
-_BOUNCE = re.compile(r"bounces?(?:[-+._]|$)")
+_BOUNCE = re.compile(r"(?:^|[-+._])bounces?(?:[-+._]|$)")  # also Mailman's `list-bounces@`
 _BULK_PRECEDENCE = {"bulk", "junk", "list"}
 
 
@@ -50,7 +50,7 @@ def is_unanswerable_address(address: str) -> bool:
     return (
         mailbox in _SYSTEM_SENDERS
         or squashed.startswith(_NO_REPLY_PREFIXES)
-        or _BOUNCE.match(mailbox) is not None
+        or _BOUNCE.search(mailbox) is not None
     )
 
 

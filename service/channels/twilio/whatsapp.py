@@ -22,8 +22,9 @@ WINDOW = dt.timedelta(hours=24)  # free-form messages only this long after the p
 OUTSIDE_WINDOW = "outside_whatsapp_window"  # the reason a reply outside it fails with
 OUTSIDE_WINDOW_ERROR = 63016  # Twilio: "outside the allowed window"
 TEMPLATE_VARIABLE_CHARS = 1000  # how much of the reply fills the template's {{1}}
-# What a reply's later parts say when its template went out instead of the reply.
-CARRIED_BY_TEMPLATE = f"{OUTSIDE_WINDOW}: the template sent for part 1 stands for the reply"
+# What a reply's later parts say outside the window (true whether its first part went out as
+# the template or, before the window closed, free-form).
+CARRIED_BY_TEMPLATE = f"{OUTSIDE_WINDOW}: only a reply's first part goes out, as the template"
 PROFILE_NAME_CHARS = 255
 
 
