@@ -330,6 +330,7 @@ async def test_a_long_reply_is_split_at_word_boundaries_and_sent_in_order(
     parts = await messages(engine, Message.sender == "assistant")
     assert [p.body for p in parts] == bodies
     assert [p.provider_message_id for p in parts] == [s["sid"] for s in providers.twilio_sent]
+    assert [p.part for p in parts] == [1, 2, 3]  # each knows its place (WhatsApp's template)
 
 
 async def test_mms_caption_is_answered_and_media_recorded(
