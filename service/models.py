@@ -93,6 +93,9 @@ class Conversation(Base):
     # What the person calls themselves, where the channel says (WhatsApp's ProfileName);
     # the latest one wins.
     display_name: Mapped[str | None] = mapped_column(String(255))
+    # Without PUBLIC_BASE_URL: the scheme and host its provider's last signed webhook came to,
+    # where delivery callbacks are sent ("derived from the request", SPEC §3).
+    public_base_url: Mapped[str | None] = mapped_column(String(255))
     # Summary memory (SPEC §12): the model's rolling summary of the turns before, and up to,
     # message `memory_through_id`; later prompts read only the messages after it.
     memory_summary: Mapped[str | None] = mapped_column(Text)

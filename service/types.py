@@ -179,6 +179,8 @@ class Inbound:
     meta: dict[str, object] = field(default_factory=dict)
     display_name: str | None = None  # what the sender calls themselves (WhatsApp ProfileName)
     media: tuple[MediaItem, ...] = ()  # MMS / WhatsApp attachments, in the provider's order
+    # Without PUBLIC_BASE_URL: the scheme and host a signed webhook came to (its callbacks')
+    reached_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ class Outbound:
     headers: dict[str, str] = field(default_factory=dict)
     last_inbound_at: dt.datetime | None = None  # the person's latest message (WhatsApp's window)
     part: int = 1  # which part of its reply, from 1 (a reply past the channel's limit is cut)
+    reached_at: str | None = None  # the conversation's `public_base_url` (no PUBLIC_BASE_URL)
 
 
 @dataclass(frozen=True)

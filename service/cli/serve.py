@@ -40,8 +40,9 @@ def _warn_about_secrets(settings: Settings) -> None:
         )
     if not settings.public_base_url:
         log.warning(
-            "PUBLIC_BASE_URL is not set: SMS go out without a StatusCallback (no delivery "
-            "status) and signatures are checked against the URL each request arrives on"
+            "PUBLIC_BASE_URL is not set: signatures are checked against the URL each request "
+            "arrives on, and a conversation's StatusCallback uses the URL of its last signed "
+            "webhook (behind a proxy that rewrites the host, set it)"
         )
     if not settings.openai_api_key:
         log.info("OPENAI_API_KEY is not set: the offline assistant answers")

@@ -75,6 +75,7 @@ class PartSender:
             headers=part.headers,
             last_inbound_at=conversation.last_inbound_at,
             part=part.number,
+            reached_at=conversation.public_base_url,
         )
         if not channel.can_send:
             return await self._not_sent(conversation, part, then)

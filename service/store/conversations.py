@@ -96,6 +96,7 @@ class ConversationView:
     opted_out: bool
     paused: bool
     last_inbound_at: dt.datetime | None = None  # the person's latest message
+    public_base_url: str | None = None  # where its provider reached us (no PUBLIC_BASE_URL)
     # Read with the job's state (`reply_state.read_reply_state`), for the limits and loops:
     recent_model_calls: int = 0  # reply calls, ok or superseded, in the rate limit window
     own_address: bool = False  # the remote side is one of our own addresses

@@ -57,7 +57,8 @@ _T_MESSAGE = cast(Table, Message.__table__)
 
 
 def _upsert_conversations(dialect: Any) -> Insert:
-    """Find or create conversations: touch `updated_at`, keep a display name once known."""
+    """Find or create conversations: touch `updated_at`, keep a display name (and the URL
+    the provider reached us at) once known."""
     stmt = dialect.insert(_T_CONVERSATION)
     c = _T_CONVERSATION.c
     return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
@@ -65,6 +66,7 @@ def _upsert_conversations(dialect: Any) -> Insert:
         set_={
             "updated_at": stmt.excluded.updated_at,
             "display_name": func.coalesce(stmt.excluded.display_name, c.display_name),
+            "public_base_url": func.coalesce(stmt.excluded.public_base_url, c.public_base_url),
         },
     ).returning(c.id, c.channel, c.remote_address, c.local_address, c.opted_out, c.paused)
 
@@ -95,9 +97,12 @@ async def upsert_conversations(
     The ones created here have `created_at == now`."""
     first_of: dict[ConversationKey, Inbound] = {}
     named: dict[ConversationKey, str | None] = {}
+    reached: dict[ConversationKey, str | None] = {}
     for inbound in inbounds:
-        first_of.setdefault(_key(inbound), inbound)
-        named[_key(inbound)] = inbound.display_name or named.get(_key(inbound))
+        key = _key(inbound)
+        first_of.setdefault(key, inbound)
+        named[key] = inbound.display_name or named.get(key)
+        reached[key] = inbound.reached_at or reached.get(key)
     rows = [
         {
             "channel": key[0],
@@ -108,6 +113,7 @@ async def upsert_conversations(
             "opted_out": False,
             "paused": False,
             "display_name": named[key],
+            "public_base_url": reached[key],
             "created_at": now,
             "updated_at": now,
         }

@@ -79,6 +79,7 @@ _CONVERSATION = select(
     _C.local_address,
     _C.opted_out,
     _C.paused,
+    _C.public_base_url,
     select(func.max(_M.created_at))
     .where(_M.conversation_id == _C.id, _M.sender == Sender.USER.value)
     .scalar_subquery()

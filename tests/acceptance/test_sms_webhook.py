@@ -315,6 +315,36 @@ async def test_the_webhook_answers_before_the_model_does(
     assert len(providers.twilio_sent) == 1
 
 
+async def test_without_public_base_url_the_status_callback_is_under_the_url_twilio_signed(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    # SPEC §3: PUBLIC_BASE_URL defaults to "derived from the request". The webhook's signature
+    # is checked against the URL it came to (the test client's), so that is Twilio's URL.
+    async with running_app(make_settings(public_base_url=None, admin_token="admin")) as client:
+        assert (await post_twilio(client, twilio_form())).status_code == 200
+        await eventually(lambda: settled(engine))
+        [conversation] = await conversations(engine)
+        response = await client.post(
+            f"/api/conversations/{conversation.id}/messages",
+            headers={"Authorization": "Bearer admin"},
+            json={"body": "An operator here"},
+        )
+        assert response.status_code == 202
+        await eventually(lambda: settled(engine))
+
+    assert conversation.public_base_url == PUBLIC_BASE_URL
+    callback = f"{PUBLIC_BASE_URL}/webhooks/twilio/status"
+    assert [s["StatusCallback"] for s in providers.twilio_sent] == [callback, callback]
+
+
+async def test_with_public_base_url_nothing_is_derived_from_the_request(
+    client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    await replay(client, "twilio/sms_hello.json")
+    [conversation] = await conversations(engine)
+    assert conversation.public_base_url is None  # PUBLIC_BASE_URL is what counts
+
+
 async def test_a_long_reply_is_split_at_word_boundaries_and_sent_in_order(
     client: httpx.AsyncClient, engine: AsyncEngine, providers: FakeProviders
 ) -> None:

@@ -26,7 +26,7 @@ def _problem(status: int, code: int, title: str) -> bytes:
 
 async def _send(answer: bytes) -> SendError:
     async with model_server(answer) as base_url:
-        rest = TwilioRest(SID, "token", base_url, None, timeout_s=5)
+        rest = TwilioRest(SID, "token", base_url, timeout_s=5)
         try:
             with pytest.raises(SendError) as caught:
                 await rest.send(TEXT)

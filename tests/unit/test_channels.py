@@ -12,7 +12,7 @@ from service.channels.sendgrid.email import SendGridEmail
 from service.channels.twilio import webhook
 from service.channels.twilio.sms import SMS_MAX_CHARS, TwilioSms
 from service.settings import Settings
-from service.types import Channel, Delivery, Intent
+from service.types import Channel, Delivery, Intent, Outbound
 
 SID = "SM" + "0123456789abcdef" * 2
 
@@ -145,6 +145,11 @@ def test_the_status_callback_url_is_the_plugins_status_route() -> None:
     sms = TwilioSms(_settings(public_base_url="https://parley.example.com"))
     assert sms.status_callback_url() == "https://parley.example.com/webhooks/twilio/status"
     assert TwilioSms(_settings()).status_callback_url() is None
+    reached = Outbound(Channel.SMS, "+15550001111", "+15559990000", "hi", reached_at="http://h:8")
+    assert (
+        TwilioSms(_settings()).status_callback_url(reached) == "http://h:8/webhooks/twilio/status"
+    )
+    assert sms.status_callback_url(reached) == "https://parley.example.com/webhooks/twilio/status"
 
 
 # ---------------------------------------------------------------- Twilio's forms

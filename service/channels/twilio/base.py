@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from starlette.requests import Request
@@ -73,14 +74,16 @@ class TwilioChannel:
                 self._settings.twilio_account_sid,
                 self._settings.twilio_auth_tokens[0],
                 self._settings.twilio_api_base_url,
-                self.status_callback_url(),
+                self.status_callback_url,
                 self._settings.provider_timeout_s,
             )
         return self._rest
 
-    def status_callback_url(self) -> str | None:
-        """Where Twilio posts this channel's delivery reports (none without a public URL)."""
-        base = self._settings.public_base_url
+    def status_callback_url(self, outbound: Outbound | None = None) -> str | None:
+        """Where Twilio posts a send's delivery reports: under `PUBLIC_BASE_URL`, else under
+        the URL the conversation's last signed webhook came to (`Inbound.reached_at`); none
+        when neither is known."""
+        base = self._settings.public_base_url or (outbound.reached_at if outbound else None)
         return f"{base}{self.status_path}" if base else None
 
     # ------------------------------------------------------------ inbound
@@ -97,6 +100,9 @@ class TwilioChannel:
             inbound = self.owner_of(form).parse_inbound(form)
         except InvalidWebhook as exc:
             raise Refused(400, str(exc)) from exc
+        if not self._settings.public_base_url and self._settings.twilio_auth_tokens:
+            # Its signature covered this URL, host included: the one Twilio reaches us at.
+            inbound = replace(inbound, reached_at=webhook.base_url_of(request))
         await intake.record(inbound)
         return Response(webhook.EMPTY_TWIML, media_type="text/xml")
 

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,10 +56,10 @@ class TwilioRest:
         account_sid: str,
         auth_token: str,
         api_base_url: str,
-        status_callback_url: str | None,
+        status_callback_url: Callable[[Outbound], str | None] = lambda _outbound: None,
         timeout_s: float = 15.0,
     ) -> None:
-        self._status_callback = status_callback_url
+        self._status_callback = status_callback_url  # a send's StatusCallback, if any
         self._timeout_s = timeout_s
         self._http = _RetryAfterHttpClient()
         self._client = Client(account_sid, auth_token, http_client=self._http)
@@ -77,8 +78,8 @@ class TwilioRest:
         else:
             data["ContentSid"] = template.content_sid
             data["ContentVariables"] = json.dumps(template.variables)
-        if self._status_callback:
-            data["StatusCallback"] = self._status_callback
+        if callback := self._status_callback(outbound):
+            data["StatusCallback"] = callback
         try:
             async with asyncio.timeout(self._timeout_s):
                 # The headers a copy: the SDK adds its own to the dict it is given.

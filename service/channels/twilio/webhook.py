@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # twilio's validator, which logs the header's value (an attacker's, of any length) as a second
 # line beside the refusal's.
 SIGNATURE_ALGORITHMS = frozenset({HMAC_SHA1, HMAC_SHA256})
+MAX_BASE_URL_CHARS = 255  # `conversation.public_base_url`
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 REQUIRED_FIELDS = ("MessageSid", "From", "To", "Body")
@@ -71,6 +72,11 @@ def signed_url(request: Request, settings: Settings) -> str:
         return str(request.url)
     query = f"?{request.url.query}" if request.url.query else ""
     return f"{settings.public_base_url}{request.url.path}{query}"
+
+
+def base_url_of(request: Request) -> str:
+    """The scheme and host a request came to, as Twilio's signature covered them."""
+    return f"{request.url.scheme}://{request.url.netloc}"[:MAX_BASE_URL_CHARS]
 
 
 async def read_form(request: Request, settings: Settings) -> dict[str, str]:
