@@ -15,10 +15,11 @@ and uses the text it has, truncated and unstripped (`limits.fallback_body`).
 
 The children are shared fairly: a mail waiting for one goes before every larger mail waiting
 (smallest first, then in order of arrival), and once it has waited `PREEMPT_AFTER_S` it stops
-the longest-running larger mail that has had as long, which then uses the text it has. So a
-few hostile mails (large, since the caps bound a small mail's work) can no longer spend an
-ordinary mail's budget in the queue behind them: before, four of them posted at once made a
-short mail behind them wait out its whole budget and be stored without its text.
+the longest-running larger mail that has run `PREEMPTIBLE_AFTER_S`, which then uses the text
+it has. So a few hostile mails (large, since the caps bound a small mail's work) can no
+longer spend an ordinary mail's budget in the queue behind them: before, four of them posted
+at once made a short mail behind them wait out its whole budget and be stored without its
+text.
 
 The child is `python -m service.channels.sendgrid.extraction`; it speaks length-prefixed JSON
 frames on its stdin/stdout (a request frame is followed by a length-prefixed blob: the raw
@@ -61,10 +62,12 @@ EXTRACT_DEADLINE_S = 1.0
 EXTRACT_BUDGET_S = 1.5
 # Children at most (started one by one as mails overlap): one per core on a small host.
 EXTRACTION_PROCESSES = 2
-# A mail that waited this long for a child stops a larger one that has run as long. Ordinary
-# mail takes a few milliseconds to tens of them, a raw mail with a 10 MB attachment ~0.3 s;
-# then a new child's start (~0.1 s) and the short mail's own work still fit its budget.
-PREEMPT_AFTER_S = 0.5
+# A mail that waited this long for a child stops a larger one that has run at least
+# `PREEMPTIBLE_AFTER_S`. Ordinary mail takes a few milliseconds to tens of them, a raw mail
+# with a 10 MB attachment ~0.3 s; a new child's start then takes ~0.1 s (more on a busy host),
+# and the waiting mail's own work must still fit its budget.
+PREEMPT_AFTER_S = 0.25
+PREEMPTIBLE_AFTER_S = 0.5
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _STOP_WAIT_S = 2.0
 
@@ -339,10 +342,12 @@ class Extractor:
         deadline_s: float = EXTRACT_DEADLINE_S,
         processes: int = EXTRACTION_PROCESSES,
         preempt_after_s: float = PREEMPT_AFTER_S,
+        preemptible_after_s: float = PREEMPTIBLE_AFTER_S,
     ) -> None:
         self._budget_s = budget_s
         self._deadline_s = deadline_s
         self._preempt_after_s = preempt_after_s
+        self._preemptible_after_s = preemptible_after_s
         self._all = [_Slot() for _ in range(processes)]
         self._idle = list(self._all)  # popped from the end: the warm child first
         # Mails waiting for a slot: (size, arrival, future); a cancelled one stays until popped.
@@ -381,8 +386,8 @@ class Extractor:
             return partial.fallback(f"body extraction failed: {exc}")
 
     async def _take(self, size: int) -> _Slot:
-        """A free slot, at once or in its turn; while it waits, it stops larger mails that
-        have run `preempt_after_s` (one each `preempt_after_s`)."""
+        """A free slot, at once or in its turn; once it has waited `preempt_after_s`, it stops
+        larger mails that have run `preemptible_after_s` (one at a time)."""
         if self._idle:  # a slot is idle only while nobody waits
             slot = self._idle.pop()
         else:
@@ -407,23 +412,27 @@ class Extractor:
     ) -> None:
         if future.done():
             return
-        ran_since = time.monotonic() - self._preempt_after_s
+        now = time.monotonic()
         larger = [
             slot
             for slot in self._all
             if slot.child is not None
             and slot.since is not None
-            and slot.since <= ran_since
             and slot.size > size
             and not slot.preempted
         ]
-        if larger:
-            victim = min(larger, key=lambda slot: slot.since or 0.0)
-            victim.preempted = True
-            assert victim.child is not None
-            victim.child.interrupt()  # its reader sees the end of the stream: `Preempted`
+        oldest = min(larger, key=lambda slot: slot.since or now, default=None)
+        check_in = self._preempt_after_s  # after a preemption, or with no larger mail at work
+        if oldest is not None and oldest.since is not None:
+            ran = now - oldest.since
+            if ran >= self._preemptible_after_s:
+                oldest.preempted = True
+                assert oldest.child is not None
+                oldest.child.interrupt()  # its reader sees the end of the stream: `Preempted`
+            else:  # look again the moment it may be stopped
+                check_in = self._preemptible_after_s - ran
         loop = asyncio.get_running_loop()
-        timer[0] = loop.call_later(self._preempt_after_s, self._preempt, size, future, timer)
+        timer[0] = loop.call_later(check_in, self._preempt, size, future, timer)
 
     def _release(self, slot: _Slot) -> None:
         slot.since, slot.preempted = None, False
