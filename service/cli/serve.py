@@ -48,10 +48,10 @@ def _warn_about_secrets(settings: Settings) -> None:
         log.info("OPENAI_API_KEY is not set: the offline assistant answers")
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit() -> None:
     """Every connection is a file descriptor: under a common soft limit of 1,024, a thousand
     idle connections made every other connection fail. The soft limit goes up to the hard one
-    (the operator's real bound; 1,048,576 when that is unlimited). Returns the limit now."""
+    (the operator's real bound; 1,048,576 when that is unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = OPEN_FILES_UNLIMITED if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -59,9 +59,6 @@ def raise_open_files_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (ValueError, OSError) as exc:  # a platform's own cap (macOS): keep the soft one
             log.info("open files stay limited to %d: %s", soft, exc)
-            return soft
-        return wanted
-    return soft
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

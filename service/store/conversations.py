@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.conversation import StoredTurn
 from service.db import reader, session_factory, utcnow
 from service.models import AssistantCall, Conversation, Message
 from service.queue.manager import NewJob, count_jobs, enqueue
-from service.store.outbox import str_headers
+from service.store.outbox import Answer, insert_parts, str_headers
 from service.types import (
     Author,
     Delivery,
@@ -438,47 +438,20 @@ async def add_operator_message(
             raise NotFound(conversation_id)
         if conversation.opted_out:
             raise OptedOut(conversation_id)
-        ids = await _insert_operator_parts(
-            connection, conversation_id, conversation.channel, split(body), (subject, headers), now
+        reply = Answer(
+            conversation_id=conversation_id,
+            channel=conversation.channel,
+            answered_ids=(),
+            parts=split(body),
+            author=Author.OPERATOR,
+            subject=subject,
+            headers=headers,
         )
+        ids = [part.id for part in await insert_parts(connection, reply)]
         await connection.execute(
             update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
         )
         await enqueue(connection, [NewJob(conversation_id, ids[0])])
-    return ids
-
-
-async def _insert_operator_parts(
-    connection: AsyncConnection,
-    conversation_id: int,
-    channel: str,
-    parts: list[str],
-    envelope: tuple[str | None, dict[str, str]],
-    now: dt.datetime,
-) -> list[int]:
-    """The operator's reply as pending parts, already cut to the channel's limits; returns
-    their ids."""
-    subject, headers = envelope
-    ids = []
-    for number, part in enumerate(parts, start=1):
-        result = await connection.execute(
-            insert(Message).returning(Message.id),
-            {
-                "conversation_id": conversation_id,
-                "created_at": now,
-                "updated_at": now,
-                "channel": channel,
-                "sender": Sender.ASSISTANT.value,
-                "author": Author.OPERATOR.value,
-                "intent": Intent.MESSAGE.value,
-                "body": part,
-                "part": number,
-                "subject": subject,
-                "headers": headers or None,
-                "status": Delivery.PENDING.value,
-            },
-        )
-        ids.append(int(result.scalar_one()))
     return ids
 
 

@@ -331,7 +331,7 @@ async def insert_parts(connection: AsyncConnection, answer: Answer) -> list[Part
                 "subject": answer.subject,
                 "headers": answer.headers or None,
                 "status": Delivery.PENDING.value,
-                "reply_to_id": answer.answered_ids[-1],
+                "reply_to_id": answer.answered_ids[-1] if answer.answered_ids else None,
             },
         )
         parts.append(
@@ -503,11 +503,13 @@ async def set_status(
     note: str | None = None,
 ) -> Part | None:
     """Set a part's status (with `note`, why, shown as its error); then `then`."""
+    statement = _SET_STATUS
     values = {"part_id": message_id, "new_status": status.value, "now": utcnow()}
-    statement = _SET_STATUS if note is None else _SET_STATUS_NOTED
+    if note is not None:
+        statement, values = _SET_STATUS_NOTED, {**values, "note": note}
 
     async def set_it(connection: AsyncConnection) -> Part | None:
-        await connection.execute(statement, values if note is None else {**values, "note": note})
+        await connection.execute(statement, values)
         return await _then(connection, then)
 
     return await group_commit(engine).run(set_it)
