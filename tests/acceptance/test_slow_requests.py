@@ -67,6 +67,17 @@ async def send_then_wait(port: int, data: bytes) -> tuple[bytes, float]:
     return answer, seconds
 
 
+def slow_mail(message_id: str, extra_headers: bytes = b"") -> bytes:
+    """A whole Inbound Parse request whose mail keeps an extraction child busy until its 1 s
+    deadline (twice the deadlines here), as raw HTTP/1.1."""
+    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
+    headers, body = request_of(build(message_id))
+    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    return head + b"Content-Length: %d\r\n%s\r\n" % (len(body), extra_headers) + body
+
+
 async def test_half_a_head_then_nothing_is_408_at_the_deadline_with_one_warning(
     port: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -114,12 +125,7 @@ async def test_a_request_that_has_arrived_is_answered_however_long_the_app_takes
     port: int, engine: AsyncEngine
 ) -> None:
     # A mail kept at work until the extraction's 1 s deadline, twice the deadlines here.
-    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
-    headers, body = request_of(build("<slow-arrived@example.com>"))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
-    request = head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    request = slow_mail("<slow-arrived@example.com>", b"Connection: close\r\n")
 
     answer, seconds = await send_then_wait(port, request)
 
@@ -153,12 +159,7 @@ async def test_a_pipelined_request_waits_for_the_answer_before_it_and_never_cuts
 ) -> None:
     # Request 1 has arrived and takes ~1 s to answer (twice the deadlines); request 2's head
     # stops halfway. Request 1 gets its 200 first; request 2 its 408 after it.
-    _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
-    headers, body = request_of(build("<slow-pipelined@example.com>"))
-    first = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
-    first += b"Content-Length: %d\r\n\r\n" % len(body) + body
+    first = slow_mail("<slow-pipelined@example.com>")
     second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
     answer, _ = await send_then_wait(port, first + second)
