@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
 
 
@@ -9,17 +11,20 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes `limit`: by Content-Length when the client
-    declares one, else while the chunks stream in."""
+async def stream_body(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, refused as soon as it passes `limit`: by
+    Content-Length when the client declares one, else while the chunks stream in."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
-    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, within `limit` (`stream_body`)."""
+    return b"".join([chunk async for chunk in stream_body(request, limit)])

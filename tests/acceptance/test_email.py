@@ -322,8 +322,9 @@ async def test_over_the_size_limit_is_413_decided_while_streaming(
 ) -> None:
     sent = 0
 
-    async def forty_megabytes() -> Any:
+    async def forty_megabytes() -> Any:  # a well-formed start: only its size is wrong
         nonlocal sent
+        yield b'--xYzZY\r\nContent-Disposition: form-data; name="email"\r\n\r\n'
         for _ in range(40 * 16):
             sent += 65536
             yield b"x" * 65536

@@ -26,7 +26,7 @@ from service.channels.base import (
 from service.channels.sendgrid import inbound, mime
 from service.channels.sendgrid.extraction import Extractor
 from service.conversation import shape_reply
-from service.request_body import BodyTooLarge, read_body
+from service.request_body import BodyTooLarge, stream_body
 from service.settings import Settings
 from service.types import Channel, MediaItem, Outbound, SendResult
 
@@ -76,8 +76,10 @@ class SendGridEmail:
         if not content_type.lower().startswith("multipart/form-data"):
             raise Refused(400, "expected multipart/form-data")
         try:
-            raw = await read_body(request, self._settings.max_email_bytes)
-            await self._receive_mail(intake, raw, content_type)
+            form = inbound.FormReader(content_type)
+            async for chunk in stream_body(request, self._settings.max_email_bytes):
+                form.feed(chunk)
+            await self._receive_mail(intake, form.fields())
         except BodyTooLarge:
             raise Refused(413, "email over MAX_EMAIL_BYTES") from None
         except inbound.InvalidInbound as exc:
@@ -98,12 +100,12 @@ class SendGridEmail:
         if not inbound.credentials_match(request.headers.get("authorization"), user, password):
             raise Refused(401, "bad or missing credentials", _AUTHENTICATE)
 
-    async def _receive_mail(self, intake: Intake, raw: bytes, content_type: str) -> None:
+    async def _receive_mail(self, intake: Intake, fields: dict[str, list[inbound.Part]]) -> None:
         """Header-level read, then the dedupe check, then body extraction, then the commit. A
         redelivery of a stored mail stops at the second step: a retried hostile mail costs no
         extraction. Raises `inbound.InvalidInbound` for a post that is not a usable mail."""
         # The form split and the capped header parse are linear, pure Python: a thread suffices.
-        envelope = await asyncio.to_thread(inbound.read_envelope, raw, content_type)
+        envelope = await asyncio.to_thread(inbound.envelope_of, fields)
         if await intake.is_stored(envelope.provider_message_id):
             return
         own_replies = await intake.recent_replies(envelope.remote_address, envelope.local_address)

@@ -69,6 +69,7 @@ EXTRACTION_PROCESSES = 2
 PREEMPT_AFTER_S = 0.25
 PREEMPTIBLE_AFTER_S = 0.5
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+_WRITE_SLICE_BYTES = 256 * 1024
 _STOP_WAIT_S = 2.0
 
 Attachments = list[dict[str, object]]
@@ -160,8 +161,8 @@ def _answers(request: dict[str, Any], mime: bytes) -> Iterator[dict[str, Any]]:
     yield {"kind": "body", "body": extract_body(plain, page, subject, [str(r) for r in own])}
 
 
-def _write(stream: IO[bytes], message: dict[str, Any], blob: bytes | None = None) -> None:
-    stream.write(frame(message, blob))
+def _write(stream: IO[bytes], message: dict[str, Any]) -> None:
+    stream.write(frame(message))
     stream.flush()
 
 
@@ -208,11 +209,10 @@ def main() -> None:
 # ---------------------------------------------------------------- in the serve process
 
 
-def frame(message: dict[str, Any], blob: bytes | None = None) -> bytes:
-    """A length-prefixed JSON frame, and a length-prefixed blob after it when one is given."""
+def frame(message: dict[str, Any]) -> bytes:
+    """A length-prefixed JSON frame (a request's blob follows it with its own length)."""
     data = json.dumps(message).encode("utf-8")
-    framed = len(data).to_bytes(4, "big") + data
-    return framed if blob is None else framed + len(blob).to_bytes(4, "big") + blob
+    return len(data).to_bytes(4, "big") + data
 
 
 class ChildFailed(Exception):
@@ -285,8 +285,7 @@ class _Child:
             "own_replies": list(content.own_replies),
         }
         try:
-            self._stdin.write(frame(request, content.mime or b""))
-            await self._stdin.drain()
+            await self._send(request, content.mime or b"")
         except OSError as exc:  # it died (or was stopped, `Extractor._preempt`) mid-write
             raise ChildFailed(f"the extraction process went away: {exc}") from exc
         while True:
@@ -298,6 +297,16 @@ class _Child:
                 return Extracted(answer["body"], partial.attachments)
             else:
                 raise ExtractionError(str(answer.get("error", "unknown answer")))
+
+    async def _send(self, request: dict[str, Any], blob: bytes) -> None:
+        """The request frame, its blob in slices: the pipe's write buffer never holds more
+        than one slice of a 10 MB mail (a single write would copy all of it there)."""
+        self._stdin.write(frame(request) + len(blob).to_bytes(4, "big"))
+        view = memoryview(blob)
+        for start in range(0, len(blob), _WRITE_SLICE_BYTES):
+            self._stdin.write(view[start : start + _WRITE_SLICE_BYTES])
+            await self._stdin.drain()
+        await self._stdin.drain()
 
     def interrupt(self) -> None:
         """Kill it now, from a callback; `kill` then only reaps it."""
