@@ -134,7 +134,11 @@ def main() -> int:
     body_mb = sum(len(b) for _, b in requests) / args.mails / 2**20
     with tempfile.TemporaryDirectory() as scratch, FakeProviders() as fakes:
         database = Path(scratch) / "bench.db"
-        env = server_env(f"sqlite+aiosqlite:///{database}", fakes.base_url)
+        env = server_env(
+            f"sqlite+aiosqlite:///{database}",
+            fakes.base_url,
+            **dict(e.split("=", 1) for e in os.environ.get("BENCH_ENV", "").split()),
+        )
         env["PYTHONPATH"] = str(args.root.resolve())
         env["PATH"] = os.environ.get("PATH", "")
         with serving(env, Path(scratch)) as (port, process):
@@ -151,6 +155,8 @@ def main() -> int:
             probe.stop()
             sampler.stop()
             stored = stored_mails(database, run)
+            time.sleep(2.0)
+            after, after_children = family_rss_kib(process.pid)
             stop(process)
     grown = (sampler.peak - idle) / 1024
     print(f"{args.mails} {args.mode} mails of {body_mb:.1f} MB posted at once, in {seconds:.1f} s")
@@ -159,6 +165,10 @@ def main() -> int:
         f"serve RSS idle {idle / 1024:.1f} MiB, peak {sampler.peak / 1024:.1f} MiB "
         f"(+{grown:.1f} MiB, {grown / args.mails:.1f} MiB a mail in flight); extraction "
         f"children idle {idle_children / 1024:.1f}, peak {sampler.peak_children / 1024:.1f} MiB"
+    )
+    print(
+        f"2 s later: serve {after / 1024:.1f} MiB, extraction children "
+        f"{after_children / 1024:.1f} MiB"
     )
     print(f"/healthz worst {max(probe.during(start, start + seconds) or [0.0]) * 1000:.0f} ms")
     return 0

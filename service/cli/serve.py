@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import logging
 import resource
 import signal
@@ -21,6 +23,8 @@ from service.settings import Settings, settings_or_exit
 
 log = logging.getLogger("parley")
 OPEN_FILES_UNLIMITED = 1_048_576  # the soft limit asked for when the hard one is unlimited
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, kept from rising
 
 
 def _warn_about_secrets(settings: Settings) -> None:
@@ -61,6 +65,15 @@ def raise_open_files_limit() -> None:
             log.info("open files stay limited to %d: %s", soft, exc)
 
 
+def return_big_frees_to_the_os() -> None:
+    """glibc serves a freed large block's size from its heap from then on (its mmap threshold
+    rises with each one), and a heap rarely shrinks: after ten 28 MB mails at once the serve
+    process kept 230 MiB. A fixed threshold keeps such blocks mapped apart, handed back when
+    freed (measured: back to 100 MiB within 2 s, `bench/mail_memory.py`). Not glibc: nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"parley_dev": True} if args.dev else {}
     settings = settings_or_exit(**overrides)
@@ -68,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings)
     _warn_about_secrets(settings)
     raise_open_files_limit()
+    return_big_frees_to_the_os()
     from service.web.app import create_app
     from service.web.protocol import BoundedHeadProtocol
 
@@ -92,6 +106,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = settings_or_exit()
     profiles = profiles_or_exit(settings)
     configure_logging(settings)
+    return_big_frees_to_the_os()  # MMS items of up to 5 MB pass through a worker
     if args.metrics_port is not None:
         import prometheus_client
 
