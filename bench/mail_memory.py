@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def main() -> int:
     parser.add_argument("--mails", type=int, default=10, help="mails posted at once")
     parser.add_argument("--mb", type=int, default=28, help="attachment size of each, in MB")
     parser.add_argument("--mode", choices=("raw", "parsed"), default="raw")
+    parser.add_argument("--log", type=Path, help="keep the server's log here")
     args = parser.parse_args()
     run = f"{time.time_ns() % 10**9}"
     requests = [request_of(big_mail(args.mode, i, args.mb, run)) for i in range(args.mails)]
@@ -158,6 +160,8 @@ def main() -> int:
             time.sleep(2.0)
             after, after_children = family_rss_kib(process.pid)
             stop(process)
+            if args.log:
+                shutil.copy(Path(scratch) / "serve.log", args.log)
     grown = (sampler.peak - idle) / 1024
     print(f"{args.mails} {args.mode} mails of {body_mb:.1f} MB posted at once, in {seconds:.1f} s")
     print(f"answers: {sorted(statuses)}; stored: {stored} of {args.mails}")

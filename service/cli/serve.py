@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import logging
 import resource
 import signal
@@ -18,13 +16,12 @@ from service.cli.profiles import profiles_or_exit
 from service.db import engine_of
 from service.logs import configure_logging
 from service.migrate import upgrade
+from service.process_memory import return_big_frees_to_the_os
 from service.profiles import Profiles
 from service.settings import Settings, settings_or_exit
 
 log = logging.getLogger("parley")
 OPEN_FILES_UNLIMITED = 1_048_576  # the soft limit asked for when the hard one is unlimited
-M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, kept from rising
 
 
 def _warn_about_secrets(settings: Settings) -> None:
@@ -63,15 +60,6 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (ValueError, OSError) as exc:  # a platform's own cap (macOS): keep the soft one
             log.info("open files stay limited to %d: %s", soft, exc)
-
-
-def return_big_frees_to_the_os() -> None:
-    """glibc serves a freed large block's size from its heap from then on (its mmap threshold
-    rises with each one), and a heap rarely shrinks: after ten 28 MB mails at once the serve
-    process kept 230 MiB. A fixed threshold keeps such blocks mapped apart, handed back when
-    freed (measured: back to 100 MiB within 2 s, `bench/mail_memory.py`). Not glibc: nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

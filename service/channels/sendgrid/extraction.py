@@ -54,6 +54,7 @@ from service.channels.sendgrid.limits import (
     fallback_body,
     header_text,
 )
+from service.process_memory import return_big_frees_to_the_os
 
 # The child's work on one mail, from handing it over to its last answer.
 EXTRACT_DEADLINE_S = 1.0
@@ -187,6 +188,7 @@ def _read_request(stream: IO[bytes]) -> tuple[dict[str, Any], bytes] | None:
 def main() -> None:
     """The child's loop: one request at a time until its stdin closes."""
     warnings.simplefilter("ignore")  # a library's warning must not clutter the server's log
+    return_big_frees_to_the_os()  # a 10 MB mail's parse takes ~90 MB, for that mail only
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent
     # stops us by closing stdin (or by SIGKILL)
     protocol = os.fdopen(os.dup(1), "wb")
