@@ -115,12 +115,15 @@ def post_in_process(base_url: str, requests: list[tuple[dict[str, str], bytes]])
     return asyncio.run(post_all(base_url, requests))
 
 
-def stored_mails(database: Path, run: str) -> int:
+def stored_mails(database: Path, run: str) -> tuple[int, int]:
+    """Mails stored, and how many of them with their text (not a fallback with none)."""
     with sqlite3.connect(database) as db:
-        (count,) = db.execute(
-            "select count(*) from message where provider_message_id like ?", (f"<mem-{run}-%",)
+        stored, with_text = db.execute(
+            "select count(*), sum(body like 'Hello number%') from message"
+            " where provider_message_id like ?",
+            (f"<mem-{run}-%",),
         ).fetchone()
-    return int(count)
+    return int(stored), int(with_text or 0)
 
 
 def main() -> int:
@@ -156,7 +159,7 @@ def main() -> int:
             seconds = time.monotonic() - start
             probe.stop()
             sampler.stop()
-            stored = stored_mails(database, run)
+            stored, with_text = stored_mails(database, run)
             time.sleep(2.0)
             after, after_children = family_rss_kib(process.pid)
             stop(process)
@@ -164,7 +167,10 @@ def main() -> int:
                 shutil.copy(Path(scratch) / "serve.log", args.log)
     grown = (sampler.peak - idle) / 1024
     print(f"{args.mails} {args.mode} mails of {body_mb:.1f} MB posted at once, in {seconds:.1f} s")
-    print(f"answers: {sorted(statuses)}; stored: {stored} of {args.mails}")
+    print(
+        f"answers: {sorted(statuses)}; stored: {stored} of {args.mails}, "
+        f"{with_text} with their text"
+    )
     print(
         f"serve RSS idle {idle / 1024:.1f} MiB, peak {sampler.peak / 1024:.1f} MiB "
         f"(+{grown:.1f} MiB, {grown / args.mails:.1f} MiB a mail in flight); extraction "

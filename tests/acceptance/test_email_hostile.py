@@ -7,6 +7,7 @@ PostgreSQL; one test runs a real `parley serve`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.channels.sendgrid.admission import KEPT_PER_MAIL_BYTES, MailBudget
 from service.channels.sendgrid.extraction import Extractor, MailContent
 from service.channels.sendgrid.limits import MAX_TEXT_CHARS
 from service.models import Conversation, Message
@@ -36,6 +38,7 @@ from tests.email_posts import (
     raw_mail,
     raw_post,
     report,
+    request_of,
     send_hostile,
     server_env,
     with_fields,
@@ -177,6 +180,7 @@ async def test_hostile_mails_posted_at_once_leave_an_ordinary_mail_its_text_and_
     # still waits out its whole budget.
     email = app.app.state.channels[Channel.EMAIL]  # type: ignore[attr-defined]
     extractor = email.extractor = Extractor(budget_s=3.0, deadline_s=6.0)
+    email.budget = MailBudget(100 * KEPT_PER_MAIL_BYTES)  # all six at the extractor at once
     _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
     hostile = [
         asyncio.create_task(post_fields(app, build(f"<slow-{i}@example.com>"))) for i in range(6)
@@ -566,3 +570,45 @@ async def test_while_the_database_is_unavailable_a_mail_is_503_at_its_dedupe_che
     assert response.status_code == 503
     assert "the database is unavailable" in response.text
     one_warning(caplog.records, "the database is unavailable")
+
+
+async def test_big_mails_at_once_are_read_a_budget_at_a_time_and_every_one_is_stored(
+    app: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    # Room for one big mail: the first is held mid-body, the second waits unread, an ordinary
+    # mail goes past both; once the first's body ends, every one is stored, once.
+    email = app.app.state.channels[Channel.EMAIL]  # type: ignore[attr-defined]
+    email.budget = MailBudget(KEPT_PER_MAIL_BYTES)
+    picture = base64.encodebytes(bytes(range(256)) * 8 * 1024)  # 2.8 MB of base64
+    attached = {"Content-Type": 'multipart/mixed; boundary="b1"'}
+    body = (
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nThe plans, attached.\r\n--b1\r\n"
+        b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + picture
+        + b"--b1--\r\n"
+    )
+    first_headers, first_body = request_of(raw_post("<big-1@example.com>", attached, body))
+    second_headers, second_body = request_of(raw_post("<big-2@example.com>", attached, body))
+    small = with_fields("gmail_first", headers=None, subject="Small one")
+    go_on = asyncio.Event()
+
+    async def slow_first() -> Any:  # chunked: counted as the largest mail, the whole budget
+        yield first_body[:1000]
+        await go_on.wait()
+        yield first_body[1000:]
+
+    first = asyncio.create_task(app.post(INBOUND, headers=first_headers, content=slow_first()))
+    await eventually(lambda: _true(email.budget.in_flight == KEPT_PER_MAIL_BYTES))
+    second = asyncio.create_task(app.post(INBOUND, headers=second_headers, content=second_body))
+    await eventually(lambda: _true(email.budget.waiting == 1))
+    assert (await post_fields(app, small)).status_code == 200  # past both big ones
+    assert not second.done() and email.budget.waiting == 1
+    go_on.set()
+    assert [(await first).status_code, (await second).status_code] == [200, 200]
+    stored = {m.provider_message_id for m in await messages(engine, Message.sender == "user")}
+    assert {"<big-1@example.com>", "<big-2@example.com>"} <= stored and len(stored) == 3
+    assert email.budget.in_flight == 0
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -24,9 +24,10 @@ from service.channels.base import (
     described,
 )
 from service.channels.sendgrid import inbound, mime
+from service.channels.sendgrid.admission import MailBudget
 from service.channels.sendgrid.extraction import Extractor
 from service.conversation import shape_reply
-from service.request_body import BodyTooLarge, stream_body
+from service.request_body import BodyTooLarge, declared_length, stream_body
 from service.settings import Settings
 from service.types import Channel, MediaItem, Outbound, SendResult
 
@@ -54,6 +55,7 @@ class SendGridEmail:
     def __init__(self, settings: Settings, extractor: Extractor | None = None) -> None:
         self._settings = settings
         self.extractor = extractor or Extractor()  # its processes start on the first mail
+        self.budget = MailBudget()  # big mails read at once (`admission`)
         self._rest: SendGridRest | None = None
         if settings.sendgrid_api_key:
             from service.channels.sendgrid.rest import SendGridRest
@@ -75,11 +77,13 @@ class SendGridEmail:
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise Refused(400, "expected multipart/form-data")
+        limit = self._settings.max_email_bytes
         try:
             form = inbound.FormReader(content_type)
-            async for chunk in stream_body(request, self._settings.max_email_bytes):
-                form.feed(chunk)
-            await self._receive_mail(intake, form.fields())
+            async with self.budget.held(self.budget.share(declared_length(request), limit)):
+                async for chunk in stream_body(request, limit):
+                    form.feed(chunk)
+                await self._receive_mail(intake, form.fields())
         except BodyTooLarge:
             raise Refused(413, "email over MAX_EMAIL_BYTES") from None
         except inbound.InvalidInbound as exc:

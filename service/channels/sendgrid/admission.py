@@ -1,0 +1,100 @@
+"""How many big mails a process reads at once: a budget of bytes, taken before a body is read.
+
+A mail in flight holds what is kept of it (`inbound.FormReader`: up to ~13 MiB for a raw
+mail, a few for a parsed one) until it is stored. Nothing bounded how many were in flight:
+fifty 28 MB mails mailed at once would have held ~600 MiB, and each waited for an extraction child
+inside its own extraction budget, past which its text is not stripped. A mail declaring more than
+`SMALL_MAIL_BYTES` takes its share of `BUDGET_BYTES` first, in arrival order; while it waits
+its body stays unread in the socket (TCP holds the sender back), and it is answered like any
+other mail once read. Refusing instead would lose it: SendGrid retries only a 5xx, which SPEC
+§9 keeps for an unavailable database. Ordinary mail never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+from service.channels.sendgrid.extraction import EXTRACTION_PROCESSES
+from service.channels.sendgrid.limits import MAX_MIME_BYTES
+
+# Kept of one mail at most: its raw MIME (`MAX_MIME_BYTES`) or parsed-mode text, HTML and
+# headers, plus the short fields.
+KEPT_PER_MAIL_BYTES = MAX_MIME_BYTES + 3 * 1024 * 1024
+# Mails at most this large (by Content-Length) are read at once, outside the budget.
+SMALL_MAIL_BYTES = 1024 * 1024
+# As many mails of the largest kind as there are extraction children (~26 MiB held): more in
+# flight would only wait for a child inside their extraction budget (a 10 MB raw mail takes
+# ~0.4 s of a child's work) and fall back to unstripped text, where here they wait unread.
+BUDGET_BYTES = EXTRACTION_PROCESSES * KEPT_PER_MAIL_BYTES
+
+
+class MailBudget:
+    """Bytes of big mails in flight, handed out first come, first served."""
+
+    def __init__(self, budget: int = BUDGET_BYTES) -> None:
+        self._budget = budget
+        self._free = budget
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def in_flight(self) -> int:
+        return self._budget - self._free
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @staticmethod
+    def share(declared_bytes: int | None, limit: int) -> int:
+        """What a mail holds while it is read: its size when declared, at most what is kept of
+        a mail; a body of unknown size (chunked) is counted as the largest. Nothing for a small
+        mail, nor for one over `limit` (refused before a byte of it is read)."""
+        if declared_bytes is None:
+            return KEPT_PER_MAIL_BYTES
+        if declared_bytes <= SMALL_MAIL_BYTES or declared_bytes > limit:
+            return 0
+        return min(declared_bytes, KEPT_PER_MAIL_BYTES)
+
+    @contextlib.asynccontextmanager
+    async def held(self, share: int) -> AsyncIterator[None]:
+        """`share` bytes for the duration of the block, once those before it have theirs."""
+        await self._take(share)
+        try:
+            yield
+        finally:
+            self._give_back(share)
+
+    async def _take(self, share: int) -> None:
+        if share == 0:
+            return
+        if not self._waiting and share <= self._free:
+            self._free -= share
+            return
+        turn = asyncio.get_running_loop().create_future()
+        entry = (share, turn)
+        self._waiting.append(entry)
+        try:
+            await turn
+        except BaseException:  # the sender went away while waiting
+            if turn.done() and not turn.cancelled():
+                self._give_back(share)  # its turn had come: hand it on
+            else:
+                with contextlib.suppress(ValueError):  # `_wake` may have dropped it already
+                    self._waiting.remove(entry)
+                self._wake()
+            raise
+
+    def _give_back(self, share: int) -> None:
+        self._free += share
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self._free:
+            share, turn = self._waiting.popleft()
+            if turn.done():  # cancelled, its waiter not yet resumed to say so
+                continue
+            self._free -= share
+            turn.set_result(None)
