@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     assistant_timeout_s: float = Field(30.0, gt=0)
     assistant_vision: bool = True  # MMS images to the model as image parts (else a note)
     media_max_bytes: int = Field(5_242_880, ge=1)  # largest MMS item fetched for the model
+    media_memory_bytes: int = Field(67_108_864, ge=1)  # picture bytes a process holds at once
     profiles_file: str | None = None  # TOML assistant profiles per local address (SPEC §11)
     assistant_memory: Literal["window", "summary"] = "window"
     summary_keep_messages: int = Field(10, ge=1)  # kept word for word beside the summary

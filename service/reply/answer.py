@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from service import memory, metrics, storable
 from service.assistant import CallOptions, Completion, ModelError
+from service.byte_budget import Held
 from service.conversation import HELP_TEXT, PromptMessage, build_prompt
 from service.db import utcnow
 from service.profiles import Assistant, from_variables, no_profiles
@@ -230,11 +231,12 @@ class Answerer:
         questions: Sequence[Waiting],
         assistant: Assistant,
         history: History | None,
+        held: Held,
     ) -> list[PromptMessage]:
         """The profile's system prompt, the summary (summary memory), the history bounded by
         count and tokens (`conversation.build_prompt`), then the questions with their
         attachments (`Attachments.new_turns`: fetched now, images for this turn only)."""
-        new = await self._attachments.new_turns(Channel(conversation.channel), questions)
+        new = await self._attachments.new_turns(Channel(conversation.channel), questions, held)
         summary, turns = await self._memory.history(
             conversation.id, [m.id for m in questions], new, assistant, history
         )
@@ -255,17 +257,19 @@ class Answerer:
         assistant: Assistant,
         history: History | None,
     ) -> tuple[Completion, outbox.CallRecord]:
-        """The model's answer and its call's record, stored with the answer."""
-        prompt = await self._prompt(conversation, questions, assistant, history)
+        """The model's answer and its call's record, stored with the answer. The pictures'
+        memory is held until the call is over (`Attachments.held_for`)."""
         options = CallOptions(assistant.model, assistant.temperature, assistant.max_tokens)
         try:
-            return await self._caller.call(
-                conversation.id,
-                prompt,
-                options,
-                purpose=CallPurpose.REPLY,
-                profile=assistant.profile,
-            )
+            async with self._attachments.held_for(questions) as held:
+                prompt = await self._prompt(conversation, questions, assistant, history, held)
+                return await self._caller.call(
+                    conversation.id,
+                    prompt,
+                    options,
+                    purpose=CallPurpose.REPLY,
+                    profile=assistant.profile,
+                )
         except ModelError as error:
             if error.retryable:
                 raise RetryLater(str(error), error.retry_after_s) from error

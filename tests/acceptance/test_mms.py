@@ -5,6 +5,7 @@ Both databases."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -58,10 +59,14 @@ def sid_of(url: str) -> str:
 
 
 async def mms(
-    client: httpx.AsyncClient, body: str, media: list[tuple[str, str]], name: str = TWO_IMAGES
+    client: httpx.AsyncClient,
+    body: str,
+    media: list[tuple[str, str]],
+    name: str = TWO_IMAGES,
+    sender: str | None = None,
 ) -> None:
-    """The person sends an MMS (a fresh sid) with these (url, content type) items."""
-    fields = {"Body": body, "NumMedia": str(len(media))}
+    """The person (or `sender`) sends an MMS (a fresh sid) with these (url, type) items."""
+    fields = {"Body": body, "NumMedia": str(len(media)), **({"From": sender} if sender else {})}
     for index in range(10):
         fields |= {f"MediaUrl{index}": None, f"MediaContentType{index}": None}
     for index, (url, kind) in enumerate(media):
@@ -330,6 +335,34 @@ async def test_an_item_over_media_max_bytes_is_not_downloaded_past_the_limit(
         ("too_large", None),
         ("too_large", BIG),
     ]
+
+
+async def test_pictures_wait_for_the_process_memory_budget_and_every_one_reaches_the_model(
+    make_settings: SettingsFactory, engine: AsyncEngine, providers: FakeProviders
+) -> None:
+    # Room for one photo's worth (MEDIA_MEMORY_BYTES = MEDIA_MAX_BYTES): while the first
+    # person's picture is in a model call, the second person's is not even fetched.
+    providers.openai_delay = 0.8
+    first = providers.serve_media("ME" + "a" * 32, FakeMedia(JPEG, "image/jpeg"))
+    second = providers.serve_media("ME" + "b" * 32, FakeMedia(PNG, "image/png"))
+    limits = {"media_max_bytes": 100_000, "media_memory_bytes": 100_000}
+    async with running_app(settings(make_settings, **limits)) as client:
+        await mms(client, "Mine", [(first, "image/jpeg")])
+        await eventually(lambda: _true(len(providers.openai_requests) == 1))
+        await mms(client, "And mine", [(second, "image/png")], sender="+15557770002")
+        await asyncio.sleep(0.4)  # unbounded, its fetch and its model call start at once
+        assert [h["path"] for h in providers.media_requests if sid_of(second) in h["path"]] == []
+        assert len(providers.openai_requests) == 1
+        await done(engine)
+
+    pictures = {str(last_user_content(r)[0]["text"]): r for r in providers.openai_requests}
+    assert last_user_content(pictures["Mine"])[1] == image_part("image/jpeg", JPEG)
+    assert last_user_content(pictures["And mine"])[1] == image_part("image/png", PNG)
+    assert len(providers.twilio_sent) == 2
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 # ------------------------------------------------------------------ the command line

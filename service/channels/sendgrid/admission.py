@@ -2,21 +2,17 @@
 
 A mail in flight holds what is kept of it (`inbound.FormReader`: up to ~13 MiB for a raw
 mail, a few for a parsed one) until it is stored. Nothing bounded how many were in flight:
-fifty 28 MB mails mailed at once would have held ~600 MiB, and each waited for an extraction child
-inside its own extraction budget, past which its text is not stripped. A mail declaring more than
-`SMALL_MAIL_BYTES` takes its share of `BUDGET_BYTES` first, in arrival order; while it waits
-its body stays unread in the socket (TCP holds the sender back), and it is answered like any
-other mail once read. Refusing instead would lose it: SendGrid retries only a 5xx, which SPEC
-§9 keeps for an unavailable database. Ordinary mail never waits.
+fifty 28 MB mails mailed at once would have held ~600 MiB, and each waited for an extraction
+child inside its own extraction budget, past which its text is not stripped. A mail declaring
+more than `SMALL_MAIL_BYTES` takes its share of `BUDGET_BYTES` first, in arrival order; while
+it waits its body stays unread in the socket (TCP holds the sender back), and it is answered
+like any other mail once read. Refusing instead would lose it: SendGrid retries only a 5xx,
+which SPEC §9 keeps for an unavailable database. Ordinary mail never waits.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-from collections.abc import AsyncIterator
-
+from service.byte_budget import ByteBudget
 from service.channels.sendgrid.extraction import EXTRACTION_PROCESSES
 from service.channels.sendgrid.limits import MAX_MIME_BYTES
 
@@ -31,21 +27,11 @@ SMALL_MAIL_BYTES = 1024 * 1024
 BUDGET_BYTES = EXTRACTION_PROCESSES * KEPT_PER_MAIL_BYTES
 
 
-class MailBudget:
-    """Bytes of big mails in flight, handed out first come, first served."""
+class MailBudget(ByteBudget):
+    """Bytes of big mails in flight (`ByteBudget`), with what one mail holds (`share`)."""
 
-    def __init__(self, budget: int = BUDGET_BYTES) -> None:
-        self._budget = budget
-        self._free = budget
-        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    @property
-    def in_flight(self) -> int:
-        return self._budget - self._free
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    def __init__(self, capacity: int = BUDGET_BYTES) -> None:
+        super().__init__(capacity)
 
     @staticmethod
     def share(declared_bytes: int | None, limit: int) -> int:
@@ -57,44 +43,3 @@ class MailBudget:
         if declared_bytes <= SMALL_MAIL_BYTES or declared_bytes > limit:
             return 0
         return min(declared_bytes, KEPT_PER_MAIL_BYTES)
-
-    @contextlib.asynccontextmanager
-    async def held(self, share: int) -> AsyncIterator[None]:
-        """`share` bytes for the duration of the block, once those before it have theirs."""
-        await self._take(share)
-        try:
-            yield
-        finally:
-            self._give_back(share)
-
-    async def _take(self, share: int) -> None:
-        if share == 0:
-            return
-        if not self._waiting and share <= self._free:
-            self._free -= share
-            return
-        turn = asyncio.get_running_loop().create_future()
-        entry = (share, turn)
-        self._waiting.append(entry)
-        try:
-            await turn
-        except BaseException:  # the sender went away while waiting
-            if turn.done() and not turn.cancelled():
-                self._give_back(share)  # its turn had come: hand it on
-            else:
-                with contextlib.suppress(ValueError):  # `_wake` may have dropped it already
-                    self._waiting.remove(entry)
-                self._wake()
-            raise
-
-    def _give_back(self, share: int) -> None:
-        self._free += share
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiting and self._waiting[0][0] <= self._free:
-            share, turn = self._waiting.popleft()
-            if turn.done():  # cancelled, its waiter not yet resumed to say so
-                continue
-            self._free -= share
-            turn.set_result(None)

@@ -1,5 +1,6 @@
-"""The budget of big mails a process reads at once (`admission.MailBudget`): first come, first
-served, ordinary mail never waits, and a sender that goes away gives back what it held."""
+"""Budgets of bytes held at once (`byte_budget.ByteBudget`; big mails being read,
+`admission.MailBudget`; pictures for prompts): first come, first served, ordinary mail never
+waits, work that goes away gives back what it held, and what turned out unneeded goes back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 
 import pytest
 
+from service.byte_budget import ByteBudget
 from service.channels.sendgrid.admission import (
     KEPT_PER_MAIL_BYTES,
     SMALL_MAIL_BYTES,
@@ -95,3 +97,20 @@ async def test_a_sender_gone_just_as_its_turn_came_hands_its_share_on() -> None:
     last.cancel()
     await asyncio.sleep(0)
     assert budget.in_flight == 0 and budget.waiting == 0
+
+
+async def test_what_a_holder_turns_out_not_to_need_lets_the_next_one_in_at_once() -> None:
+    budget, log = ByteBudget(10 * MB), []
+    async with budget.held(50 * MB) as held:  # more than the budget: the whole budget
+        assert held.share == 10 * MB
+        waiting = await started(hold(budget, 6 * MB, asyncio.Event(), log, "next"))
+        assert log == []
+        held.keep(3 * MB)  # fetched: three of the ten it might have been
+        await asyncio.sleep(0)
+        assert log == ["next"] and budget.in_flight == 9 * MB
+        held.keep(20 * MB)  # never more than it had
+        assert held.share == 3 * MB
+    assert budget.in_flight == 6 * MB
+    waiting.cancel()
+    await asyncio.sleep(0)
+    assert budget.in_flight == 0
