@@ -22,6 +22,15 @@ when nothing comes), and its body within `BODY_TIMEOUT_S` of the head; past eith
 is refused (`408` while in the head, the connection closed once the app has the request:
 its body read then sees a disconnect). A request that has arrived is never timed here, however
 long the app takes to answer it.
+
+Pipelining and answers nobody reads. uvicorn parses every request in a socket read (256 KiB:
+thousands of small ones) and queues each behind the answer in progress, resuming reads after
+every answer: one connection that pipelined 8 MB and read nothing held 270 MB. Here a
+connection with `MAX_PIPELINED` requests already waiting is closed, its later requests never
+queued; and an answer the client does not read for `WRITE_TIMEOUT_S` (the socket's buffers
+full) closes the connection, which otherwise stayed open forever. uvicorn marks only the
+newest request of a closed connection as disconnected, so an earlier one still being answered
+wrote to the closed socket (a traceback under uvloop); here every request being answered is.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import asyncio
 import logging
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,8 @@ MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 10.0  # Twilio and SendGrid send a head in one go
 BODY_TIMEOUT_S = 60.0  # SendGrid's 30 MB at 0.5 MB/s
 LINGER_S = 1.0
+MAX_PIPELINED = 8  # requests queued behind the answer in progress (Twilio and SendGrid: none)
+WRITE_TIMEOUT_S = 30.0  # an answer of a few hundred bytes that the client has not read
 LATE = "parley.late"  # the scope's key for why the protocol cut a request's body
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
 _CARRY = 3  # a head end split across two reads is still found
@@ -57,6 +69,10 @@ def _refusal(status: bytes, body: bytes) -> bytes:
 
 _REFUSAL = _refusal(b"431 Request Header Fields Too Large", _REFUSAL_BODY)
 _TIMEOUT = _refusal(b"408 Request Timeout", _TIMEOUT_BODY)
+
+
+class _ParsingStopped(Exception):
+    """Raised from a parser callback to stop parsing the read at once."""
 
 
 def head_bytes_in(carry: bytes, data: bytes) -> int:
@@ -79,6 +95,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._refused = False
         self._receiving = False  # a request has begun and has not all arrived
         self._arrival: asyncio.TimerHandle | None = None
+        self._unread: asyncio.TimerHandle | None = None  # writing paused since
+        self._answering: list[Any] = []  # the requests being answered (uvicorn's cycles)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -86,16 +104,52 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._expect(None)
+        self._stop_unread_clock()
+        for cycle in self._answering:  # uvicorn marks only `self.cycle`, the newest
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+        self._answering = []
         super().connection_lost(exc)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = [c for c in self._answering if not c.response_complete] + [cycle]
+        super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._unread is None:
+            self._unread = self.loop.call_later(WRITE_TIMEOUT_S, self._not_read)
+
+    def resume_writing(self) -> None:
+        self._stop_unread_clock()
+        super().resume_writing()
+
+    def _stop_unread_clock(self) -> None:
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    def _not_read(self) -> None:
+        self._unread = None
+        log.warning("connection closed: its answers were not read for %g s", WRITE_TIMEOUT_S)
+        self._refused = True
+        self.transport.abort()
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         self._receiving = True
         self._expect(HEAD_TIMEOUT_S)  # the head's clock runs from its first byte
         super().on_message_begin()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self._receiving:
+        if self.transport.is_closing():
+            return
+        if self._receiving:  # the next request has begun: its own clock runs, not keep-alive
+            self._unset_keepalive_if_required()
+        else:
             self._expect(HEAD_TIMEOUT_S)  # (uvicorn's keep-alive timeout may close it first)
 
     def _expect(self, seconds: float | None) -> None:
@@ -110,6 +164,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # Pipelined behind an answer still being produced (uvicorn reads no more of this
             # request meanwhile): that answer is never cut, so the clock waits for it.
             self._expect(HEAD_TIMEOUT_S if self._in_head else BODY_TIMEOUT_S)
+        elif self._receiving and not self._in_head and self.flow.read_paused:
+            # The app has not taken what came (a big mail waiting for its turn to be read,
+            # `admission`): the client is not late, the clock waits for the app.
+            self._expect(BODY_TIMEOUT_S)
         elif self._receiving and self._in_head:  # the app has nothing yet: ours to refuse
             log.warning(
                 "request refused: its headers did not arrive within %g s status=408",
@@ -146,14 +204,46 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             if self._head_size > MAX_HEAD_BYTES:
                 self._refuse()
                 return
-        super().data_received(data)
+        self._unset_keepalive_if_required()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's `data_received`, except that a parse stopped by our own refusal (already
+        logged, the connection closing) is not a second line and a 400 on a closed socket."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if self._refused:
+                return
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
 
     def on_headers_complete(self) -> None:
+        if self._refused:  # the rest of a read after a refusal: parsed, never queued
+            return
+        if len(self.pipeline) >= MAX_PIPELINED:
+            log.warning("connection closed: more than %d pipelined requests waiting", MAX_PIPELINED)
+            self._refused = True
+            self._expect(None)
+            self.transport.close()
+            raise _ParsingStopped  # the rest of this read is not parsed (`_feed`)
         self._in_head = False
         self._expect(BODY_TIMEOUT_S)
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         super().on_message_complete()
         self._in_head, self._head_size, self._head_tail = True, 0, b""
         self._receiving = False

@@ -7,20 +7,25 @@ that has arrived is answered however long the app takes. The deadlines are short
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
 
 from service.models import Message
+from service.types import Channel
 from service.web import protocol
 from service.web.app import create_app
 from service.web.protocol import BoundedHeadProtocol
 from tests.conftest import SettingsFactory
-from tests.email_posts import HOSTILE, request_of
+from tests.email_posts import HOSTILE, raw_post, request_of
 from tests.helpers import eventually, messages
 from tests.processes import free_port
 
@@ -28,13 +33,15 @@ DEADLINE_S = 0.5
 
 
 @pytest.fixture
-async def port(
+async def served(
     make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[int]:
+) -> AsyncIterator[tuple[int, Starlette]]:
     monkeypatch.setattr(protocol, "HEAD_TIMEOUT_S", DEADLINE_S)
     monkeypatch.setattr(protocol, "BODY_TIMEOUT_S", DEADLINE_S)
+    monkeypatch.setattr(protocol, "WRITE_TIMEOUT_S", DEADLINE_S)
+    app = create_app(make_settings(worker_poll_s=0.05))
     config = uvicorn.Config(
-        create_app(make_settings(worker_poll_s=0.05)),
+        app,
         host="127.0.0.1",
         port=free_port(),
         log_config=None,
@@ -50,18 +57,26 @@ async def port(
         return server.started
 
     await eventually(started, timeout=30, interval=0.01)
-    yield config.port
+    yield config.port, app
     server.should_exit = True
     await serving
+
+
+@pytest.fixture
+def port(served: tuple[int, Starlette]) -> int:
+    return served[0]
 
 
 async def send_then_wait(port: int, data: bytes) -> tuple[bytes, float]:
     """Send `data`, then nothing; returns what came back before the server closed, and when."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
-    writer.write(data)
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), timeout=DEADLINE_S * 10)  # until closed
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread: a reset
+        writer.write(data)
+        await writer.drain()
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout=DEADLINE_S * 10):
+            answer += chunk
     seconds = time.perf_counter() - started
     writer.close()
     return answer, seconds
@@ -183,3 +198,71 @@ async def test_a_head_sent_in_pieces_within_the_deadline_is_served(port: int) ->
     answer = await asyncio.wait_for(reader.read(), timeout=5)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+
+
+async def test_a_connection_pipelining_past_the_cap_is_closed_with_one_line(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Thousands of requests in one send used to be queued whole (8 MB pipelined: 270 MB held).
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer, seconds = await send_then_wait(port, request * 5000 + b"GARBAGE\x00\r\n\r\n")
+
+    assert answer.count(b"HTTP/1.1 200") <= protocol.MAX_PIPELINED + 1 and seconds < 3
+    refusals = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in refusals] == [
+        f"connection closed: more than {protocol.MAX_PIPELINED} pipelined requests waiting"
+    ]
+    again, _ = await send_then_wait(
+        port, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    )
+    assert again.startswith(b"HTTP/1.1 200")
+
+
+async def test_answers_the_client_never_reads_close_the_connection_at_the_deadline(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Paced under the pipelining cap, reading nothing: the answers fill the socket buffers,
+    # and the connection used to stay open forever.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    started, closed = time.perf_counter(), False
+    while time.perf_counter() - started < 20 and not closed:
+        try:
+            sock.send(request)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+        await asyncio.sleep(0.005)
+    sock.close()
+    assert closed
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [f"connection closed: its answers were not read for {DEADLINE_S:g} s"]
+
+
+async def test_a_big_mail_waiting_its_turn_is_not_cut_by_the_body_deadline(
+    served: tuple[int, Starlette], engine: AsyncEngine
+) -> None:
+    # Its turn comes after three body deadlines: the client was never late, the app was.
+    port, app = served
+    email = app.state.channels[Channel.EMAIL]
+    attached = {"Content-Type": 'multipart/mixed; boundary="b1"'}
+    photo = base64.encodebytes(bytes(range(256)) * 8 * 1024)  # 2.8 MB: past the small mails
+    body = b"--b1\r\nContent-Type: text/plain\r\n\r\nMy turn.\r\n--b1\r\n" + photo + b"--b1--\r\n"
+    headers, form = request_of(raw_post("<waited@example.com>", attached, body))
+    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    request = head + b"Content-Length: %d\r\n\r\n" % len(form) + form
+    async with email.budget.held(email.budget.capacity):
+        sending = asyncio.create_task(send_then_wait(port, request))
+        await asyncio.sleep(DEADLINE_S * 3)
+        assert not sending.done() and email.budget.waiting == 1
+    answer, _ = await sending
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    [stored] = await messages(engine, Message.provider_message_id == "<waited@example.com>")
+    assert stored.body == "My turn."
