@@ -17,7 +17,7 @@ def declared_length(request: Request) -> int | None:
     """Content-Length as a number, None without one; a value too long to be real (Python's
     `int` refuses over 4,300 digits) counts as huge."""
     declared = request.headers.get("content-length")
-    if not declared or not declared.isdigit():
+    if not declared or not (declared.isascii() and declared.isdigit()):  # not "²"
         return None
     return int(declared) if len(declared) <= _LENGTH_DIGITS else 10**_LENGTH_DIGITS
 

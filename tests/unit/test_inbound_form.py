@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.channels.sendgrid import inbound
-from service.channels.sendgrid.limits import MAX_MIME_BYTES
+from service.channels.sendgrid.limits import MAX_HTML_CHARS, MAX_MIME_BYTES, decode_text
 from tests.fixtures.make_sendgrid_fixtures import Field, form_data
 from tests.helpers import FIXTURES, recorded_body, recording
 
@@ -54,7 +54,7 @@ def test_a_bare_lf_post_reads_like_its_crlf_twin_however_it_is_cut(points: list[
     assert read(cut(bare, points)) == read([crlf])
 
 
-def test_an_attachment_is_counted_not_kept_and_a_long_field_is_cut() -> None:
+def test_an_attachment_is_counted_not_kept_and_only_fields_that_are_read_are_kept() -> None:
     picture = os.urandom(300_000)
     fields = read(
         [
@@ -62,7 +62,9 @@ def test_an_attachment_is_counted_not_kept_and_a_long_field_is_cut() -> None:
                 [
                     Field("attachment1", picture, "photo.jpg", "image/jpeg"),
                     Field("text", b"hello"),
-                    Field("notes", b"n" * 1_000_000),
+                    Field("text", b"a second text field: never read"),
+                    Field("html", b"<p>" + b"h" * 2_000_000),
+                    Field("notes", b"n" * 1_000_000),  # a field Parley does not read
                 ]
             )
         ]
@@ -70,9 +72,19 @@ def test_an_attachment_is_counted_not_kept_and_a_long_field_is_cut() -> None:
     attachment = fields["attachment1"][0]
     assert (attachment.data, attachment.size) == (b"", 300_000)
     assert (attachment.filename, attachment.content_type) == ("photo.jpg", "image/jpeg")
-    assert fields["text"][0].data == b"hello"
+    assert [(p.data, p.size) for p in fields["text"]] == [(b"hello", 5), (b"", 31)]
+    html = fields["html"][0]
+    assert (len(html.data), html.size) == (MAX_HTML_CHARS * 4, 2_000_003)
     notes = fields["notes"][0]
-    assert (len(notes.data), notes.size) == (256 * 1024, 1_000_000)
+    assert (notes.data, notes.size) == (b"", 1_000_000)
+
+
+def test_a_mail_without_message_id_keeps_the_id_it_had_before_posts_were_streamed() -> None:
+    body, content_type = recorded("no_message_id")
+    envelope = inbound.envelope_of(read([body], content_type))
+    assert envelope.provider_message_id == (
+        "<sha256-2cfaaa08699b58e5b4c309b4518c9af145336aa4@parley.invalid>"  # 3957529's
+    )
 
 
 def test_a_raw_mail_keeps_what_cap_mime_reads_and_digests_all_of_it() -> None:
@@ -107,10 +119,37 @@ def test_reading_a_30_mb_post_holds_its_kept_bytes_not_the_post() -> None:
 
 def test_a_start_of_only_line_breaks_is_passed_on_not_buffered() -> None:
     reader = inbound.FormReader(CONTENT_TYPE)
-    with pytest.raises(inbound.InvalidInbound):
-        for _ in range(200):
-            reader.feed(b"\r\n" * 32_768)
-        reader.fields()
+    line_breaks = b"\r\n" * 32_768
+    tracemalloc.start()
+    try:
+        with pytest.raises(inbound.InvalidInbound):
+            for _ in range(200):  # 13 MB
+                reader.feed(line_breaks)
+            reader.fields()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_a_bare_lf_post_is_buffered_only_up_to_a_mebibyte() -> None:
+    reader = inbound.FormReader(CONTENT_TYPE)
+    reader.feed(b'--xYzZY\nContent-Disposition: form-data; name="text"\n\n')
+    with pytest.raises(inbound.InvalidInbound, match="bare LF"):
+        for _ in range(20):
+            reader.feed(b"x" * 65536)
+
+
+def test_part_headers_padded_with_spaces_are_refused_at_the_first_long_one() -> None:
+    padded = b"--xYzZY\r\nContent-Disposition:" + b" " * 4000 + b'form-data; name="a"\r\n\r\nv\r\n'
+    reader = inbound.FormReader(CONTENT_TYPE)
+    with pytest.raises(inbound.InvalidInbound, match="malformed multipart"):
+        reader.feed(padded * 990 + b"--xYzZY--\r\n")
+
+
+def test_a_boundary_python_multipart_refuses_is_a_refusal_not_a_crash() -> None:
+    with pytest.raises(inbound.InvalidInbound, match="boundary"):
+        inbound.FormReader("multipart/form-data; boundary=" + "b" * 300)
 
 
 def test_a_body_that_is_not_multipart_is_refused_at_its_first_bytes() -> None:
@@ -125,3 +164,9 @@ def test_a_body_that_is_not_multipart_is_refused_at_its_first_bytes() -> None:
 def test_a_form_without_a_boundary_is_refused_before_any_byte(content_type: str) -> None:
     with pytest.raises(inbound.InvalidInbound, match="boundary"):
         inbound.FormReader(content_type)
+
+
+@pytest.mark.parametrize("charset", ["punycode", "PUNYCODE", "idna"])
+def test_a_charset_whose_decoder_is_slow_python_is_read_as_utf8(charset: str) -> None:
+    field = ("café " * 60_000).encode()  # 360 KB: punycode's decoder took 16 s on this much
+    assert decode_text(field, charset) == field.decode()

@@ -21,6 +21,7 @@ def request_with(length: str | None) -> Request:
         ("12", 12),
         ("-1", None),
         ("1e3", None),
+        ("²", None),  # a digit to `str.isdigit`, not to `int`
         ("9" * 18, int("9" * 18)),
         ("9" * 19, 10**18),
         ("9" * 5000, 10**18),  # `int` itself refuses strings over 4,300 digits

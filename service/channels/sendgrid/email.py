@@ -108,7 +108,7 @@ class SendGridEmail:
         """Header-level read, then the dedupe check, then body extraction, then the commit. A
         redelivery of a stored mail stops at the second step: a retried hostile mail costs no
         extraction. Raises `inbound.InvalidInbound` for a post that is not a usable mail."""
-        # The form split and the capped header parse are linear, pure Python: a thread suffices.
+        # The capped header parse is linear, pure Python: a thread keeps it off the loop.
         envelope = await asyncio.to_thread(inbound.envelope_of, fields)
         if await intake.is_stored(envelope.provider_message_id):
             return

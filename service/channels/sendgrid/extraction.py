@@ -308,7 +308,7 @@ class _Child:
         for start in range(0, len(blob), _WRITE_SLICE_BYTES):
             self._stdin.write(view[start : start + _WRITE_SLICE_BYTES])
             await self._stdin.drain()
-        await self._stdin.drain()
+        await self._stdin.drain()  # the frame itself, when there is no blob
 
     def interrupt(self) -> None:
         """Kill it now, from a callback; `kill` then only reaps it."""

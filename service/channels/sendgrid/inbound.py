@@ -19,7 +19,7 @@ from email.utils import getaddresses, parseaddr
 from typing import TYPE_CHECKING, Any
 
 from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ from service.channels.sendgrid.limits import (
     BOUNDED,
     MAX_AUTH_FIELD_CHARS,
     MAX_FORM_PART_HEADER_BYTES,
+    MAX_FORM_PART_HEADER_LINE_BYTES,
+    MAX_FORM_PART_HEADERS,
     MAX_FORM_PARTS,
     MAX_HEADER_BLOCK_BYTES,
     MAX_HEADER_CHARS,
@@ -91,23 +93,31 @@ class Part:
     digest: bytes = b""
 
 
-# Fields whose value is read in full or nearly: the raw mail (what `cap_mime` keeps, plus the
-# byte that tells it the mail was longer) and the parsed-mode bodies and headers (the bytes
-# `_Fields.text` decodes). Any other field is a short one; attachments are only counted.
-_KEPT_BYTES = {
-    "email": MAX_MIME_BYTES + 1,
-    "text": MAX_TEXT_CHARS * 4,
-    "html": MAX_HTML_CHARS * 4,
-    "headers": MAX_HEADER_BLOCK_BYTES * 4,
+# Each field Parley reads and how many characters of it (`_Fields.text`); as a post streams
+# in, four bytes a character are kept of it (a charset uses at most 4 bytes a character), and
+# of the raw mail what `cap_mime` keeps plus the byte that tells it the mail was longer. Of any
+# other field, and of a second field of the same name, nothing is kept; attachments are
+# counted.
+_FIELD_CHARS = {
+    "text": MAX_TEXT_CHARS,
+    "html": MAX_HTML_CHARS,
+    "headers": MAX_HEADER_BLOCK_BYTES,
+    "envelope": MAX_JSON_FIELD_CHARS,
+    "charsets": MAX_JSON_FIELD_CHARS,
+    "from": MAX_HEADER_CHARS,
+    "to": MAX_HEADER_CHARS,
+    "subject": MAX_HEADER_CHARS,
+    "SPF": MAX_HEADER_CHARS,
+    "dkim": MAX_AUTH_FIELD_CHARS,
 }
-_SHORT_FIELD_BYTES = 256 * 1024
+_MIME_KEPT_BYTES = MAX_MIME_BYTES + 1
 _DIGESTED = ("envelope", "headers", "email", "text", "html", "subject")
+# Bare-LF framed posts (SendGrid's sample sender) are buffered whole to be reframed.
+MAX_BARE_LF_BYTES = 1024 * 1024
 
 
 def _kept_bytes(name: str) -> int:
-    if name.startswith("attachment") and name[len("attachment") :].isdigit():
-        return 0
-    return _KEPT_BYTES.get(name, _SHORT_FIELD_BYTES)
+    return _MIME_KEPT_BYTES if name == "email" else _FIELD_CHARS.get(name, 0) * 4
 
 
 class _FormFields:
@@ -168,7 +178,8 @@ class _FormFields:
         self._field = name.decode("utf-8", "replace")
         filename = disposition.get(b"filename")
         self._filename = filename.decode("utf-8", "replace") if filename is not None else None
-        self._room, self._size = _kept_bytes(self._field), 0
+        first = self._field not in self.fields  # only a field's first part is ever read
+        self._room, self._size = (_kept_bytes(self._field) if first else 0), 0
         self._digest = hashlib.sha256() if self._field in _DIGESTED else None
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -219,13 +230,25 @@ class FormReader:
             raise InvalidInbound("expected multipart/form-data with a boundary")
         self._boundary = boundary
         self._collected = _FormFields()
-        self._parser = MultipartParser(boundary, self._collected.callbacks())
+        try:
+            self._parser = MultipartParser(
+                boundary,
+                self._collected.callbacks(),
+                max_header_count=MAX_FORM_PART_HEADERS,
+                max_header_size=MAX_FORM_PART_HEADER_LINE_BYTES,
+            )
+        except FormParserError as exc:  # a boundary over its 256 bytes, say
+            raise InvalidInbound(f"unusable multipart boundary: {exc}") from exc
         self._head: bytes | None = b""  # the body's first bytes, until its framing is known
         self._bare_lf: list[bytes] | None = None
+        self._bare_lf_bytes = 0
 
     def feed(self, chunk: bytes) -> None:
         if self._bare_lf is not None:
             self._bare_lf.append(chunk)
+            self._bare_lf_bytes += len(chunk)
+            if self._bare_lf_bytes > MAX_BARE_LF_BYTES:
+                raise InvalidInbound(f"a post framed with bare LF over {MAX_BARE_LF_BYTES} bytes")
             return
         if self._head is not None:
             self._head += chunk
@@ -234,7 +257,8 @@ class FormReader:
                 return
             chunk, self._head = self._head, None
             if framing == "lf":
-                self._bare_lf = [chunk]
+                self._bare_lf = []
+                self.feed(chunk)
                 return
         self._write(chunk)
 
@@ -245,7 +269,7 @@ class FormReader:
             self._write(self._head)
         try:
             self._parser.finalize()
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise InvalidInbound(f"malformed multipart body: {exc}") from exc
         if not self._collected.fields:
             raise InvalidInbound("empty multipart body")
@@ -254,7 +278,7 @@ class FormReader:
     def _write(self, data: bytes) -> None:
         try:
             self._parser.write(data)
-        except MultipartParseError as exc:
+        except FormParserError as exc:
             raise InvalidInbound(f"malformed multipart body: {exc}") from exc
 
 
@@ -303,17 +327,18 @@ class _Fields:
         found = self.parts.get(name)
         return found[0].data if found else None
 
-    def text(self, name: str, limit: int, charset: str | None = None) -> str | None:
-        """The field as text, cut to `limit` characters (its bytes first: a charset uses at
+    def text(self, name: str, charset: str | None = None) -> str | None:
+        """The field as text, cut to its `_FIELD_CHARS` (its bytes first: a charset uses at
         most 4 bytes a character), so no decoder or parser ever sees more."""
         data = self.raw(name)
         if data is None:
             return None
+        limit = _FIELD_CHARS[name]
         charset = charset or str(self.charsets.get(name) or "utf-8")
         return decode_text(data[: limit * 4], charset)[:limit]
 
     def _json(self, name: str, charset: str) -> Any:
-        value = self.text(name, MAX_JSON_FIELD_CHARS, charset)
+        value = self.text(name, charset)
         try:
             return json.loads(value) if value else None
         except (json.JSONDecodeError, RecursionError):
@@ -401,12 +426,10 @@ def _envelope(fields: _Fields) -> Envelope:
         content = MailContent(mime=raw_email)
         attachments = []
     else:
-        message = _parse_head((fields.text("headers", MAX_HEADER_BLOCK_BYTES) or "").encode())
-        content = MailContent(
-            plain=fields.text("text", MAX_TEXT_CHARS), html=fields.text("html", MAX_HTML_CHARS)
-        )
+        message = _parse_head((fields.text("headers") or "").encode())
+        content = MailContent(plain=fields.text("text"), html=fields.text("html"))
         attachments = _attachment_fields(fields)
-    sender = bare_address(message.get("From") or fields.text("from", MAX_HEADER_CHARS))
+    sender = bare_address(message.get("From") or fields.text("from"))
     if not sender:
         sender = bare_address(fields.envelope().get("from"))
     if not sender or "@" not in sender:
@@ -421,7 +444,7 @@ def _envelope(fields: _Fields) -> Envelope:
         "References": " ".join(message_ids(message.get("References"))[-MAX_REFERENCES:]),
     }
     intent, meta = _judged(fields, message, _usable(sender, "sender"), _usable(local, "recipient"))
-    subject = message.get("Subject") or fields.text("subject", MAX_HEADER_CHARS)
+    subject = message.get("Subject") or fields.text("subject")
     return Envelope(
         provider_message_id=provider_id,
         remote_address=sender,
@@ -457,9 +480,7 @@ def _judged(
     fields: _Fields, message: EmailMessage, sender: str, local: str
 ) -> tuple[Intent, dict[str, object]]:
     """Whether to answer: not a sender that failed authentication, nor automatic mail."""
-    reason = sender_doubt(
-        fields.text("SPF", MAX_HEADER_CHARS), fields.text("dkim", MAX_AUTH_FIELD_CHARS), sender
-    )
+    reason = sender_doubt(fields.text("SPF"), fields.text("dkim"), sender)
     if reason:
         return Intent.UNVERIFIED, {"not_answered_reason": reason}
     if is_automatic(message, sender, local):
@@ -495,7 +516,7 @@ def _local_address(fields: _Fields, message: EmailMessage) -> str:
     envelope_to = fields.envelope().get("to")
     if isinstance(envelope_to, list) and envelope_to:
         return bare_address(envelope_to[0])
-    to = message.get("To") or fields.text("to", MAX_HEADER_CHARS) or ""
+    to = message.get("To") or fields.text("to") or ""
     addresses = getaddresses([header_text(str(to))])
     return addresses[0][1].lower() if addresses else ""
 
@@ -505,8 +526,14 @@ def _fallback_id(fields: _Fields) -> str:
     digest = hashlib.sha256()
     for name in _DIGESTED:
         found = fields.parts.get(name)
-        digest.update((found[0].digest if found else b"") + b"\x00")
+        digest.update((_whole_or_digest(found[0]) if found else b"") + b"\x00")
     return f"<sha256-{digest.hexdigest()[:40]}@parley.invalid>"
+
+
+def _whole_or_digest(part: Part) -> bytes:
+    """The value itself when it was kept whole (every real mail without a Message-ID: its id
+    stays what it was before posts were read as they stream), else the digest of all of it."""
+    return part.data if part.size == len(part.data) else part.digest
 
 
 def _attachment_fields(fields: _Fields) -> list[dict[str, object]]:

@@ -10,6 +10,7 @@ falling back to unstripped text. Measured costs behind each number are in docs/S
 
 from __future__ import annotations
 
+import codecs
 import html as html_lib
 import re
 from email.policy import EmailPolicy
@@ -47,8 +48,14 @@ MAX_MIME_BYTES = 10 * 1024 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line length
 MAX_MESSAGE_ID_CHARS = 255  # the provider id column; longer ids are digested, not threaded
 MAX_REFERENCES = 20
-# The multipart/form-data request itself: parts, and the header bytes of one part.
-MAX_FORM_PARTS = 1_000
+# The multipart/form-data request itself: parts, and the header bytes of one part. SendGrid
+# sends two headers a part (Content-Disposition, Content-Type); python-multipart walks the
+# spaces before a header value byte by byte (~0.3 µs each), so the headers' count and line
+# length bound what a post can cost there: 500 x 4 x 2 KiB, ~1 s at most (990 parts of seven
+# 4,000-space headers took 7.5 s).
+MAX_FORM_PARTS = 500
+MAX_FORM_PART_HEADERS = 4
+MAX_FORM_PART_HEADER_LINE_BYTES = 2048
 MAX_FORM_PART_HEADER_BYTES = 8 * 1024
 # SendGrid's `dkim` field (one `@domain : result` per signature).
 MAX_AUTH_FIELD_CHARS = 4_000
@@ -58,6 +65,9 @@ MAX_AUTH_FIELD_CHARS = 4_000
 _LINE_SEPARATORS = {0x2028: " ", 0x2029: " "}
 _TAG = re.compile(r"<[^<>]*>")  # linear: a `<` scans only to the next `<` or `>`
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# Text codecs written in Python with a cost beyond linear: 256 KB named `punycode` took 9.7 s
+# (every other codec of the stdlib decodes 64 KB of any bytes in under 10 ms).
+_SLOW_CODECS = frozenset({"punycode", "idna"})
 _BOUNDARY_PARAM = re.compile(
     rb'boundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,100})"|([^\s;"]{1,100}))', re.IGNORECASE
 )
@@ -75,11 +85,14 @@ def header_token(value: str) -> str:
 
 
 def decode_text(data: bytes, charset: str) -> str:
-    """Bytes in their declared charset, undecodable ones replaced."""
+    """Bytes in their declared charset, undecodable ones replaced. An unknown charset, or one
+    whose decoder is slow Python (`_SLOW_CODECS`), is read as UTF-8."""
     try:
-        return data.decode(charset, "replace")
+        if codecs.lookup(charset).name not in _SLOW_CODECS:
+            return data.decode(charset, "replace")
     except LookupError:  # an unknown charset name: better some text than none
-        return data.decode("utf-8", "replace")
+        pass
+    return data.decode("utf-8", "replace")
 
 
 def cap_text(text: str) -> str:
