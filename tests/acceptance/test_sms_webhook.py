@@ -337,6 +337,33 @@ async def test_without_public_base_url_the_status_callback_is_under_the_url_twil
     assert [s["StatusCallback"] for s in providers.twilio_sent] == [callback, callback]
 
 
+@pytest.mark.parametrize(
+    ("sent_to", "signed_for", "derived"),
+    [
+        # A captured request resent to another port still validates (Twilio's validator also
+        # tries the URL without its port): the port must not choose the delivery reports' URL.
+        ("https://parley.example.com:6666", "https://parley.example.com", PUBLIC_BASE_URL),
+        # Twilio signs a URL with its port when its webhook has one: that port is kept.
+        ("https://parley.example.com:8443", "https://parley.example.com:8443", None),
+    ],
+)
+async def test_the_derived_status_callback_keeps_a_port_only_if_the_signature_covered_it(
+    make_settings: SettingsFactory,
+    engine: AsyncEngine,
+    sent_to: str,
+    signed_for: str,
+    derived: str | None,
+) -> None:
+    path = "/webhooks/twilio/sms"
+    async with running_app(make_settings(public_base_url=None)) as client:
+        response = await post_twilio(
+            client, twilio_form(), path=sent_to + path, signed_url=signed_for + path
+        )
+    assert response.status_code == 200
+    [conversation] = await conversations(engine)
+    assert conversation.public_base_url == (derived or sent_to)
+
+
 async def test_with_public_base_url_nothing_is_derived_from_the_request(
     client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:

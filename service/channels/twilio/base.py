@@ -102,7 +102,9 @@ class TwilioChannel:
             raise Refused(400, str(exc)) from exc
         if not self._settings.public_base_url and self._settings.twilio_auth_tokens:
             # Its signature covered this URL, host included: the one Twilio reaches us at.
-            inbound = replace(inbound, reached_at=webhook.base_url_of(request))
+            inbound = replace(
+                inbound, reached_at=webhook.base_url_of(request, self._settings, form)
+            )
         await intake.record(inbound)
         return Response(webhook.EMPTY_TWIML, media_type="text/xml")
 

@@ -20,6 +20,7 @@ from twilio.request_validator import (
     HMAC_SHA1,
     HMAC_SHA256,
     RequestValidator,
+    compare,
     get_signature_algorithm,
 )
 
@@ -74,9 +75,26 @@ def signed_url(request: Request, settings: Settings) -> str:
     return f"{settings.public_base_url}{request.url.path}{query}"
 
 
-def base_url_of(request: Request) -> str:
-    """The scheme and host a request came to, as Twilio's signature covered them."""
-    return f"{request.url.scheme}://{request.url.netloc}"[:MAX_BASE_URL_CHARS]
+def base_url_of(request: Request, settings: Settings, form: Mapping[str, str]) -> str:
+    """The scheme and host a signed request came to, as Twilio's signature covered them. Its
+    port only if the signature covered that port: Twilio's validator also accepts the URL
+    with the port removed, so a captured request resent to `host:6666` validates, and would
+    have sent the conversation's delivery reports to that port."""
+    netloc = request.url.netloc
+    if request.url.port is not None and not _signed_exactly(request, settings, form):
+        netloc = netloc.rsplit(":", 1)[0]
+    return f"{request.url.scheme}://{netloc}"[:MAX_BASE_URL_CHARS]
+
+
+def _signed_exactly(request: Request, settings: Settings, form: Mapping[str, str]) -> bool:
+    signature = request.headers.get("x-twilio-signature") or ""
+    algorithm = get_signature_algorithm(request.headers.get("x-twilio-webhooks-signature-settings"))
+    url = signed_url(request, settings)
+    params = _SignedParams({key: [value] for key, value in form.items()})
+    return any(
+        compare(RequestValidator(t).compute_signature(url, params, algorithm), signature)
+        for t in settings.twilio_auth_tokens
+    )
 
 
 async def read_form(request: Request, settings: Settings) -> dict[str, str]:
