@@ -28,7 +28,7 @@ from service.settings import Settings
 from service.store.errors import storage_failure
 from service.store.inbound import InboundWriter
 from service.web import api, health, transcript, webhooks
-from service.web.protocol import LATE
+from service.web.protocol import CUT
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +107,11 @@ async def _storage_failure(request: Request, exc: Exception) -> Response:
 async def _client_gone(request: Request, exc: Exception) -> Response:
     """A client that went away before its request arrived (or was cut at `protocol`'s
     deadline): one warning line, nothing stored; the 400 reaches nobody."""
-    late = request.scope.get("state", {}).get(LATE)
-    log.warning(
-        "%s %s refused: %s status=%d",
-        request.method,
-        request.url.path[:200],
-        late or "the client went away before its request arrived",
-        408 if late else 400,
+    status, why = request.scope.get("state", {}).get(
+        CUT, (400, "the client went away before its request arrived")
     )
-    return PlainTextResponse("request incomplete\n", status_code=408 if late else 400)
+    log.warning("%s %s refused: %s status=%d", request.method, request.url.path[:200], why, status)
+    return PlainTextResponse("request incomplete\n", status_code=status)
 
 
 def create_app(

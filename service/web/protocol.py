@@ -50,7 +50,7 @@ BODY_TIMEOUT_S = 60.0  # SendGrid's 30 MB at 0.5 MB/s
 LINGER_S = 1.0
 MAX_PIPELINED = 8  # requests queued behind the answer in progress (Twilio and SendGrid: none)
 WRITE_TIMEOUT_S = 30.0  # an answer of a few hundred bytes that the client has not read
-LATE = "parley.late"  # the scope's key for why the protocol cut a request's body
+CUT = "parley.cut"  # the scope's key for why the protocol cut a request's body: (status, why)
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
 _CARRY = 3  # a head end split across two reads is still found
 _REFUSAL_BODY = b"request headers over 64 KiB\n"
@@ -178,11 +178,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             # The app has the request and is reading its body: it sees the disconnect and
             # writes the one line, with this reason (`web.app`); if it has answered already
             # (a 401 before reading), it has written its line.
-            state = self.scope.setdefault("state", {})  # this request's (uvicorn copies it)
-            state[LATE] = f"its body did not arrive within {BODY_TIMEOUT_S:g} s"
-            self.transport.close()
+            self._cut(408, f"its body did not arrive within {BODY_TIMEOUT_S:g} s")
         elif not self._answer_in_progress():  # idle: no request came
             self.transport.close()
+
+    def _cut(self, status: int, why: str) -> None:
+        """Close a connection whose request the app is reading: its read sees the disconnect,
+        and the app's one line gives `why` (`web.app`); if it answered already (a 401 before
+        reading), it has written its line."""
+        self._refused = True
+        self._expect(None)
+        state = self.scope.setdefault("state", {})  # this request's (uvicorn copies it)
+        state[CUT] = (status, why)
+        self.transport.close()
 
     def _answer_in_progress(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -217,8 +225,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
             if self._refused:
+                return
+            if self._receiving and not self._in_head and self.cycle is not None:
+                # The app is reading this body: it sees the disconnect and writes the one line.
+                self._cut(400, f"its body is not valid HTTP/1.1 ({exc})"[:200])
                 return
             message = "Invalid HTTP request received."
             self.logger.warning(message)
