@@ -219,9 +219,11 @@ class FormReader:
     """An Inbound Parse body read as it streams in (`feed` each chunk, then `fields`): the
     body itself is never held, only each field's kept bytes (`_FormFields`).
 
-    python-multipart finds boundaries with `bytes.find`: ~0.1 ms a 64 KB chunk whatever the
-    bytes, so it runs on the event loop. The one exception is a body framed with bare LF line
-    ends (`crlf_framing`), which is buffered whole (up to `MAX_EMAIL_BYTES`) and reframed."""
+    python-multipart finds boundaries with `bytes.find`: ~0.1 ms a 64 KB chunk of part data
+    whatever the bytes, so it runs on the event loop; part headers, which it walks more
+    slowly, are capped (`MAX_FORM_PART_HEADERS` lines of `MAX_FORM_PART_HEADER_LINE_BYTES`).
+    A body framed with bare LF line ends (`crlf_framing`) is buffered whole, up to
+    `MAX_BARE_LF_BYTES`, and reframed."""
 
     def __init__(self, content_type: str) -> None:
         kind, options = parse_options_header(content_type[:MAX_HEADER_CHARS])
