@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,20 @@ _REFUSAL = _refusal(b"431 Request Header Fields Too Large", _REFUSAL_BODY)
 _TIMEOUT = _refusal(b"408 Request Timeout", _TIMEOUT_BODY)
 
 
+class _Flow(FlowControl):
+    """uvicorn's flow control, telling the protocol when reading resumes."""
+
+    def __init__(self, transport: asyncio.Transport, on_resume: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._on_resume = on_resume
+
+    def resume_reading(self) -> None:
+        paused = self.read_paused
+        super().resume_reading()
+        if paused:
+            self._on_resume()
+
+
 class _ParsingStopped(Exception):
     """Raised from a parser callback to stop parsing the read at once."""
 
@@ -100,7 +116,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _Flow(transport, self._reading_resumed)
         self._expect(HEAD_TIMEOUT_S)
+
+    def _reading_resumed(self) -> None:
+        """The app took what had come and reads again: the body's clock starts over, since
+        the time it did not read (a big mail waiting its turn) was not the client's."""
+        if self._receiving and not self._in_head and self._arrival is not None:
+            self._expect(BODY_TIMEOUT_S)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._expect(None)
