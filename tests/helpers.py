@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import logging
 import secrets
@@ -85,13 +86,16 @@ async def post_twilio(
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
+    check: Callable[[], Awaitable[Any] | Any], timeout: float = 10.0, interval: float = 0.02
 ) -> Any:
-    """Poll an async check until it returns something truthy; fail with its last value."""
+    """Poll a check (async, or a plain condition) until it returns something truthy; fail with
+    its last value."""
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
-        value = await check()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         await asyncio.sleep(interval)

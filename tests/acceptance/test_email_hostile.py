@@ -598,9 +598,9 @@ async def test_big_mails_at_once_are_read_a_budget_at_a_time_and_every_one_is_st
         yield first_body[1000:]
 
     first = asyncio.create_task(app.post(INBOUND, headers=first_headers, content=slow_first()))
-    await eventually(lambda: _true(email.budget.in_flight == KEPT_PER_MAIL_BYTES))
+    await eventually(lambda: email.budget.in_flight == KEPT_PER_MAIL_BYTES)
     second = asyncio.create_task(app.post(INBOUND, headers=second_headers, content=second_body))
-    await eventually(lambda: _true(email.budget.waiting == 1))
+    await eventually(lambda: email.budget.waiting == 1)
     assert (await post_fields(app, small)).status_code == 200  # past both big ones
     assert not second.done() and email.budget.waiting == 1
     go_on.set()
@@ -608,7 +608,3 @@ async def test_big_mails_at_once_are_read_a_budget_at_a_time_and_every_one_is_st
     stored = {m.provider_message_id for m in await messages(engine, Message.sender == "user")}
     assert {"<big-1@example.com>", "<big-2@example.com>"} <= stored and len(stored) == 3
     assert email.budget.in_flight == 0
-
-
-async def _true(value: bool) -> bool:
-    return value

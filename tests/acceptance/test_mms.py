@@ -348,7 +348,7 @@ async def test_pictures_wait_for_the_process_memory_budget_and_every_one_reaches
     limits = {"media_max_bytes": 100_000, "media_memory_bytes": 100_000}
     async with running_app(settings(make_settings, **limits)) as client:
         await mms(client, "Mine", [(first, "image/jpeg")])
-        await eventually(lambda: _true(len(providers.openai_requests) == 1))
+        await eventually(lambda: len(providers.openai_requests) == 1)
         await mms(client, "And mine", [(second, "image/png")], sender="+15557770002")
         await asyncio.sleep(0.4)  # unbounded, its fetch and its model call start at once
         assert [h["path"] for h in providers.media_requests if sid_of(second) in h["path"]] == []
@@ -359,10 +359,6 @@ async def test_pictures_wait_for_the_process_memory_budget_and_every_one_reaches
     assert last_user_content(pictures["Mine"])[1] == image_part("image/jpeg", JPEG)
     assert last_user_content(pictures["And mine"])[1] == image_part("image/png", PNG)
     assert len(providers.twilio_sent) == 2
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # ------------------------------------------------------------------ the command line
