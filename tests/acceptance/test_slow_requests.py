@@ -294,3 +294,46 @@ async def test_a_body_that_turns_invalid_midway_is_one_line_and_nothing_stored(
     assert len(lines) == 1 and "its body is not valid HTTP/1.1" in lines[0], lines
     assert lines[0].endswith("status=400")
     assert await messages(engine) == []
+
+
+async def test_a_head_of_thousands_of_tiny_headers_is_refused_at_the_hundred_and_first(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 64 KiB of `a:` lines was 15,800 headers: 1.9 MB held and 8 ms of loop a connection.
+    head = b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"a:\r\n" * 15_000
+    answer, seconds = await send_then_wait(port, head + b"Content-Length: 100\r\n\r\n")
+
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert seconds < 3
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lines == [f"request refused: more than {protocol.MAX_HEADERS} headers status=431"]
+
+
+async def test_bursts_that_fill_the_apps_buffer_do_not_restart_the_body_deadline(
+    port: int, engine: AsyncEngine
+) -> None:
+    # Each burst over uvicorn's 64 KiB buffer paused reading until the app took it; a clock
+    # that started over on every resume kept such a slow upload open forever.
+    headers, body = request_of(raw_post("<bursts@example.com>", {}, b"x" * 2_000_000))
+    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body))
+    started, closed_after = time.perf_counter(), None
+    for offset in range(0, len(body), 100_000):
+        try:
+            writer.write(body[offset : offset + 100_000])
+            await writer.drain()
+        except ConnectionError:
+            break
+        await asyncio.sleep(DEADLINE_S * 0.6)
+        if reader.at_eof() or writer.is_closing():
+            break
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(), timeout=DEADLINE_S * 4)
+    closed_after = time.perf_counter() - started
+    writer.close()
+
+    assert closed_after < DEADLINE_S * 4, closed_after  # 20 bursts would take 6 s
+    assert await messages(engine) == []
