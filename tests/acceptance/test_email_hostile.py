@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.byte_budget import ByteBudget
 from service.channels.sendgrid.admission import KEPT_PER_MAIL_BYTES, MailBudget
 from service.channels.sendgrid.extraction import Extractor, MailContent
 from service.channels.sendgrid.limits import MAX_TEXT_CHARS
@@ -608,3 +609,19 @@ async def test_big_mails_at_once_are_read_a_budget_at_a_time_and_every_one_is_st
     stored = {m.provider_message_id for m in await messages(engine, Message.sender == "user")}
     assert {"<big-1@example.com>", "<big-2@example.com>"} <= stored and len(stored) == 3
     assert email.budget.in_flight == 0
+
+
+async def test_small_mails_wait_for_their_own_budget_not_for_big_mail(
+    app: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    # Hundreds of slow 1 MB uploads, outside any budget, held 300 MB; now they take their size
+    # from a budget of their own, and big mail's places do not hold them up.
+    email = app.app.state.channels[Channel.EMAIL]  # type: ignore[attr-defined]
+    email.small_budget = ByteBudget(10_000)
+    small = with_fields("gmail_first", headers=None, subject="Small one")
+    async with email.budget.held(email.budget.capacity), email.small_budget.held(10_000):
+        posting = asyncio.create_task(post_fields(app, small))
+        await eventually(lambda: email.small_budget.waiting == 1)
+        assert email.budget.waiting == 0
+    assert (await posting).status_code == 200
+    assert len(await messages(engine, Message.sender == "user")) == 1

@@ -13,6 +13,7 @@ from service.channels.sendgrid.admission import (
     KEPT_PER_MAIL_BYTES,
     SMALL_MAIL_BYTES,
     MailBudget,
+    small_share,
 )
 
 LIMIT = 30 * 1024 * 1024
@@ -114,3 +115,19 @@ async def test_what_a_holder_turns_out_not_to_need_lets_the_next_one_in_at_once(
     waiting.cancel()
     await asyncio.sleep(0)
     assert budget.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("declared", "big", "small"),
+    [
+        (None, KEPT_PER_MAIL_BYTES, 0),  # chunked: a big one
+        (20_000, 0, 20_000),
+        (SMALL_MAIL_BYTES, 0, SMALL_MAIL_BYTES),
+        (SMALL_MAIL_BYTES + 1, SMALL_MAIL_BYTES + 1, 0),
+        (LIMIT + 1, 0, 0),  # refused unread: held by neither
+    ],
+)
+def test_every_mail_read_holds_its_share_of_exactly_one_budget_but_one_refused_unread(
+    declared: int | None, big: int, small: int
+) -> None:
+    assert (MailBudget.share(declared, LIMIT), small_share(declared)) == (big, small)

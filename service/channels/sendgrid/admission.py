@@ -7,7 +7,9 @@ child inside its own extraction budget, past which its text is not stripped. A m
 more than `SMALL_MAIL_BYTES` takes its share of `BUDGET_BYTES` first, in arrival order; while
 it waits its body stays unread in the socket (TCP holds the sender back), and it is answered
 like any other mail once read. Refusing instead would lose it: SendGrid retries only a 5xx,
-which SPEC §9 keeps for an unavailable database. Ordinary mail never waits.
+which SPEC §9 keeps for an unavailable database. Smaller mails take their size from a budget
+of their own (`SMALL_BUDGET_BYTES`), so ordinary mail never waits behind big mail, and
+hundreds of slow 1 MB uploads (300 held 300 MB) cannot take the host's memory either.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ SMALL_MAIL_BYTES = 1024 * 1024
 # flight would only wait for a child inside their extraction budget (a 10 MB raw mail takes
 # ~0.4 s of a child's work) and fall back to unstripped text, where here they wait unread.
 BUDGET_BYTES = EXTRACTION_PROCESSES * KEPT_PER_MAIL_BYTES
+# Mails of at most `SMALL_MAIL_BYTES` read at once, by their declared size: 32 of the largest,
+# hundreds of ordinary ones (a few KB to tens of KB each).
+SMALL_BUDGET_BYTES = 32 * SMALL_MAIL_BYTES
+
+
+def small_share(declared_bytes: int | None) -> int:
+    """What a small mail holds of `SMALL_BUDGET_BYTES` while it is read: its declared size."""
+    if declared_bytes is None or declared_bytes > SMALL_MAIL_BYTES:
+        return 0
+    return declared_bytes
 
 
 class MailBudget(ByteBudget):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.byte_budget import ByteBudget
 from service.channels.base import (
     Attachment,
     BadAddress,
@@ -24,7 +25,7 @@ from service.channels.base import (
     described,
 )
 from service.channels.sendgrid import inbound, mime
-from service.channels.sendgrid.admission import MailBudget
+from service.channels.sendgrid.admission import SMALL_BUDGET_BYTES, MailBudget, small_share
 from service.channels.sendgrid.extraction import Extractor
 from service.conversation import shape_reply
 from service.request_body import BodyTooLarge, declared_length, stream_body
@@ -56,6 +57,7 @@ class SendGridEmail:
         self._settings = settings
         self.extractor = extractor or Extractor()  # its processes start on the first mail
         self.budget = MailBudget()  # big mails read at once (`admission`)
+        self.small_budget = ByteBudget(SMALL_BUDGET_BYTES)  # and the others
         self._rest: SendGridRest | None = None
         if settings.sendgrid_api_key:
             from service.channels.sendgrid.rest import SendGridRest
@@ -77,10 +79,12 @@ class SendGridEmail:
         content_type = request.headers.get("content-type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise Refused(400, "expected multipart/form-data")
-        limit = self._settings.max_email_bytes
+        limit, declared = self._settings.max_email_bytes, declared_length(request)
+        big = self.budget.share(declared, limit)
+        budget, share = (self.budget, big) if big else (self.small_budget, small_share(declared))
         try:
             form = inbound.FormReader(content_type)
-            async with self.budget.held(self.budget.share(declared_length(request), limit)):
+            async with budget.held(share):
                 async for chunk in stream_body(request, limit):
                     form.feed(chunk)
                 await self._receive_mail(intake, form.fields())
