@@ -211,6 +211,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._answering_an_earlier_request():
             # Pipelined behind an answer still being produced (uvicorn reads no more of this
             # request meanwhile): that answer is never cut, so the clock waits for it.
+            self._body_since = self.loop.time()  # the wait was not the body's time
             self._expect(HEAD_TIMEOUT_S if self._in_head else BODY_TIMEOUT_S)
         elif self._receiving and self._in_head:  # the app has nothing yet: ours to refuse
             log.warning(
@@ -272,27 +273,54 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         except httptools.HttpParserError as exc:
             if self._refused:
                 return
-            if self._receiving and not self._in_head and self.cycle in self._answering:
-                # The app is reading this body: it sees the disconnect and writes the one line.
-                self._cut(400, f"its body is not valid HTTP/1.1 ({exc})"[:200])
-                return
-            message = "Invalid HTTP request received."
-            self.logger.warning(message)
-            self.send_400_response(message)
+            why = f"not valid HTTP/1.1 ({exc})"[:200]
+            if self._reading_its_body():  # the app sees the disconnect and writes the one line
+                self._cut(400, f"its body is {why}")
+            elif self._answer_in_progress():
+                self._close_after_answer(f"a pipelined request is {why}")
+            else:
+                message = "Invalid HTTP request received."
+                self.logger.warning(message)
+                self.send_400_response(message)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """A head's (or chunked body's trailer) field, at most `MAX_HEADERS` of them."""
         if self._refused:
             return
         if len(self.headers) >= MAX_HEADERS:
-            log.warning("request refused: more than %d headers status=431", MAX_HEADERS)
-            if self._answer_in_progress():  # pipelined behind an answer: no room for a 431
-                self._refused = True
-                self._expect(None)
-                self.transport.close()
+            why = f"more than {MAX_HEADERS} headers"
+            if self._reading_its_body():  # trailers of a body the app reads: its one line
+                self._cut(431, why)
+            elif self._answer_in_progress() or not self._in_head:
+                self._close_after_answer(why)  # pipelined, or trailers after an early answer
             else:
+                log.warning("request refused: %s status=431", why)
                 self._close_with(_TOO_MANY)
             raise _ParsingStopped
         super().on_header(name, value)
+
+    def _reading_its_body(self) -> bool:
+        """The app is reading the body of the request arriving now."""
+        return (
+            self._receiving
+            and not self._in_head
+            and self.cycle in self._answering
+            and not self.cycle.response_complete
+        )
+
+    def _close_after_answer(self, why: str) -> None:
+        """A request arriving behind an answer in progress is refused without a word (a
+        response now would be taken as that answer's): it and any queued after it are dropped,
+        and the connection closes once the answer in progress has gone out."""
+        log.warning("request refused: %s; the connection closes after the answer before it", why)
+        self._refused = True
+        self._expect(None)
+        self.pipeline.clear()
+        answering = [cycle for cycle in self._answering if not cycle.response_complete]
+        for cycle in answering:
+            cycle.keep_alive = False
+        if not answering:
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
         if self._refused:  # the rest of a read after a refusal: parsed, never queued

@@ -337,3 +337,39 @@ async def test_bursts_that_fill_the_apps_buffer_do_not_restart_the_body_deadline
 
     assert closed_after < DEADLINE_S * 4, closed_after  # 20 bursts would take 6 s
     assert await messages(engine) == []
+
+
+async def test_a_bad_request_pipelined_behind_an_answer_leaves_that_answer_whole(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn wrote its 400 as if it were the earlier request's answer, and cut that answer.
+    first = slow_mail("<before-a-bad-one@example.com>")
+    bad = (
+        b"POST /webhooks/twilio/sms HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n"
+    )
+
+    answer, _ = await send_then_wait(port, first + bad)
+
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    refusals = [line for line in lines if "refused" in line]
+    assert len(refusals) == 1 and "a pipelined request is not valid HTTP/1.1" in refusals[0]
+
+
+async def test_trailers_past_the_header_cap_are_one_line_from_the_app(
+    port: int, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers, _ = request_of(raw_post("<trailers@example.com>", {}, b"Hello\r\n"))
+    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    trailers = b"".join(b"t%d: x\r\n" % n for n in range(150))
+    answer, _ = await send_then_wait(
+        port, head + b"Transfer-Encoding: chunked\r\n\r\n4\r\n--xY\r\n0\r\n" + trailers + b"\r\n"
+    )
+
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "more than 100 headers status=431" in lines[0], lines
+    assert b"HTTP/1.1 200" not in answer
+    assert await messages(engine) == []
