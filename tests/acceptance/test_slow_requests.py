@@ -26,7 +26,7 @@ from service.web.app import create_app
 from service.web.protocol import BoundedHeadProtocol
 from tests.conftest import SettingsFactory
 from tests.email_posts import HOSTILE, raw_post, request_of
-from tests.helpers import eventually, messages
+from tests.helpers import eventually, messages, one_warning
 
 DEADLINE_S = 0.5
 
@@ -86,14 +86,20 @@ async def send_then_wait(port: int, data: bytes) -> tuple[bytes, float]:
     return answer, seconds
 
 
+def inbound_head(headers: dict[str, str]) -> bytes:
+    """An Inbound Parse request's head with these headers, as raw HTTP/1.1, without its
+    framing (Content-Length or Transfer-Encoding) and its closing empty line."""
+    return b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+
+
 def slow_mail(message_id: str, extra_headers: bytes = b"") -> bytes:
     """A whole Inbound Parse request whose mail keeps an extraction child busy until its 1 s
     deadline (twice the deadlines here), as raw HTTP/1.1."""
     _, build = next(h for h in HOSTILE if h[0].startswith("mime: 19 levels"))
     headers, body = request_of(build(message_id))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
+    head = inbound_head(headers)
     return head + b"Content-Length: %d\r\n%s\r\n" % (len(body), extra_headers) + body
 
 
@@ -212,10 +218,8 @@ async def test_a_connection_pipelining_past_the_cap_is_closed_with_one_line(
     answer, seconds = await send_then_wait(port, request * 5000 + b"GARBAGE\x00\r\n\r\n")
 
     assert answer.count(b"HTTP/1.1 200") <= protocol.MAX_PIPELINED + 1 and seconds < 3
-    refusals = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [r.getMessage() for r in refusals] == [
-        f"connection closed: more than {protocol.MAX_PIPELINED} pipelined requests waiting"
-    ]
+    expected = f"connection closed: more than {protocol.MAX_PIPELINED} pipelined requests waiting"
+    assert one_warning(caplog.records, expected) == expected
     again, _ = await send_then_wait(
         port, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
     )
@@ -244,8 +248,8 @@ async def test_answers_the_client_never_reads_close_the_connection_at_the_deadli
         await asyncio.sleep(0.02)
     sock.close()
     assert closed
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert lines == [f"connection closed: its answers were not read for {DEADLINE_S:g} s"]
+    expected = f"connection closed: its answers were not read for {DEADLINE_S:g} s"
+    assert one_warning(caplog.records, expected) == expected
 
 
 async def test_a_big_mail_waiting_its_turn_is_not_cut_by_the_body_deadline(
@@ -258,9 +262,7 @@ async def test_a_big_mail_waiting_its_turn_is_not_cut_by_the_body_deadline(
     photo = base64.encodebytes(bytes(range(256)) * 8 * 1024)  # 2.8 MB: past the small mails
     body = b"--b1\r\nContent-Type: text/plain\r\n\r\nMy turn.\r\n--b1\r\n" + photo + b"--b1--\r\n"
     headers, form = request_of(raw_post("<waited@example.com>", attached, body))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
+    head = inbound_head(headers)
     request = head + b"Content-Length: %d\r\n\r\n" % len(form) + form
     async with email.budget.held(email.budget.capacity):
         sending = asyncio.create_task(send_then_wait(port, request))
@@ -278,9 +280,7 @@ async def test_a_body_that_turns_invalid_midway_is_one_line_and_nothing_stored(
     # uvicorn's own "Invalid HTTP request received." and then the app's line for its broken
     # read were two lines for one bad request.
     headers, _ = request_of(raw_post("<broken@example.com>", {}, b"Hello\r\n"))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
+    head = inbound_head(headers)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n4\r\n--xY\r\n")
     await writer.drain()
@@ -290,9 +290,8 @@ async def test_a_body_that_turns_invalid_midway_is_one_line_and_nothing_stored(
     await asyncio.wait_for(reader.read(), timeout=5)
     writer.close()
 
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lines) == 1 and "its body is not valid HTTP/1.1" in lines[0], lines
-    assert lines[0].endswith("status=400")
+    line = one_warning(caplog.records, "its body is not valid HTTP/1.1")
+    assert line.endswith("status=400")
     assert await messages(engine) == []
 
 
@@ -305,8 +304,8 @@ async def test_a_head_of_thousands_of_tiny_headers_is_refused_at_the_hundred_and
 
     assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
     assert seconds < 3
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert lines == [f"request refused: more than {protocol.MAX_HEADERS} headers status=431"]
+    expected = f"request refused: more than {protocol.MAX_HEADERS} headers status=431"
+    assert one_warning(caplog.records, expected) == expected
 
 
 async def test_bursts_that_fill_the_apps_buffer_do_not_restart_the_body_deadline(
@@ -315,9 +314,7 @@ async def test_bursts_that_fill_the_apps_buffer_do_not_restart_the_body_deadline
     # Each burst over uvicorn's 64 KiB buffer paused reading until the app took it; a clock
     # that started over on every resume kept such a slow upload open forever.
     headers, body = request_of(raw_post("<bursts@example.com>", {}, b"x" * 2_000_000))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
+    head = inbound_head(headers)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body))
     started, closed_after = time.perf_counter(), None
@@ -361,15 +358,12 @@ async def test_trailers_past_the_header_cap_are_one_line_from_the_app(
     port: int, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
     headers, _ = request_of(raw_post("<trailers@example.com>", {}, b"Hello\r\n"))
-    head = b"POST /webhooks/sendgrid/inbound HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
-        b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
-    )
+    head = inbound_head(headers)
     trailers = b"".join(b"t%d: x\r\n" % n for n in range(150))
     answer, _ = await send_then_wait(
         port, head + b"Transfer-Encoding: chunked\r\n\r\n4\r\n--xY\r\n0\r\n" + trailers + b"\r\n"
     )
 
-    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lines) == 1 and "more than 100 headers status=431" in lines[0], lines
+    one_warning(caplog.records, "more than 100 headers status=431")
     assert b"HTTP/1.1 200" not in answer
     assert await messages(engine) == []
