@@ -31,7 +31,6 @@ from service.channels.sendgrid.extraction import Extracted, MailContent
 from service.channels.sendgrid.limits import (
     BOUNDED,
     MAX_AUTH_FIELD_CHARS,
-    MAX_FORM_PART_HEADER_BYTES,
     MAX_FORM_PART_HEADER_LINE_BYTES,
     MAX_FORM_PART_HEADERS,
     MAX_FORM_PARTS,
@@ -122,8 +121,8 @@ def _kept_bytes(name: str) -> int:
 
 class _FormFields:
     """python-multipart's callbacks, collecting each part's headers, name, size and its kept
-    bytes; at most `MAX_FORM_PARTS` parts, each with at most `MAX_FORM_PART_HEADER_BYTES` of
-    headers. Memory stays near the kept bytes whatever the body's size (a 30 MB mail keeps
+    bytes; at most `MAX_FORM_PARTS` parts (python-multipart bounds each part's headers:
+    `FormReader`). Memory stays near the kept bytes whatever the body's size (a 30 MB mail keeps
     10 MB of it)."""
 
     def __init__(self) -> None:
@@ -131,7 +130,7 @@ class _FormFields:
         self._count = 0
         self._headers: dict[bytes, bytes] = {}
         self._chunks: list[bytes] = []
-        self._name, self._value, self._header_bytes = b"", b"", 0
+        self._name, self._value = b"", b""
         self._field, self._room, self._size = "", 0, 0
         self._filename: str | None = None
         self._digest: hashlib._Hash | None = None
@@ -151,20 +150,13 @@ class _FormFields:
         if self._count >= MAX_FORM_PARTS:
             raise InvalidInbound(f"more than {MAX_FORM_PARTS} form parts")
         self._headers, self._chunks = {}, []
-        self._name, self._value, self._header_bytes = b"", b"", 0
+        self._name, self._value = b"", b""
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._count_header_bytes(end - start)
         self._name += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._count_header_bytes(end - start)
         self._value += data[start:end]
-
-    def _count_header_bytes(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > MAX_FORM_PART_HEADER_BYTES:
-            raise InvalidInbound(f"form part headers over {MAX_FORM_PART_HEADER_BYTES} bytes")
 
     def _header_end(self) -> None:
         self._headers[self._name.lower()] = self._value

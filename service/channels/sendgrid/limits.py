@@ -51,7 +51,7 @@ MAX_MIME_BYTES = 10 * 1024 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322's line length
 MAX_MESSAGE_ID_CHARS = 255  # the provider id column; longer ids are digested, not threaded
 MAX_REFERENCES = 20
-# The multipart/form-data request itself: parts, and the header bytes of one part. SendGrid
+# The multipart/form-data request itself: parts, and the headers of one part. SendGrid
 # sends two headers a part (Content-Disposition, Content-Type); python-multipart walks the
 # spaces before a header value byte by byte (~0.3 µs each), so the headers' count and line
 # length bound what a post can cost there: 500 x 4 x 2 KiB, ~1 s at most (990 parts of seven
@@ -59,7 +59,6 @@ MAX_REFERENCES = 20
 MAX_FORM_PARTS = 500
 MAX_FORM_PART_HEADERS = 4
 MAX_FORM_PART_HEADER_LINE_BYTES = 2048
-MAX_FORM_PART_HEADER_BYTES = 8 * 1024
 # SendGrid's `dkim` field (one `@domain : result` per signature).
 MAX_AUTH_FIELD_CHARS = 4_000
 

@@ -10,7 +10,7 @@ import datetime as dt
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -90,7 +90,7 @@ def _signed_exactly(request: Request, settings: Settings, form: Mapping[str, str
     signature = request.headers.get("x-twilio-signature") or ""
     algorithm = get_signature_algorithm(request.headers.get("x-twilio-webhooks-signature-settings"))
     url = signed_url(request, settings)
-    params = _SignedParams({key: [value] for key, value in form.items()})
+    params = _SignedParams.of(form.items())
     return any(
         compare(RequestValidator(t).compute_signature(url, params, algorithm), signature)
         for t in settings.twilio_auth_tokens
@@ -130,6 +130,13 @@ class _SignedParams(dict[str, list[str]]):
     """Form fields as the validator reads them (`getall`), each key's values looked up in O(1):
     a multidict's `getlist` scans every field for every key."""
 
+    @classmethod
+    def of(cls, form: Iterable[tuple[str, str]]) -> _SignedParams:
+        params = cls()
+        for key, value in form:
+            params.setdefault(key, []).append(value)
+        return params
+
     def getall(self, key: str) -> list[str]:
         return self[key]
 
@@ -144,9 +151,7 @@ def signature_is_valid(
     """Twilio's own validator, against each configured token (two during rotation)."""
     if not signature or not tokens:
         return False
-    params = _SignedParams()
-    for key, value in form:
-        params.setdefault(key, []).append(value)
+    params = _SignedParams.of(form)
     algorithm = get_signature_algorithm(signature_settings)
     if algorithm.upper() not in SIGNATURE_ALGORITHMS:  # the validator would log it, whole
         return False
