@@ -181,7 +181,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def _not_read(self) -> None:
         self._unread = None
         log.warning("connection closed: its answers were not read for %g s", WRITE_TIMEOUT_S)
-        self._refused = True
+        self._stop_reading_requests()
         self.transport.abort()
 
     def on_message_begin(self) -> None:
@@ -231,8 +231,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """Close a connection whose request the app is reading: its read sees the disconnect,
         and the app's one line gives `why` (`web.app`); if it answered already (a 401 before
         reading), it has written its line."""
-        self._refused = True
-        self._expect(None)
+        self._stop_reading_requests()
         state = self.scope.setdefault("state", {})  # this request's (uvicorn copies it)
         state[CUT] = (status, why)
         self.transport.close()
@@ -313,8 +312,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         response now would be taken as that answer's): it and any queued after it are dropped,
         and the connection closes once the answer in progress has gone out."""
         log.warning("request refused: %s; the connection closes after the answer before it", why)
-        self._refused = True
-        self._expect(None)
+        self._stop_reading_requests()
         self.pipeline.clear()
         answering = [cycle for cycle in self._answering if not cycle.response_complete]
         for cycle in answering:
@@ -327,8 +325,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             return
         if len(self.pipeline) >= MAX_PIPELINED:
             log.warning("connection closed: more than %d pipelined requests waiting", MAX_PIPELINED)
-            self._refused = True
-            self._expect(None)
+            self._stop_reading_requests()
             self.transport.close()
             raise _ParsingStopped  # the rest of this read is not parsed (`_feed`)
         self._in_head = False
@@ -351,6 +348,11 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         # uvicorn's keep-alive timer was stopped by the body's bytes.
         self._expect(None if self._answer_in_progress() else HEAD_TIMEOUT_S)
 
+    def _stop_reading_requests(self) -> None:
+        """Nothing more of this connection is parsed or timed: it is being closed."""
+        self._refused = True
+        self._expect(None)
+
     def _refuse(self) -> None:
         log.warning(
             "request refused: headers over %d bytes (%d received) status=431",
@@ -360,8 +362,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._close_with(_REFUSAL)
 
     def _close_with(self, refusal: bytes) -> None:
-        self._refused = True
-        self._expect(None)
+        self._stop_reading_requests()
         self.transport.write(refusal)
         if self.transport.can_write_eof():
             self.transport.write_eof()
